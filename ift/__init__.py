@@ -1,0 +1,3 @@
+"""ift: instruction fine-tuning on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""The `ift` command: subcommand name -> function, nothing else.
+
+Each entry names a module and a function taking the parsed argparse namespace; modules are
+imported only when their command runs, so `ift --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ift.config import ConfigError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML config file (local or s3://)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+
+
+def _add(sub, name: str, target: str, help: str, extra=None):
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(_target=target)
+    if extra:
+        extra(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ift", description="Instruction fine-tuning on Ray.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="prepare and inspect instruction data")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    _add(dsub, "prepare", "ift.data.pipeline:prepare_cmd",
+         "convert, clean, mix, tokenize and shard sources into a prepared dataset", _config_args)
+
+    def inspect_args(p):
+        p.add_argument("dir", help="prepared dataset directory")
+        p.add_argument("-n", "--num-samples", type=int, default=3)
+        p.add_argument("--split", default="train", choices=["train", "val"])
+        p.add_argument("--tokenizer", help="tokenizer to decode with (default: the manifest's)")
+
+    _add(dsub, "inspect", "ift.data.inspect:inspect_cmd",
+         "print a prepared dataset's manifest and decoded samples", inspect_args)
+
+    model = sub.add_parser("model", help="model utilities")
+    msub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
+
+    def tiny_args(p):
+        p.add_argument("--arch", default="llama",
+                       help="llama, qwen2, mistral, bloom, gpt_neox or gpt2")
+        p.add_argument("--data", nargs="+", default=[],
+                       help="source files to train the tokenizer on (default: bundled sample data)")
+        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--vocab-size", type=int, default=2048)
+        p.add_argument("--hidden-size", type=int, default=64)
+        p.add_argument("--layers", type=int, default=2)
+        p.add_argument("--heads", type=int, default=4)
+        p.add_argument("--seed", type=int, default=0)
+
+    _add(msub, "init-tiny", "ift.models:init_tiny_cmd",
+         "train a BPE tokenizer on data and write a tiny random-init model beside it", tiny_args)
+
+    _add(sub, "train", "ift.train.driver:train_cmd",
+         "fine-tune on Ray Train (resumes a run of the same name)", _config_args)
+
+    def config_show_args(p):
+        _config_args(p)
+
+    _add(sub, "config", "ift.config_cmd:config_cmd",
+         "print the resolved config with every field's docs", config_show_args)
+
+    argv_cmds = {name: p for name, p in sub.choices.items()}
+    return parser if argv_cmds else parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    target = getattr(args, "_target", None)
+    if target is None:
+        parser.print_help()
+        return 2
+    module, _, func = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+        rc = fn(args)
+    except ConfigError as e:
+        print(f"ift: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ift: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

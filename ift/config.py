@@ -1,0 +1,684 @@
+"""Typed job configuration: one dataclass per section, YAML files plus dotted overrides.
+
+A job reads one YAML file whose top-level keys are the sections below. Every field has a
+docstring (the string literal after it), which `ift config show` prints. Overrides on the
+command line use dotted keys: `train.lr=1e-4 data.sources.0.weight=0.5`; values are parsed
+as YAML scalars. Unknown keys and bad values raise ConfigError before any work starts,
+naming the key, the value and what is allowed (with the closest valid key for typos).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid. The message names the key."""
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceConfig:
+    """One data source: a file, glob or folder, local or s3://."""
+
+    path: str = ""
+    """File, glob or folder, local or s3://bucket/key."""
+    name: str = ""
+    """Name used in the manifest and per-source shards; defaults to the file stem."""
+    format: str = "auto"
+    """One of auto, alpaca, alpaca_cot_multiturn, sharegpt, openai, moss, flan_cot_tsv, table.
+    `auto` detects the format per file from its extension and first record."""
+    weight: float | None = None
+    """Sampling ratio over this source's kept rows: 1.0 keeps all, 0.5 samples half,
+    2.5 repeats each row twice and samples half again (deterministic by seed)."""
+    count: int | None = None
+    """Fixed number of rows to draw from this source instead of a weight (up- or down-sampled)."""
+    tags: list[str] = field(default_factory=list)
+    """Free tags such as cot, zh, multiturn; sweeps include or exclude sources by tag."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """For format=table (parquet/csv): maps record fields to column names, e.g.
+    {instruction: question, output: answer} or {messages: dialog}. Also renames fields of
+    JSON formats whose keys differ from the usual ones."""
+    task: str = ""
+    """Task label stored on each row (e.g. qa, cot, chat); defaults to the format's own."""
+    system: str | None = None
+    """A system prompt applied to rows of this source that carry none."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("data.sources[].path is required")
+        if self.weight is not None and self.count is not None:
+            raise ConfigError(
+                f"data.sources[{self.path}]: give weight or count, not both "
+                f"(weight={self.weight}, count={self.count})"
+            )
+        if self.weight is not None and self.weight < 0:
+            raise ConfigError(f"data.sources[{self.path}].weight={self.weight}: must be >= 0")
+        if self.count is not None and self.count < 0:
+            raise ConfigError(f"data.sources[{self.path}].count={self.count}: must be >= 0")
+
+
+FORMATS = (
+    "auto",
+    "alpaca",
+    "alpaca_cot_multiturn",
+    "sharegpt",
+    "openai",
+    "moss",
+    "flan_cot_tsv",
+    "table",
+)
+
+
+@dataclass
+class DataConfig:
+    """`ift data prepare`: sources in, one tokenized, sharded collection out."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The sources to read, each with path, format, weight or count, and tags."""
+    output: str = "runs/data"
+    """Prepared dataset directory (local or s3://). Relative paths sit under storage.root."""
+    tokenizer: str = ""
+    """HF tokenizer id or path; defaults to model.name_or_path."""
+    template: str = "auto"
+    """Chat template: auto (the tokenizer's own if it has one, else chatml), tokenizer,
+    chatml, alpaca, human_assistant."""
+    max_seq_len: int = 512
+    """Samples are truncated to this many tokens; also the packing bin size."""
+    truncation: Literal["right", "left"] = "right"
+    """Which end to cut when a sample is too long (left keeps the latest turns)."""
+    train_on_prompt: bool = False
+    """Also train on system/user tokens (labels are -100 there by default)."""
+    pack: bool = False
+    """Pack samples into max_seq_len bins with per-sample position ids and sequence ids."""
+    val_ratio: float = 0.05
+    """Share of each source held out for validation, chosen by a hash of the row."""
+    val_max_rows: int = 2000
+    """Cap on validation rows per source."""
+    dedupe: bool = True
+    """Drop exact duplicates across all sources by a hash of the normalized conversation."""
+    placeholders: dict[str, str] = field(default_factory=dict)
+    """Values for {{name}} placeholders in the data (e.g. {name: ift, author: you})."""
+    seed: int = 42
+    """Seed for sampling, the train/val split and CoT template choice."""
+    shard_rows: int = 20000
+    """Rows per output parquet shard (approximate)."""
+    read_chunk_mb: int = 32
+    """Line-based files (JSONL, TSV, CSV) are read in byte ranges of this size, in parallel."""
+    num_cpus_per_task: float = 1.0
+    """CPUs reserved by each Ray Data task."""
+    batch_size: int = 1024
+    """Rows per Ray Data batch during conversion and tokenization."""
+
+    def __post_init__(self) -> None:
+        self.sources = [
+            s if isinstance(s, SourceConfig) else _build(SourceConfig, s, f"data.sources.{i}")
+            for i, s in enumerate(self.sources)
+        ]
+        for i, s in enumerate(self.sources):
+            if s.format not in FORMATS:
+                raise ConfigError(_bad_choice(f"data.sources.{i}.format", s.format, FORMATS))
+        _check_choice("data.template", self.template,
+                      ("auto", "tokenizer", "chatml", "alpaca", "human_assistant"))
+        _check_choice("data.truncation", self.truncation, ("right", "left"))
+        if self.max_seq_len < 8:
+            raise ConfigError(f"data.max_seq_len={self.max_seq_len}: must be >= 8")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ConfigError(f"data.val_ratio={self.val_ratio}: must be in [0, 1)")
+        names = [s.name for s in self.sources if s.name]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"data.sources: duplicate source names {sorted(dup)}")
+
+
+@dataclass
+class ModelConfig:
+    """The base model."""
+
+    name_or_path: str = ""
+    """HF hub id or local directory of a causal LM (e.g. from `ift model init-tiny`)."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Weights dtype: auto picks bf16 on GPUs that support it, else fp32."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub; off unless you trust the repository."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin."""
+    attn_implementation: str | None = None
+    """Attention kernel (eager, sdpa, flash_attention_2); None lets transformers choose."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+
+
+PEFT_METHODS = (
+    "lora",
+    "qlora",
+    "dora",
+    "adalora",
+    "prefix",
+    "p_tuning",
+    "prompt_tuning",
+    "full",
+    "freeze",
+)
+
+
+@dataclass
+class PeftConfig:
+    """The fine-tuning method and its knobs."""
+
+    method: str = "lora"
+    """One of lora, qlora, dora, adalora, prefix, p_tuning, prompt_tuning, full, freeze."""
+    r: int = 8
+    """LoRA rank (lora, qlora, dora; initial rank for adalora)."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "all-linear"
+    """Modules to adapt: all-linear (every attention and MLP projection, detected per
+    architecture) or a list of module names such as [q_proj, v_proj]."""
+    bits: Literal[4, 8] = 4
+    """qlora: quantize the frozen base to 4-bit NF4 (double quantization) or 8-bit."""
+    adalora_target_r: int = 4
+    """adalora: average rank the budget is pruned down to."""
+    adalora_tinit: int = 0
+    """adalora: steps of warmup before rank pruning starts."""
+    adalora_tfinal: int = 0
+    """adalora: steps of final fine-tuning after pruning stops."""
+    adalora_delta_t: int = 1
+    """adalora: steps between budget allocations."""
+    num_virtual_tokens: int = 16
+    """prefix, p_tuning, prompt_tuning: number of virtual tokens."""
+    encoder_hidden_size: int = 128
+    """p_tuning: hidden size of the prompt encoder MLP."""
+    prompt_init_text: str | None = None
+    """prompt_tuning: initialize the soft prompt from this text instead of randomly."""
+    freeze_trainable_layers: int = 2
+    """freeze: train only the last k transformer layers (and the final norm)."""
+    freeze_train_embeddings: bool = False
+    """freeze: also train the input embeddings and LM head."""
+
+    def __post_init__(self) -> None:
+        _check_choice("peft.method", self.method, PEFT_METHODS)
+        if self.bits not in (4, 8):
+            raise ConfigError(_bad_choice("peft.bits", self.bits, (4, 8)))
+        if self.r < 1:
+            raise ConfigError(f"peft.r={self.r}: must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"peft.dropout={self.dropout}: must be in [0, 1)")
+        if self.method == "adalora" and self.adalora_target_r > self.r:
+            raise ConfigError(
+                f"peft.adalora_target_r={self.adalora_target_r}: must be <= peft.r={self.r}"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """`ift train`: Ray Train workers, optimization, checkpoints."""
+
+    data: str = ""
+    """Prepared dataset directory from `ift data prepare`; defaults to data.output."""
+    run_name: str = "ift-run"
+    """Run name: the run directory is <output>/<run_name>; re-running resumes it."""
+    output: str = "runs/train"
+    """Parent directory of run directories (local or s3://)."""
+    num_workers: int = 1
+    """Ray Train workers (one process each; one GPU each when use_gpu)."""
+    use_gpu: bool = False
+    """Put each worker on a GPU."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    gpus_per_worker: float = 1.0
+    """GPUs per worker when use_gpu."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism: ddp (replicated model) or fsdp (sharded; GPU only)."""
+    micro_batch_size: int = 4
+    """Sequences per worker per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    epochs: float = 1.0
+    """Passes over the training split (fractions allowed)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: derive from epochs)."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """adamw (torch) or adamw_8bit (bitsandbytes, GPU)."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = 0.03
+    """Share of steps spent warming up linearly from 0."""
+    warmup_steps: int = 0
+    """Warmup steps; wins over warmup_ratio when > 0."""
+    max_grad_norm: float = 1.0
+    """Clip gradients to this global norm (0 disables)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast on GPU: auto picks bf16 where supported, else fp16; always off on CPU."""
+    eval_every: int = 50
+    """Evaluate on the val split every N optimizer steps (0: only at the end)."""
+    eval_max_batches: int = 50
+    """Cap on val micro-batches per evaluation."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    num_to_keep: int = 2
+    """Checkpoints kept (oldest deleted first)."""
+    max_failures: int = 0
+    """Restarts of the worker group after a worker dies (-1: unlimited)."""
+    log_every: int = 1
+    """Print a progress line every N optimizer steps."""
+    seed: int = 42
+    """Seed for init, dropout and data order."""
+    shuffle_buffer: int = 0
+    """Rows in the local shuffle buffer of each worker's data stream (0: file order)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("train.strategy", self.strategy, ("ddp", "fsdp"))
+        _check_choice("train.optimizer", self.optimizer, ("adamw", "adamw_8bit"))
+        _check_choice("train.scheduler", self.scheduler, ("cosine", "linear", "constant"))
+        _check_choice("train.mixed_precision", self.mixed_precision,
+                      ("auto", "no", "bf16", "fp16"))
+        for key in ("num_workers", "micro_batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)}: must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr}: must be > 0")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("train.epochs or train.max_steps must be > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        if self.strategy == "fsdp" and not self.use_gpu:
+            raise ConfigError("train.strategy=fsdp needs train.use_gpu=true")
+        if self.optimizer == "adamw_8bit" and not self.use_gpu:
+            raise ConfigError("train.optimizer=adamw_8bit needs train.use_gpu=true")
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step across all workers."""
+        return self.micro_batch_size * self.num_workers * self.grad_accum
+
+
+@dataclass
+class TuneConfig:
+    """`ift tune`: the sweep over mixtures and hyperparameters."""
+
+    name: str = "ift-sweep"
+    """Sweep name: its directory is <output>/<name>; --resume continues it."""
+    output: str = "runs/tune"
+    """Parent directory of sweeps."""
+    search: Literal["grid", "random"] = "grid"
+    """grid expands every combination; random draws num_samples points."""
+    num_samples: int = 1
+    """Random search: points drawn; grid: repeats of the whole grid."""
+    seeds: list[int] = field(default_factory=lambda: [42])
+    """Each configuration is trained once per seed."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Search space: dotted config key -> list of values (grid) or {min, max, log} (random).
+    Mixture axes: `mix.<source>` weights, or `exclude_tags` lists such as [[], [cot], [zh]]."""
+    metric: str = "eval_loss"
+    """Metric trials are compared on."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher `metric` is better."""
+    scheduler: Literal["none", "asha"] = "asha"
+    """asha stops poor trials early on eval loss."""
+    grace_period: int = 1
+    """ASHA: evaluations before a trial may be stopped."""
+    reduction_factor: int = 2
+    """ASHA: keep 1/reduction_factor of trials at each rung."""
+    max_concurrent_trials: int = 1
+    """Trials running at once (each takes train.num_workers workers)."""
+    eval_after: bool = True
+    """Run `ift eval` on the held-out set at the end of each trial."""
+
+    def __post_init__(self) -> None:
+        _check_choice("tune.search", self.search, ("grid", "random"))
+        _check_choice("tune.mode", self.mode, ("min", "max"))
+        _check_choice("tune.scheduler", self.scheduler, ("none", "asha"))
+
+
+@dataclass
+class EvalConfig:
+    """`ift eval`: loss, perplexity and generation metrics on a held-out set."""
+
+    data: str = ""
+    """Held-out data: a prepared directory (its val split) or raw source files."""
+    max_samples: int = 200
+    """Rows scored by generation (loss uses the whole split)."""
+    max_new_tokens: int = 128
+    """Generation budget per sample."""
+    batch_size: int = 8
+    """Prompts per generation batch."""
+    output: str = ""
+    """Where eval.json and samples.jsonl go; defaults to the run directory."""
+
+
+@dataclass
+class ServeConfig:
+    """`ift serve`: the OpenAI-compatible Ray Serve application."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds."""
+    port: int = 8000
+    """HTTP port."""
+    base_model: str = ""
+    """Base model path or id; defaults to model.name_or_path."""
+    base_model_id: str = "base"
+    """Model id under which the base model is served."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Adapter id -> adapter directory (local or s3://), loaded on demand."""
+    adapter_root: str = ""
+    """A folder whose sub-folders are adapters, loaded on demand by name."""
+    merged_models: dict[str, str] = field(default_factory=dict)
+    """Model id -> merged HF model directory, each served by its own deployment."""
+    max_adapters_per_replica: int = 4
+    """LRU cache size of adapters held by one replica."""
+    num_replicas: int = 1
+    """Replicas of each deployment (ignored when autoscaling is set)."""
+    autoscaling: dict[str, Any] = field(default_factory=dict)
+    """Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests)."""
+    cpus_per_replica: float = 1.0
+    """CPUs reserved by each replica."""
+    gpus_per_replica: float = 0.0
+    """GPUs reserved by each replica."""
+    max_ongoing_requests: int = 32
+    """Requests a replica handles at once."""
+    max_queued_requests: int = 64
+    """Requests waiting per deployment handle before new ones get 503."""
+    request_timeout_s: float = 120.0
+    """Per-request timeout."""
+    max_tokens_limit: int = 512
+    """Cap on max_tokens a request may ask for."""
+    max_batch_size: int = 8
+    """Dynamic batching: requests generated together."""
+    batch_wait_timeout_s: float = 0.01
+    """Dynamic batching: how long to wait to fill a batch."""
+    api_key_env: str = ""
+    """Name of an environment variable holding a bearer token; empty disables auth."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """transformers (CPU or GPU) or vllm (GPU clusters, through ray.serve.llm)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("serve.backend", self.backend, ("transformers", "vllm"))
+        if self.max_adapters_per_replica < 1:
+            raise ConfigError("serve.max_adapters_per_replica must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    uri: str = ""
+    """Tracking URI; empty means MLFLOW_TRACKING_URI, else sqlite:///<storage.root>/mlflow.db."""
+    experiment: str = "ift"
+    """MLflow experiment name."""
+    enabled: bool = True
+    """Turn tracking off entirely."""
+
+
+@dataclass
+class StorageConfig:
+    """Where relative paths live."""
+
+    root: str = "./ift-work"
+    """Working directory for relative outputs (local path or s3://bucket/prefix)."""
+
+
+@dataclass
+class Config:
+    """A whole job configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data preparation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """Fine-tuning method."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """Sweeps."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Serving."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Storage root."""
+
+    def resolve(self, path: str) -> str:
+        """A config path made absolute under storage.root when relative."""
+        from ift.storage import join, is_remote
+
+        if not path or is_remote(path) or os.path.isabs(path):
+            return path
+        return join(self.storage.root, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (optional), apply dotted `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path:
+        from ift.storage import read_text
+
+        try:
+            raw = yaml.safe_load(read_text(path)) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return build_config(raw)
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override to a nested dict in place."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            idx = _index(part, key)
+            while len(node) <= idx:
+                node.append({})
+            node = node[idx]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = _index(last, key)
+        while len(node) <= idx:
+            node.append({})
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def _index(part: str, key: str) -> int:
+    if not part.isdigit():
+        raise ConfigError(f"override {key!r}: {part!r} must be a list index")
+    return int(part)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> docstring (the string literal after each field)."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    tree = ast.parse(src.lstrip() if src.startswith(" ") else src)
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for a, b in zip(body, body[1:]):
+        if (
+            isinstance(a, ast.AnnAssign)
+            and isinstance(a.target, ast.Name)
+            and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant)
+            and isinstance(b.value.value, str)
+        ):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            raise ConfigError(
+                f"unknown key {full!r}{hint} (allowed: {', '.join(names)})"
+            )
+        kwargs[key] = _coerce(hints[key], value, full)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(_bad_choice(key, value, args))
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)) and args and args[0] is str and value != "":
+            value = [value] if not isinstance(value, str) else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        (inner,) = args or (Any,)
+        return [_coerce(inner, v, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return str(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return " or ".join(getattr(a, "__name__", str(a)) for a in args)
+
+
+def _bad_choice(key: str, value: Any, allowed: tuple) -> str:
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{key}={value!r} is not allowed{hint} (allowed: {', '.join(map(str, allowed))})"
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(_bad_choice(key, value, allowed))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, docstring) for every field, recursively."""
+    rows = []
+    docs = field_docs(cls)
+    defaults = cls() if cls is not SourceConfig else None
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory()  # type: ignore[misc]
+        rows.append((key, repr(default), docs.get(f.name, "")))
+        if f.name == "sources":
+            rows.extend(describe(SourceConfig, key + "[]."))
+    return rows

@@ -1,0 +1,1 @@
+"""Instruction data: formats, quality checks, mixing, templates, tokenization, the Ray Data pipeline."""
