@@ -33,8 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare and inspect instruction data")
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    def prepare_args(p):
+        _config_args(p)
+        p.add_argument("--fresh", action="store_true",
+                       help="rebuild even when a complete, up-to-date output exists")
+
     _add(dsub, "prepare", "ift.data.pipeline:prepare_cmd",
-         "convert, clean, mix, tokenize and shard sources into a prepared dataset", _config_args)
+         "convert, clean, mix, tokenize and shard sources into a prepared dataset", prepare_args)
 
     def inspect_args(p):
         p.add_argument("dir", help="prepared dataset directory")
@@ -69,11 +74,44 @@ def build_parser() -> argparse.ArgumentParser:
     def config_show_args(p):
         _config_args(p)
 
+    _add(sub, "serve", "ift.serve.app:serve_cmd",
+         "serve the base model, its adapters and merged models over OpenAI-compatible HTTP",
+         _config_args)
+
+    def merge_args(p):
+        p.add_argument("--base", required=True, help="base model dir or id")
+        p.add_argument("--adapter", required=True, help="LoRA adapter dir (local or s3://)")
+        p.add_argument("--out", required=True, help="output model dir (local or s3://)")
+        p.add_argument("-c", "--config", help="YAML config (model dtype, tracking)")
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+        p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+        p.add_argument("--no-log-model", action="store_true",
+                       help="log the merge run without uploading the weights")
+
+    _add(sub, "merge", "ift.serve.merge:merge_cmd",
+         "merge a LoRA adapter into its base model and write a HF model dir", merge_args)
+    _add(sub, "predict", "ift.serve.predict:predict_cmd",
+         "batch generation over a dataset with Ray Data (resumable, in input order)",
+         _config_args)
+
+    def chat_args(p):
+        p.add_argument("--url", help="server URL, e.g. http://127.0.0.1:8000")
+        p.add_argument("--model", default="base", help="model id on the server")
+        p.add_argument("--model-path", help="load this model in-process instead of a server")
+        p.add_argument("--adapter", help="with --model-path: a LoRA adapter dir")
+        p.add_argument("--api-key", help="bearer key for the server")
+        p.add_argument("--api-key-env", help="environment variable holding the bearer key")
+        p.add_argument("--system", default="", help="system prompt")
+        p.add_argument("--temperature", type=float, default=0.7)
+        p.add_argument("--max-tokens", type=int, default=256)
+
+    _add(sub, "chat", "ift.serve.chat:chat_cmd",
+         "chat in the terminal with a running server or an in-process model", chat_args)
+
     _add(sub, "config", "ift.config_cmd:config_cmd",
          "print the resolved config with every field's docs", config_show_args)
 
-    argv_cmds = {name: p for name, p in sub.choices.items()}
-    return parser if argv_cmds else parser
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

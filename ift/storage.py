@@ -173,17 +173,22 @@ def walk_files(path: str) -> Iterator[str]:
     if is_remote(path):
         bucket, key = split_s3(path)
         prefix = key.rstrip("/") + "/" if key else ""
-        keys = []
-        for page in s3_client().get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix
-        ):
-            keys.extend(o["Key"] for o in page.get("Contents", []))
-        for k in sorted(keys):
+        for k, _etag, _size in sorted(_s3_objects(bucket, prefix)):
             yield f"s3://{bucket}/{k}"
         return
     for root, _dirs, files in sorted(os.walk(path)):
         for name in sorted(files):
             yield os.path.join(root, name)
+
+
+def _s3_objects(bucket: str, prefix: str) -> list[tuple[str, str, int]]:
+    """(key, etag, size) of every object under a prefix, without directory-marker keys."""
+    out = []
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
+            if not o["Key"].endswith("/"):
+                out.append((o["Key"], o.get("ETag", ""), int(o.get("Size", 0))))
+    return out
 
 
 def isdir(path: str) -> bool:
@@ -266,7 +271,13 @@ def local_copy(path: str, cache_root: str | None = None) -> str:
     import hashlib
 
     root = cache_root or os.path.join(tempfile.gettempdir(), "ift-cache")
-    dest = os.path.join(root, hashlib.sha1(path.encode()).hexdigest()[:16])
+    # Keyed by the listing (keys, etags, sizes) too, so a rewritten prefix is fetched again.
+    bucket, key = split_s3(path)
+    listing = sorted(_s3_objects(bucket, key.rstrip("/") + "/"))
+    if not listing:
+        raise FileNotFoundError(f"{path}: no objects under this prefix")
+    fingerprint = hashlib.sha1(repr(listing).encode()).hexdigest()[:12]
+    dest = os.path.join(root, hashlib.sha1(path.encode()).hexdigest()[:16] + "-" + fingerprint)
     if os.path.exists(os.path.join(dest, COMPLETE_MARKER + ".local")):
         return dest
     download_dir(path, dest)

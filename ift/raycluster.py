@@ -1,0 +1,36 @@
+"""Joining or starting Ray: one function every command calls before it touches Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# Variables the driver's environment passes on to every Ray worker (S3 endpoint and
+# credentials, MLflow, offline switches), so a job behaves the same on one laptop and on
+# a cluster whose nodes were started elsewhere.
+FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "HF_", "TRANSFORMERS_", "IFT_")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS) when given, else start a local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = {
+        "address": address,
+        "logging_level": logging.WARNING,
+        "runtime_env": {"env_vars": forwarded_env()},
+    }
+    if address is None:
+        # A local cluster: no dashboard (it costs a CPU's worth of memory and time on a laptop).
+        kwargs["include_dashboard"] = False
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)

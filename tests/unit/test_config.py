@@ -1,0 +1,80 @@
+import pytest
+
+from ift.config import ConfigError, describe, field_docs, load_config
+from ift.config import Config, DataConfig, PeftConfig, SourceConfig, TrainConfig
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text(
+        "data:\n  sources:\n    - {path: a.json, tags: [cot]}\n    - {path: b.tsv, weight: 0.5}\n"
+        "train:\n  lr: 1.0e-4\n"
+    )
+    cfg = load_config(str(p), ["train.lr=3e-4", "peft.r=16", "data.sources.1.weight=2.5",
+                               "data.placeholders.name=ift"])
+    assert cfg.train.lr == 3e-4
+    assert cfg.peft.r == 16
+    assert cfg.data.sources[0].tags == ["cot"]
+    assert cfg.data.sources[1].weight == 2.5
+    assert cfg.data.placeholders == {"name": "ift"}
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.learning_rat=1"])
+    assert "train.learning_rat" in str(e.value)
+    with pytest.raises(ConfigError, match="did you mean train.lr"):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="unknown key 'trian'; did you mean train"):
+        load_config(None, ["trian.lr=1"])
+
+
+def test_bad_values_name_key_value_and_allowed():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["peft.method=lorra"])
+    msg = str(e.value)
+    assert "peft.method='lorra'" in msg and "did you mean 'lora'" in msg and "qlora" in msg
+    with pytest.raises(ConfigError, match="train.micro_batch_size='x': expected an integer"):
+        load_config(None, ["train.micro_batch_size=x"])
+    with pytest.raises(ConfigError, match="train.num_workers=0"):
+        load_config(None, ["train.num_workers=0"])
+    with pytest.raises(ConfigError, match="data.sources.0.format='alpacca'.*did you mean 'alpaca'"):
+        load_config(None, ["data.sources.0.path=x", "data.sources.0.format=alpacca"])
+    with pytest.raises(ConfigError, match="weight or count, not both"):
+        load_config(None, ["data.sources.0.path=x", "data.sources.0.weight=1",
+                           "data.sources.0.count=3"])
+    with pytest.raises(ConfigError, match="fsdp needs train.use_gpu"):
+        load_config(None, ["train.strategy=fsdp"])
+
+
+def test_invalid_yaml_names_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(str(p))
+
+
+def test_every_field_has_a_docstring():
+    for cls in (Config, DataConfig, SourceConfig, PeftConfig, TrainConfig):
+        import dataclasses
+
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without docs: {missing}"
+    rows = describe()
+    assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
+    assert any(k == "train.lr" for k, _, _ in rows)
+
+
+def test_global_batch():
+    cfg = load_config(None, ["train.micro_batch_size=4", "train.num_workers=2", "train.grad_accum=3"])
+    assert cfg.train.global_batch_size == 24
+
+
+def test_resolve_relative_paths(tmp_path):
+    cfg = load_config(None, [f"storage.root={tmp_path}"])
+    assert cfg.resolve("runs/x") == str(tmp_path / "runs/x")
+    assert cfg.resolve("/abs/x") == "/abs/x"
+    assert cfg.resolve("s3://b/k") == "s3://b/k"
+    cfg = load_config(None, ["storage.root=s3://bucket/prefix"])
+    assert cfg.resolve("runs/x") == "s3://bucket/prefix/runs/x"
