@@ -94,9 +94,10 @@ def clean_rows(task, opts: RowOptions) -> Iterator[tuple[int, int, dict | None, 
         if reason is not None:
             yield key, line, None, reason, raw_text
             continue
-        rec["lang"] = detect_lang(
-            " ".join([rec.get("system") or ""] + [m["content"] for m in rec["messages"]])
-        )
+        if opts.placeholders or not rec.get("lang"):  # substitution may change the script
+            rec["lang"] = detect_lang(
+                " ".join([rec.get("system") or ""] + [m["content"] for m in rec["messages"]])
+            )
         yield key, line, rec, None, raw_text
 
 
@@ -625,6 +626,69 @@ def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | Non
                            / max(1, result["splits"][split]["rows"] * max_seq_len)) if pack else None,
             }
     return result
+
+
+def remix(prepared: str, out: str, *, weights: dict[str, float | None] | None = None,
+          counts: dict[str, int | None] | None = None, include_tags: list[str] | None = None,
+          exclude_tags: list[str] | None = None, seed: int | None = None,
+          address: str | None = None) -> dict:
+    """A complete prepared dataset at `out` re-mixed from `prepared`'s per-source shards.
+
+    Sources keep their prepared weight or count unless `weights`/`counts` name them (a
+    weight of 0 leaves a source out of train). `include_tags` keeps only sources carrying
+    one of the tags; `exclude_tags` drops sources carrying any (the "without cot" arm).
+    Val is every kept source's val rows, so arms that keep the same sources share it.
+    Nothing is tokenized again. Returns the new manifest (its `parent` names `prepared`).
+    """
+    base = read_manifest(prepared)
+    weights, counts = dict(weights or {}), dict(counts or {})
+    unknown = sorted((set(weights) | set(counts)) - set(base["sources"]))
+    if unknown:
+        raise ConfigError(f"mixture names unknown source(s) {unknown}; "
+                          f"{prepared} has {sorted(base['sources'])}")
+    chosen: dict[str, tuple[float | None, int | None]] = {}
+    for name, src in base["sources"].items():
+        tags = set(src.get("tags") or [])
+        if include_tags and not tags & set(include_tags):
+            continue
+        if exclude_tags and tags & set(exclude_tags):
+            continue
+        if name in counts and counts[name] is not None:
+            chosen[name] = (None, int(counts[name]))
+        elif name in weights and weights[name] is not None:
+            chosen[name] = (float(weights[name]), None)
+        else:
+            chosen[name] = (src.get("weight"), src.get("count"))
+    if not chosen:
+        raise ConfigError(f"the mixture keeps no source of {sorted(base['sources'])} "
+                          f"(include_tags={include_tags}, exclude_tags={exclude_tags})")
+    seed = base.get("seed", 0) if seed is None else seed
+    if storage.exists(out):
+        storage.rmtree(out)
+    mixed = mix_sources(prepared, out, sources=chosen, seed=seed, pack=bool(base.get("packed")),
+                        max_seq_len=int(base["max_seq_len"]), address=address)
+    mix_desc = {n: {"weight": w, "count": c} for n, (w, c) in chosen.items()}
+    digest = hashlib.sha256(json.dumps([base["hash"], mix_desc, seed], sort_keys=True)
+                            .encode()).hexdigest()
+    manifest = {
+        **base,
+        "hash": digest,
+        "parent": {"path": prepared, "hash": base["hash"]},
+        "mixture": mix_desc,
+        "seed": seed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "splits": mixed["splits"],
+        "padding_waste": mixed["padding_waste"],
+        "sources": {
+            n: {**base["sources"][n], "weight": w, "count": c,
+                "rows_sampled": mixed["rows_sampled"].get(n, 0),
+                "rows_val": mixed["rows_val"].get(n, 0)}
+            for n, (w, c) in chosen.items()
+        },
+    }
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False))
+    storage.mark_complete(out, digest)
+    return manifest
 
 
 def _with_source(table: pa.Table) -> pa.Table:

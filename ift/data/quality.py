@@ -64,21 +64,13 @@ def validate(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _is_cjk(cp: int) -> bool:
-    return (
-        0x4E00 <= cp <= 0x9FFF  # unified ideographs
-        or 0x3400 <= cp <= 0x4DBF  # extension A
-        or 0xF900 <= cp <= 0xFAFF  # compatibility ideographs
-        or 0x20000 <= cp <= 0x2FA1F  # extensions B.. and compatibility supplement
-    )
-
-
-def _is_kana_or_hangul(cp: int) -> bool:
-    return 0x3040 <= cp <= 0x30FF or 0xAC00 <= cp <= 0xD7AF or 0x1100 <= cp <= 0x11FF
-
-
-def _is_latin(ch: str, cp: int) -> bool:
-    return ("a" <= ch <= "z") or ("A" <= ch <= "Z") or (0x00C0 <= cp <= 0x024F and ch.isalpha())
+# Scripts counted by compiled character classes: a per-character Python loop costs as much
+# as tokenizing the row.
+_CJK = re.compile("[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002fa1f]")
+_LATIN = re.compile("[a-zA-Z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]")
+_KANA_HANGUL = re.compile("[\u3040-\u30ff\uac00-\ud7af\u1100-\u11ff]")
+_LETTER = re.compile(r"[^\W\d_]")
+_ASCII_LETTER = re.compile("[a-zA-Z]")
 
 
 def detect_lang(text: str, max_chars: int = 4000) -> str:
@@ -89,19 +81,13 @@ def detect_lang(text: str, max_chars: int = 4000) -> str:
     "The word 你好 means hello" is en. Japanese (kana) and Korean (hangul) are "other".
     Latin script counts as en; telling English from French needs more than scripts.
     """
-    cjk = latin = kana = other = 0
-    for ch in text[:max_chars]:
-        if not ch.isalpha():
-            continue
-        cp = ord(ch)
-        if _is_cjk(cp):
-            cjk += 1
-        elif _is_latin(ch, cp):
-            latin += 1
-        elif _is_kana_or_hangul(cp):
-            kana += 1
-        else:
-            other += 1
+    text = text[:max_chars]
+    if text.isascii():  # no ideographs or kana possible: Latin letters or nothing
+        return "en" if _ASCII_LETTER.search(text) else "other"
+    cjk = len(_CJK.findall(text))
+    latin = len(_LATIN.findall(text))
+    kana = len(_KANA_HANGUL.findall(text))
+    other = max(0, len(_LETTER.findall(text)) - cjk - latin - kana)
     total = cjk * 4 + latin + kana * 4 + other
     if total == 0:
         return "other"

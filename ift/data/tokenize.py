@@ -78,9 +78,17 @@ def tokenize_records(
     encoded: list[list[int]] = []
     spans: list[list[tuple[int, int]]] = []
     if texts:
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
-        encoded = enc["input_ids"]
-        spans = enc["offset_mapping"] if offsets else [[] for _ in texts]
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(
+            tokenizer, "is_fast", False) else None
+        if backend is not None:
+            # The Rust tokenizer directly: the same ids without transformers' per-row wrapping.
+            encs = backend.encode_batch(texts, add_special_tokens=False)
+            encoded = [e.ids for e in encs]
+            spans = [e.offsets for e in encs] if offsets else [[] for _ in texts]
+        else:
+            enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+            encoded = enc["input_ids"]
+            spans = enc["offset_mapping"] if offsets else [[] for _ in texts]
 
     rows: list[dict] = []
     for rec, runs in rendered:

@@ -160,6 +160,25 @@ def test_remix_by_weight_without_retokenizing(prepared, tmp_path):
     assert {r["source"] for r in val} <= {"alpaca_en", "cot_arith"}
 
 
+def test_remix_by_tags_is_a_complete_prepared_dir(prepared, tmp_path):
+    from ift.data.pipeline import remix
+
+    cfg, out, manifest = prepared
+    dest = str(tmp_path / "no-cot")
+    m = remix(out, dest, exclude_tags=["cot"], weights={"alpaca_zh": 0.5})
+    assert read_manifest(dest)["hash"] == m["hash"] != manifest["hash"]
+    assert m["parent"]["hash"] == manifest["hash"]
+    assert "cot_arith" not in m["sources"] and "alpaca_en" in m["sources"]
+    assert m["sources"]["alpaca_zh"]["rows_sampled"] == round(
+        0.5 * manifest["sources"]["alpaca_zh"]["rows_sampled"])
+    rows = load_split(dest, "train")
+    assert len(rows) == m["splits"]["train"]["rows"]
+    assert "cot_arith" not in {r["source"] for r in rows}
+    assert m["tokenizer"] == manifest["tokenizer"]
+    with pytest.raises(Exception, match="unknown source"):
+        remix(out, str(tmp_path / "x"), weights={"nope": 1.0})
+
+
 def test_packing(ray_cluster, tiny_model, sample_data_dir, tmp_path, prepared):
     _, _, unpacked = prepared
     out = tmp_path / "packed"
