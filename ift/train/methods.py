@@ -1,0 +1,319 @@
+"""Fine-tuning methods: a loaded base model in, the model to train out.
+
+One function per method, all with the same signature `(model, cfg, total_steps)`, and a
+dict from method name to function. Adapter methods return a `peft.PeftModel` (saved in
+PEFT's own adapter format); `full` and `freeze` return the HF model itself with
+`requires_grad` set on what trains.
+
+qlora differs from lora only in how the base is loaded: `quantization` gives the
+bitsandbytes settings the loader needs, and the builder prepares the quantized model for
+training (`prepare_model_for_kbit_training`) before adding LoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ift.config import Config, ConfigError
+
+ADAPTER_METHODS = ("lora", "qlora", "dora", "adalora", "prefix", "p_tuning", "prompt_tuning")
+"""Methods whose checkpoints hold only adapter weights (PEFT format)."""
+
+PROMPT_METHODS = ("prefix", "p_tuning", "prompt_tuning")
+"""Methods that add virtual tokens: they need a 2D padding mask, so packed rows (whose
+samples are kept apart by a 4D block mask) cannot be trained with them."""
+
+LORA_METHODS = ("lora", "qlora", "dora", "adalora")
+"""Methods that need target modules."""
+
+QUANT_BLOCK = 64
+"""bitsandbytes 4-bit block size; on CPU every quantized input dimension must be a multiple."""
+
+
+def is_adapter(method: str) -> bool:
+    return method in ADAPTER_METHODS
+
+
+def accepts_packed(method: str) -> bool:
+    return method not in PROMPT_METHODS
+
+
+# ---------------------------------------------------------------------------------------
+# Quantization (qlora)
+# ---------------------------------------------------------------------------------------
+
+
+def quantization(cfg: Config) -> dict[str, Any] | None:
+    """What `ift.models.load_model(quantization=...)` needs for this method: qlora loads the
+    frozen base in 4-bit NF4 with double quantization (the QLoRA recipe) or 8-bit."""
+    if cfg.peft.method != "qlora":
+        return None
+    return {"bits": cfg.peft.bits, "quant_type": "nf4", "double_quant": True}
+
+
+def check_quantizable(model_config: Any, cfg: Config, use_gpu: bool) -> None:
+    """4-bit on CPU (bitsandbytes' CPU kernels) needs input dims divisible by the block size."""
+    if cfg.peft.method != "qlora" or cfg.peft.bits != 4 or use_gpu:
+        return
+    dims = {
+        name: getattr(model_config, name, None)
+        for name in ("hidden_size", "intermediate_size", "n_embd")
+    }
+    bad = {k: v for k, v in dims.items() if isinstance(v, int) and v % QUANT_BLOCK}
+    if bad:
+        raise ConfigError(
+            f"peft.method=qlora with peft.bits=4 on CPU: bitsandbytes' CPU 4-bit kernels need "
+            f"every quantized input size to be a multiple of {QUANT_BLOCK}, but the model has "
+            f"{bad}; use peft.bits=8, train on GPU (train.use_gpu=true) or use lora"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------
+
+
+def _targets(model: nn.Module, cfg: Config) -> list[str]:
+    from ift.models import find_lora_targets
+
+    return list(find_lora_targets(model, cfg.peft.target_modules))
+
+
+def _lora_config(model: nn.Module, cfg: Config, **extra):
+    from peft import LoraConfig
+
+    p = cfg.peft
+    return LoraConfig(
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=_targets(model, cfg),
+        bias="none",
+        task_type="CAUSAL_LM",
+        **extra,
+    )
+
+
+def _wrap(model: nn.Module, peft_config) -> nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config)
+
+
+def lora(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+    """Low-rank adapters on the target projections; the base stays frozen."""
+    return _wrap(model, _lora_config(model, cfg))
+
+
+def qlora(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+    """LoRA on a base loaded in 4-bit NF4 (or 8-bit); see `quantization`."""
+    from peft import prepare_model_for_kbit_training
+
+    if not getattr(model, "is_loaded_in_4bit", False) and not getattr(
+        model, "is_loaded_in_8bit", False
+    ):
+        raise ConfigError(
+            "peft.method=qlora: the base model was not loaded quantized; load it with "
+            "ift.models.load_model(..., quantization=methods.quantization(cfg))"
+        )
+    # Casts norms to fp32 and makes inputs require grad; checkpointing is handled here too
+    # because the order (before LoRA wraps the layers) matters.
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    return _wrap(model, _lora_config(model, cfg))
+
+
+def dora(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+    """Weight-decomposed LoRA: LoRA on the direction plus a trained magnitude vector."""
+    return _wrap(model, _lora_config(model, cfg, use_dora=True))
+
+
+def adalora(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+    """LoRA whose rank budget is pruned from r to adalora_target_r during training.
+
+    The loop must call `after_optimizer_step` every step (it runs `update_and_allocate`).
+    """
+    from peft import AdaLoraConfig
+
+    p = cfg.peft
+    check_adalora_schedule(cfg, total_steps)
+    config = AdaLoraConfig(
+        init_r=p.r,
+        target_r=p.adalora_target_r,
+        tinit=p.adalora_tinit,
+        tfinal=p.adalora_tfinal,
+        deltaT=p.adalora_delta_t,
+        total_step=total_steps,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=_targets(model, cfg),
+        task_type="CAUSAL_LM",
+    )
+    return _wrap(model, config)
+
+
+def check_adalora_schedule(cfg: Config, total_steps: int) -> None:
+    p = cfg.peft
+    if p.adalora_tinit >= total_steps - p.adalora_tfinal:
+        raise ConfigError(
+            f"peft.method=adalora: peft.adalora_tinit={p.adalora_tinit} + "
+            f"peft.adalora_tfinal={p.adalora_tfinal} leave no budgeting phase in "
+            f"{total_steps} training steps; lower them or train longer"
+        )
+
+
+def prefix(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+    """Prefix tuning: trained key/value prefixes in every attention layer."""
+    from peft import PrefixTuningConfig
+
+    return _wrap(model, PrefixTuningConfig(
+        num_virtual_tokens=cfg.peft.num_virtual_tokens, task_type="CAUSAL_LM"))
+
+
+def p_tuning(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+    """P-tuning: virtual token embeddings produced by a small trained prompt encoder."""
+    from peft import PromptEncoderConfig
+
+    return _wrap(model, PromptEncoderConfig(
+        num_virtual_tokens=cfg.peft.num_virtual_tokens,
+        encoder_hidden_size=cfg.peft.encoder_hidden_size,
+        task_type="CAUSAL_LM",
+    ))
+
+
+def prompt_tuning(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+    """Prompt tuning: trained soft-prompt embeddings, optionally initialised from text."""
+    from peft import PromptTuningConfig
+
+    kwargs: dict[str, Any] = {}
+    if cfg.peft.prompt_init_text:
+        kwargs = {
+            "prompt_tuning_init": "TEXT",
+            "prompt_tuning_init_text": cfg.peft.prompt_init_text,
+            "tokenizer_name_or_path": cfg.model.name_or_path,
+            "tokenizer_kwargs": {"trust_remote_code": cfg.model.trust_remote_code},
+        }
+    return _wrap(model, PromptTuningConfig(
+        num_virtual_tokens=cfg.peft.num_virtual_tokens, task_type="CAUSAL_LM", **kwargs))
+
+
+def full(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+    """Every parameter trains."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def freeze(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+    """Only the last k transformer layers and the final norm train (plus, optionally, the
+    input embeddings and the LM head)."""
+    k = cfg.peft.freeze_trainable_layers
+    layers = decoder_layers(model)
+    if not 1 <= k <= len(layers):
+        raise ConfigError(
+            f"peft.freeze_trainable_layers={k}: the model has {len(layers)} layers "
+            f"(allowed: 1..{len(layers)})"
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    trained: list[nn.Module] = list(layers[-k:])
+    norm = final_norm(model)
+    if norm is not None:
+        trained.append(norm)
+    if cfg.peft.freeze_train_embeddings:
+        trained.append(model.get_input_embeddings())
+        out = model.get_output_embeddings()
+        if out is not None:
+            trained.append(out)
+    for module in trained:
+        for param in module.parameters():
+            param.requires_grad_(True)
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer block list: the ModuleList with num_hidden_layers entries."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    best = None
+    for _name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (n is None or len(module) == n):
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise ConfigError(
+            f"peft.method=freeze: cannot find the transformer layers of "
+            f"{type(model).__name__} (no ModuleList with {n} entries)"
+        )
+    return best
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm after the last layer: the last norm module directly under the backbone."""
+    backbone = getattr(model, "base_model", model)
+    norms = [m for _n, m in backbone.named_children() if "norm" in type(m).__name__.lower()]
+    return norms[-1] if norms else None
+
+
+METHODS: dict[str, Callable[[nn.Module, Config, int], nn.Module]] = {
+    "lora": lora,
+    "qlora": qlora,
+    "dora": dora,
+    "adalora": adalora,
+    "prefix": prefix,
+    "p_tuning": p_tuning,
+    "prompt_tuning": prompt_tuning,
+    "full": full,
+    "freeze": freeze,
+}
+
+
+def build(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+    """Apply cfg.peft.method to a loaded base model."""
+    method = cfg.peft.method
+    if method not in METHODS:
+        raise ConfigError(f"peft.method={method!r} is not allowed (allowed: {', '.join(METHODS)})")
+    if cfg.train.gradient_checkpointing and method != "qlora":
+        enable_gradient_checkpointing(model)
+    return METHODS[method](model, cfg, total_steps)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant checkpointing works with frozen inputs (adapters) and with DDP.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+
+
+def after_optimizer_step(model: nn.Module, method: str, step: int) -> None:
+    """Per-step hook after optimizer.step() and before zero_grad(): AdaLoRA's budget update."""
+    if method == "adalora":
+        unwrap(model).base_model.update_and_allocate(step)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP/FSDP wrappers."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, FullyShardedDataParallel)):
+        model = model.module
+    return model
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as stored elements × 2."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,202 @@
+"""Every fine-tuning method trains a tiny model on CPU through the loop's step function,
+with the loss on the training batches going down; each trains what it should and nothing
+else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_support import make_tiny_model, toy_records
+
+from ift.config import ConfigError, load_config
+from ift.data.tokenize import tokenize_records
+from ift.models import load_model, load_tokenizer
+from ift.train import methods
+from ift.train.collate import collate
+from ift.train.loop import (
+    StepEnv,
+    evaluate,
+    load_dtype,
+    make_optimizer,
+    make_plan,
+    make_scheduler,
+    train_step,
+)
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def model32(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("llama32")), hidden_size=32)
+
+
+@pytest.fixture(scope="module")
+def model64(tmp_path_factory):
+    # bitsandbytes' CPU 4-bit kernels need input sizes that are multiples of 64.
+    return make_tiny_model(str(tmp_path_factory.mktemp("llama64")), hidden_size=64)
+
+
+def _cfg(model_dir, method, lr, *extra):
+    return load_config(None, [
+        f"model.name_or_path={model_dir}", f"peft.method={method}", "peft.dropout=0.0",
+        f"train.lr={lr}", "train.scheduler=constant", "train.warmup_ratio=0",
+        f"train.max_steps={STEPS}", "train.micro_batch_size=4", *extra,
+    ])
+
+
+def _batches(model_dir):
+    tok = load_tokenizer(model_dir)
+    rows, dropped = tokenize_records(toy_records(8), tok, template="chatml", max_seq_len=64)
+    assert not dropped
+    return [collate(rows[:4], tok.pad_token_id), collate(rows[4:], tok.pad_token_id)]
+
+
+def _train(cfg, model_dir):
+    """(model, eval loss before, eval loss after, per-step losses)."""
+    batches = _batches(model_dir)
+    plan = make_plan(8, 0, cfg.train)
+    model = load_model(cfg.model, device="cpu", quantization=methods.quantization(cfg),
+                       dtype=load_dtype(cfg))
+    torch.manual_seed(0)
+    model = methods.build(model, cfg, plan.total_steps)
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train, plan)
+    env = StepEnv(method=cfg.peft.method, attn_implementation=model.config._attn_implementation)
+    before = evaluate(model, batches, env)["eval_loss"]
+    losses = [train_step(model, opt, sched, [batches[i % 2]], env, i + 1)["loss"]
+              for i in range(STEPS)]
+    after = evaluate(model, batches, env)["eval_loss"]
+    return model, before, after, losses
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+# Prompt methods steer a frozen random model only through a few virtual tokens, so their
+# loss falls less than methods that change weights; evaluation is deterministic, so any
+# fall beyond float noise is real.
+@pytest.mark.parametrize("method,lr,margin,extra", [
+    ("lora", 1e-2, 0.2, []),
+    ("dora", 1e-2, 0.2, []),
+    ("adalora", 3e-2, 0.05, ["peft.adalora_tinit=2", "peft.adalora_tfinal=2"]),
+    ("prefix", 5e-2, 0.02, []),
+    ("p_tuning", 1e-2, 0.02, []),
+    ("prompt_tuning", 0.3, 0.02, []),
+    ("full", 1e-3, 0.3, []),
+    ("freeze", 1e-3, 0.1, ["peft.freeze_trainable_layers=1"]),
+])
+def test_method_trains_and_loss_goes_down(model32, method, lr, margin, extra):
+    cfg = _cfg(model32, method, lr, *extra)
+    model, before, after, losses = _train(cfg, model32)
+    assert after < before - margin, (before, after, losses)
+    assert min(losses[-2:]) < losses[0]
+    names = _trainable(model)
+    if method in ("lora", "adalora"):
+        assert names and all("lora_" in n for n in names)
+    if method == "dora":
+        assert any("lora_magnitude_vector" in n for n in names)
+    if method == "adalora":
+        assert any("lora_E" in n for n in names)
+        # The budget was allocated: the rank pattern was recorded by update_and_allocate.
+        assert model.peft_config["default"].rank_pattern
+    if method in ("prefix", "p_tuning", "prompt_tuning"):
+        assert names and all("prompt_encoder" in n for n in names)
+    if method == "full":
+        assert names == {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_quantizes_and_trains_on_cpu(model64, bits):
+    cfg = _cfg(model64, "qlora", 1e-2, f"peft.bits={bits}")
+    model, before, after, losses = _train(cfg, model64)
+    base = model.base_model.model
+    q_proj = base.model.layers[0].self_attn.q_proj.base_layer
+    assert type(q_proj).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt")
+    if bits == 4:
+        assert q_proj.weight.quant_state.quant_type == "nf4"
+        # Double quantization was asked for (the CPU kernels unpack the nested absmax
+        # statistics at the first forward, so the quant state itself no longer shows it).
+        assert q_proj.weight.compress_statistics
+        assert base.config.quantization_config.bnb_4bit_use_double_quant
+    assert all("lora_" in n for n in _trainable(model))
+    assert after < before - 0.2, (before, after, losses)
+
+
+def test_qlora_4bit_on_cpu_needs_block_multiple_sizes(model32):
+    from transformers import AutoConfig
+
+    cfg = _cfg(model32, "qlora", 1e-2)
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        methods.check_quantizable(AutoConfig.from_pretrained(model32), cfg, use_gpu=False)
+    methods.check_quantizable(AutoConfig.from_pretrained(model32), cfg, use_gpu=True)
+
+
+def test_freeze_trains_only_the_last_layers_and_final_norm(model32):
+    cfg = _cfg(model32, "freeze", 1e-3, "peft.freeze_trainable_layers=1")
+    model = load_model(cfg.model, device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model, *_ = _train(cfg, model32)
+    names = _trainable(model)
+    assert names == {n for n in before if n.startswith(("model.layers.1.", "model.norm."))}
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[n])
+        assert changed == (n in names), n
+
+
+def test_freeze_with_embeddings_trains_embeddings_and_head(model32):
+    cfg = _cfg(model32, "freeze", 1e-3, "peft.freeze_trainable_layers=1",
+               "peft.freeze_train_embeddings=true")
+    model = methods.build(load_model(cfg.model, device="cpu"), cfg, STEPS)
+    names = _trainable(model)
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" in names
+    assert not any(n.startswith("model.layers.0.") for n in names)
+
+
+def test_freeze_rejects_more_layers_than_the_model_has(model32):
+    cfg = _cfg(model32, "freeze", 1e-3, "peft.freeze_trainable_layers=3")
+    with pytest.raises(ConfigError, match="freeze_trainable_layers=3.*2 layers"):
+        methods.build(load_model(cfg.model, device="cpu"), cfg, STEPS)
+
+
+def test_prompt_tuning_starts_from_the_init_text(model32):
+    text = "Repeat the words"
+    cfg = _cfg(model32, "prompt_tuning", 0.3, f"peft.prompt_init_text={text}",
+               "peft.num_virtual_tokens=4")
+    base = load_model(cfg.model, device="cpu")
+    table = base.get_input_embeddings().weight.detach().clone()
+    model = methods.build(base, cfg, STEPS)
+    ids = load_tokenizer(model32)(text, add_special_tokens=False)["input_ids"]
+    ids = (ids * 4)[:4]
+    prompt = model.prompt_encoder["default"].embedding.weight.detach()
+    assert torch.allclose(prompt, table[ids])
+
+
+def test_adalora_schedule_without_budget_phase_is_rejected(model32):
+    cfg = _cfg(model32, "adalora", 1e-2, "peft.adalora_tinit=6", "peft.adalora_tfinal=4")
+    with pytest.raises(ConfigError, match="adalora_tinit=6.*no budgeting phase"):
+        methods.check_adalora_schedule(cfg, STEPS)
+
+
+def test_gradient_checkpointing_gives_the_same_step(model32):
+    batches = _batches(model32)
+    results = []
+    for gc in (False, True):
+        cfg = _cfg(model32, "lora", 1e-2, f"train.gradient_checkpointing={str(gc).lower()}")
+        plan = make_plan(8, 0, cfg.train)
+        torch.manual_seed(0)
+        model = methods.build(load_model(cfg.model, device="cpu"), cfg, plan.total_steps)
+        assert methods.unwrap(model).is_activation_checkpointing == gc
+        opt = make_optimizer(model, cfg.train)
+        env = StepEnv(method="lora", attn_implementation=model.config._attn_implementation)
+        results.append(train_step(model, opt, make_scheduler(opt, cfg.train, plan),
+                                  batches, env, 1))
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], abs=1e-6)
+    assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-4)
+
+
+def test_methods_dict_covers_every_configurable_method():
+    from ift.config import PEFT_METHODS
+
+    assert set(methods.METHODS) == set(PEFT_METHODS)
