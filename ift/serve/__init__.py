@@ -1,1 +1,69 @@
-"""serve"""
+"""Serving: an OpenAI-compatible Ray Serve app, merge, batch prediction and terminal chat.
+
+Commands
+--------
+
+`ift serve -c serve.yaml`
+    Starts the app on `serve.host:serve.port`. Routes: POST /v1/chat/completions and
+    POST /v1/completions (`stream: true` sends server-sent events ending with
+    `data: [DONE]`; `stream_options.include_usage` adds a usage chunk), GET /v1/models
+    (base, every adapter, every merged model, with MLflow run id, data manifest hash and
+    method from `ift_lineage.json`), GET /health, and GET / (a chat page). The `model` field
+    picks the base (`serve.base_model_id`), a merged model (`serve.merged_models`), or an
+    adapter (`serve.adapters` ids, or names under `serve.adapter_root`, local or s3://).
+    Sampling: temperature (0 = greedy), top_p, top_k, max_tokens (at most
+    `serve.max_tokens_limit`), stop, repetition_penalty, no_repeat_ngram_size, seed; a value
+    out of range is a 400 naming the parameter. With `serve.api_key_env: NAME`, requests
+    need `Authorization: Bearer $NAME`. Over `max_ongoing_requests` + `max_queued_requests`
+    a request gets 503 with a JSON body; past `request_timeout_s`, 504.
+
+`ift merge --base B --adapter A --out DIR`
+    Writes a plain HF model dir (safetensors + tokenizer + ift_lineage.json) and logs it
+    to MLflow, nested under the adapter's training run.
+
+`ift predict -c predict.yaml`
+    Ray Data batch generation over a prepared dataset's val split or raw files, in input
+    order, resumable by shard (see `ift.serve.predict`).
+
+`ift chat --url URL --model M` / `ift chat --model-path DIR [--adapter DIR]`
+    A streamed multi-turn terminal chat, against a server or in-process.
+
+Example config::
+
+    model: {name_or_path: runs/tiny}
+    serve:
+      port: 8000
+      adapter_root: s3://bucket/runs/train        # every run's final_adapter is servable
+      adapters: {support-v2: runs/train/support/final_adapter}
+      merged_models: {support-merged: runs/merged/support}
+      max_adapters_per_replica: 8                 # LRU of adapters held by one replica
+      num_replicas: 2                             # or autoscaling: {min_replicas, max_replicas}
+      cpus_per_replica: 2
+      max_batch_size: 16
+
+How a replica serves many adapters
+----------------------------------
+
+Each base-model replica holds one copy of the base weights. Adapters load on first use
+into an LRU cache (`@serve.multiplexed`, so Serve routes a request to a replica that
+already holds its adapter). The replica's engine (`engine.py`) batches whatever requests
+are waiting, for any mix of adapters, into one forward pass per decode step: a batch
+with several adapters uses stacked LoRA weights and batched matmuls (`multilora.py`), a
+batch with one adapter uses PEFT's own computation. No request ever switches a shared
+"active adapter" under another. Batching is the engine's own rather than `@serve.batch`,
+because `@serve.batch` splits every batch by multiplexed model id, which would turn 8
+adapters into 8 small batches.
+
+The vLLM switch (GPU clusters)
+------------------------------
+
+`serve.backend: vllm` builds the app with `ray.serve.llm` instead (`app.build_vllm_app`):
+the base and each merged model become an `LLMConfig` served by vLLM, with replicas or
+autoscaling, `serve.accelerator_type` and `serve.engine_kwargs` (e.g.
+`{tensor_parallel_size: 2, max_model_len: 4096}`) from the config. Adapters load
+dynamically from `serve.adapter_root`, which must be s3:// or gs:// there, and are asked
+for as `<base_model_id>:<adapter name>`. It needs `pip install "ray[llm]"` on GPU nodes;
+the chat page, bearer auth and the adapter catalog above belong to the transformers
+backend only. Its test (`tests/integration/test_serve_vllm.py`, marked gpu) runs where a
+GPU, vLLM and `IFT_VLLM_TEST_MODEL` are present and is skipped elsewhere.
+"""

@@ -1,0 +1,582 @@
+"""`ift serve`: an OpenAI-compatible Ray Serve application.
+
+Deployments:
+
+- `Ingress` (FastAPI): the HTTP routes. It checks auth, parses and validates requests
+  (4xx with a message for anything malformed), resolves the `model` field to a target and
+  forwards to a model deployment through a handle. Handle back-pressure becomes 503 with a
+  JSON body; a request over `request_timeout_s` becomes 504.
+- `LLMServer` for the base model: holds the base weights and loads LoRA adapters on
+  demand (local or s3://) into an LRU of `max_adapters_per_replica` through Serve model
+  multiplexing, so requests for an adapter go to a replica that already holds it. Its
+  engine batches requests for any mix of adapters into one forward pass (engine.py).
+- one `LLMServer` per merged model, served under its own id.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET
+/v1/models, GET /health, GET / (a small chat page).
+
+`serve.backend: vllm` builds the app with `ray.serve.llm` instead (GPU clusters), see
+`build_vllm_app`.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route annotations
+# (`request: Request`) at run time on the replica, after the class has been pickled.
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from importlib import resources
+from typing import Any
+
+from fastapi import Request
+
+from ift.config import Config, ConfigError, load_config
+from ift.serve.adapters import Catalog
+from ift.serve.generation import (
+    SSE_DONE,
+    RequestError,
+    SamplingParams,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    error_body,
+    new_id,
+    parse_chat_request,
+    parse_completion_request,
+    sse,
+    usage_chunk,
+)
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "ift"
+INGRESS_MAX_ONGOING = 4096  # the ingress only forwards; model deployments hold the limits
+
+
+# ---------------------------------------------------------------------------------------
+# Settings handed to the deployments
+# ---------------------------------------------------------------------------------------
+
+
+def _path(cfg: Config, p: str) -> str:
+    """A configured path: under storage.root when it is relative and exists there, else as
+    given (a local path, s3:// path or hub id)."""
+    from ift import storage
+
+    if not p or os.path.exists(p) or storage.is_remote(p) or os.path.isabs(p):
+        return p
+    under = cfg.resolve(p)
+    return under if storage.exists(under) else p
+
+
+def base_model_path(cfg: Config) -> str:
+    p = cfg.serve.base_model or cfg.model.name_or_path
+    if not p:
+        raise ConfigError("serve.base_model (or model.name_or_path) is required")
+    return _path(cfg, p)
+
+
+def catalog_kwargs(cfg: Config) -> dict[str, Any]:
+    s = cfg.serve
+    return {
+        "base_id": s.base_model_id,
+        "base_path": base_model_path(cfg),
+        "adapters": {k: _path(cfg, v) for k, v in s.adapters.items()},
+        "adapter_root": _path(cfg, s.adapter_root) if s.adapter_root else "",
+        "merged": {k: _path(cfg, v) for k, v in s.merged_models.items()},
+    }
+
+
+def engine_kwargs(cfg: Config) -> dict[str, Any]:
+    s = cfg.serve
+    return {
+        "dtype": cfg.model.dtype,
+        "device": "cuda" if s.gpus_per_replica > 0 else "cpu",
+        "template": cfg.data.template,
+        "max_batch_size": s.max_batch_size,
+        "batch_wait_timeout_s": s.batch_wait_timeout_s,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "num_threads": max(1, int(s.cpus_per_replica)),
+    }
+
+
+def api_key_digest(cfg: Config) -> str:
+    """sha256 of the bearer key named by serve.api_key_env ('' when auth is off).
+
+    Only the digest travels to the ingress, so the key itself never appears in the Serve
+    config or the dashboard.
+    """
+    env = cfg.serve.api_key_env
+    if not env:
+        return ""
+    key = os.environ.get(env, "")
+    if not key:
+        raise ConfigError(f"serve.api_key_env={env!r}: the environment variable {env} is "
+                          "empty or unset; set it to the bearer key, or clear api_key_env")
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _deployment_name(prefix: str, model_id: str) -> str:
+    return f"{prefix}-{re.sub(r'[^A-Za-z0-9_-]+', '_', model_id)}"[:100]
+
+
+# ---------------------------------------------------------------------------------------
+# Deployments
+# ---------------------------------------------------------------------------------------
+
+
+class AdapterRef:
+    """What the multiplexed loader returns; Serve calls __del__ when it evicts the adapter."""
+
+    def __init__(self, engine, key: str):
+        self.engine = engine
+        self.key = key
+        self._released = False
+
+    def __del__(self):
+        if not self._released:
+            self._released = True
+            try:
+                self.engine.release_adapter(self.key)
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+
+def llm_server_class(max_adapters: int):
+    """The model deployment class; the LRU size is fixed when the class is made."""
+    from ray import serve
+
+    @serve.deployment
+    class LLMServer:
+        def __init__(self, model_path: str, engine_args: dict[str, Any],
+                     catalog_args: dict[str, Any] | None = None):
+            from ift.serve.engine import Engine
+
+            self.engine = Engine(model_path, **engine_args)
+            self.catalog = Catalog(**catalog_args) if catalog_args else None
+
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def get_adapter(self, model_id: str) -> AdapterRef:
+            from ift import storage
+
+            if self.catalog is None:
+                raise RequestError(f"model {model_id!r} takes no adapters", "model", 404)
+            path = self.catalog.adapter_path(model_id)
+            if path is None:
+                raise RequestError(f"model {model_id!r} not found", "model", 404)
+            local = await asyncio.to_thread(storage.local_copy, path)
+            await asyncio.wrap_future(self.engine.load_adapter(model_id, local))
+            return AdapterRef(self.engine, model_id)
+
+        async def _prepare(self, req: dict[str, Any]) -> tuple[list[int], SamplingParams, str | None]:
+            adapter = serve.get_multiplexed_model_id() or None
+            if adapter is not None:
+                await self.get_adapter(adapter)
+            params = SamplingParams.from_dict(req["params"])
+            if req["kind"] == "chat":
+                ids = self.engine.chat_prompt_ids(req["messages"])
+            else:
+                ids = self.engine.completion_prompt_ids(req["prompt"])
+            return ids, self.engine.check_length(ids, params), adapter
+
+        async def generate(self, req: dict[str, Any]):
+            """Events for one request: start, deltas, then end (or one error event)."""
+            try:
+                ids, params, adapter = await self._prepare(req)
+                events = self.engine.stream(ids, params, adapter)
+            except RequestError as e:
+                yield {"type": "error", "status": e.status, "message": e.message, "param": e.param}
+                return
+            except Exception as e:  # noqa: BLE001 - adapter download/load failures
+                log.exception("request preparation failed")
+                yield {"type": "error", "status": 500, "message": f"{type(e).__name__}: {e}"}
+                return
+            yield {"type": "start", "prompt_tokens": len(ids)}
+            async for ev in events:
+                yield ev
+
+        async def complete(self, req: dict[str, Any]) -> dict[str, Any]:
+            """The whole result in one message: {type: end, text, ...} or an error event."""
+            try:
+                ids, params, adapter = await self._prepare(req)
+                return await self.engine.complete(ids, params, adapter)
+            except RequestError as e:
+                return {"type": "error", "status": e.status, "message": e.message,
+                        "param": e.param}
+            except Exception as e:  # noqa: BLE001 - adapter download/load failures
+                log.exception("request failed")
+                return {"type": "error", "status": 500, "message": f"{type(e).__name__}: {e}"}
+
+        def info(self) -> dict[str, Any]:
+            return {"model_path": self.engine.model_path,
+                    "adapters": self.engine.loaded_adapters(), "steps": self.engine.steps}
+
+        def check_health(self) -> None:
+            if not self.engine.alive():
+                raise RuntimeError("the decode engine has stopped")
+
+        def __del__(self):
+            engine = getattr(self, "engine", None)
+            if engine is not None:
+                engine.shutdown(timeout=5)
+
+    return LLMServer
+
+
+def ingress_class():
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from ray import serve
+    from ray.serve.exceptions import BackPressureError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    api = FastAPI(title="ift", docs_url=None, redoc_url=None)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):  # 404 for unknown routes, 405, ... as JSON
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"),
+                            status_code=exc.status_code)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return JSONResponse(error_body(str(exc), "invalid_request_error"), status_code=400)
+
+    def _json_error(status: int, message: str, type: str = "invalid_request_error",
+                    param: str | None = None, code: str | None = None, headers=None):
+        return JSONResponse(error_body(message, type, param, code), status_code=status,
+                            headers=headers)
+
+    def _status_type(status: int) -> str:
+        return {401: "authentication_error", 404: "invalid_request_error",
+                503: "overloaded_error", 504: "timeout_error"}.get(
+                    status, "invalid_request_error" if status < 500 else "server_error")
+
+    @serve.deployment
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, base, merged: dict[str, Any], catalog_args: dict[str, Any],
+                     settings: dict[str, Any]):
+            self.base = base
+            self.merged = merged
+            self.catalog = Catalog(**catalog_args)
+            self.max_tokens_limit = int(settings["max_tokens_limit"])
+            self.timeout = float(settings["request_timeout_s"])
+            self.key_digest = settings.get("api_key_sha256", "")
+            self.created = int(time.time())
+
+        # ------------------------------------------------------------------ helpers
+
+        def _unauthorized(self, request: Request):
+            if not self.key_digest:
+                return None
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            digest = hashlib.sha256(token.strip().encode()).hexdigest()
+            if scheme.lower() == "bearer" and hmac.compare_digest(digest, self.key_digest):
+                return None
+            return _json_error(401, "missing or invalid bearer token (Authorization: Bearer KEY)",
+                               "authentication_error", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+
+        def _handle(self, target):
+            if target.kind == "merged":
+                return self.merged[target.model_id]
+            if target.kind == "adapter":
+                return self.base.options(multiplexed_model_id=target.model_id)
+            return self.base
+
+        async def _parse(self, request: Request, kind: str):
+            raw = await request.body()
+            if not raw.strip():
+                raise RequestError("request body is empty; send a JSON object")
+            try:
+                body = json.loads(raw)
+            except UnicodeDecodeError as e:
+                raise RequestError(f"request body is not UTF-8 text: {e}") from e
+            except json.JSONDecodeError as e:
+                raise RequestError(f"request body is not valid JSON: {e.msg} at line "
+                                   f"{e.lineno} column {e.colno}") from e
+            parse = parse_chat_request if kind == "chat" else parse_completion_request
+            greq = parse(body, self.max_tokens_limit)
+            if self.catalog.is_static(greq.model):
+                target = self.catalog.resolve(greq.model)
+            else:  # a name under adapter_root: its existence is checked on disk or S3
+                target = await asyncio.to_thread(self.catalog.resolve, greq.model)
+            return greq, target
+
+        # ------------------------------------------------------------------ routes
+
+        @api.get("/", response_class=HTMLResponse)
+        async def index(self):
+            return HTMLResponse(_index_html())
+
+        @api.get("/health")
+        async def health(self):
+            return {"status": "ok"}
+
+        @api.get("/v1/models")
+        async def models(self, request: Request):
+            denied = self._unauthorized(request)
+            if denied is not None:
+                return denied
+            rows = await asyncio.to_thread(self.catalog.list_models, self.created)
+            return {"object": "list", "data": rows}
+
+        @api.post("/v1/chat/completions")
+        async def chat_completions(self, request: Request):
+            return await self._generate(request, "chat")
+
+        @api.post("/v1/completions")
+        async def completions(self, request: Request):
+            return await self._generate(request, "completion")
+
+        async def _generate(self, request: Request, kind: str):
+            denied = self._unauthorized(request)
+            if denied is not None:
+                return denied
+            try:
+                greq, target = await self._parse(request, kind)
+            except RequestError as e:
+                return JSONResponse(e.body(), status_code=e.status)
+            payload = {"kind": kind, "messages": greq.messages, "prompt": greq.prompt,
+                       "params": greq.params.to_dict()}
+            handle = self._handle(target)
+            deadline = time.monotonic() + self.timeout
+            if greq.stream:
+                return await self._stream(handle, payload, greq, kind, deadline)
+            resp = handle.complete.remote(payload)
+            try:
+                out = await asyncio.wait_for(resp, self.timeout)
+            except BackPressureError:
+                return _json_error(503, "server overloaded: too many requests queued; retry "
+                                   "later", "overloaded_error", headers={"Retry-After": "1"})
+            except asyncio.TimeoutError:
+                resp.cancel()
+                return _json_error(504, f"request timed out after {self.timeout:g}s",
+                                   "timeout_error")
+            except Exception as e:  # noqa: BLE001 - a replica failure, not a bad request
+                log.exception("generation failed")
+                return _json_error(500, f"generation failed: {type(e).__name__}", "server_error")
+            if out["type"] == "error":
+                return _json_error(out["status"], out["message"], _status_type(out["status"]),
+                                   out.get("param"))
+            rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+            build = chat_response if kind == "chat" else completion_response
+            return build(rid, greq.model, out["text"], out["finish_reason"],
+                         out["prompt_tokens"], out["completion_tokens"])
+
+        async def _stream(self, handle, payload, greq, kind: str, deadline: float):
+            gen = handle.options(stream=True).generate.remote(payload)
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), max(0.0, deadline - time.monotonic()))
+            except BackPressureError:
+                gen.cancel()
+                return _json_error(503, "server overloaded: too many requests queued; retry "
+                                   "later", "overloaded_error", headers={"Retry-After": "1"})
+            except asyncio.TimeoutError:
+                gen.cancel()
+                return _json_error(504, f"request timed out after {self.timeout:g}s",
+                                   "timeout_error")
+            except StopAsyncIteration:
+                return _json_error(500, "generation ended early", "server_error")
+            except Exception as e:  # noqa: BLE001
+                gen.cancel()
+                log.exception("generation failed")
+                return _json_error(500, f"generation failed: {type(e).__name__}", "server_error")
+            if first["type"] == "error":
+                return _json_error(first["status"], first["message"],
+                                   _status_type(first["status"]), first.get("param"))
+            prompt_tokens = first.get("prompt_tokens", 0)
+            timeout = self.timeout
+
+            async def events():
+                rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+                created = int(time.time())
+                model = greq.model
+                if kind == "chat":
+                    yield sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+                try:
+                    while True:
+                        left = deadline - time.monotonic()
+                        try:
+                            ev = await asyncio.wait_for(gen.__anext__(), max(0.0, left))
+                        except StopAsyncIteration:
+                            break
+                        except asyncio.TimeoutError:
+                            yield sse(error_body(f"request timed out after {timeout:g}s",
+                                                 "timeout_error"))
+                            break
+                        if ev["type"] == "delta":
+                            if kind == "chat":
+                                yield sse(chat_chunk(rid, model, created, {"content": ev["text"]}))
+                            else:
+                                yield sse(completion_chunk(rid, model, created, ev["text"]))
+                        elif ev["type"] == "end":
+                            if kind == "chat":
+                                yield sse(chat_chunk(rid, model, created, {},
+                                                     ev["finish_reason"]))
+                            else:
+                                yield sse(completion_chunk(rid, model, created, "",
+                                                           ev["finish_reason"]))
+                            if greq.include_usage:
+                                yield sse(usage_chunk(rid, model, created, kind, prompt_tokens,
+                                                      ev["completion_tokens"]))
+                            break
+                        elif ev["type"] == "error":
+                            yield sse(error_body(ev["message"], _status_type(ev["status"])))
+                            break
+                except Exception as e:  # noqa: BLE001 - the stream is already 200
+                    log.exception("stream failed")
+                    yield sse(error_body(f"generation failed: {type(e).__name__}",
+                                         "server_error"))
+                finally:
+                    gen.cancel()
+                yield SSE_DONE
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+
+    return Ingress
+
+
+def _index_html() -> str:
+    return resources.files("ift.serve").joinpath("static/index.html").read_text("utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# Building and running the application
+# ---------------------------------------------------------------------------------------
+
+
+def _scaling(cfg: Config) -> dict[str, Any]:
+    s = cfg.serve
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        "graceful_shutdown_wait_loop_s": 1.0,
+        "graceful_shutdown_timeout_s": min(60.0, s.request_timeout_s),
+        "health_check_period_s": 5.0,
+        "health_check_timeout_s": 30.0,
+    }
+    if s.autoscaling:
+        opts["autoscaling_config"] = dict(s.autoscaling)
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return opts
+
+
+def build_app(cfg: Config):
+    """The Serve application for a config (transformers backend, or vLLM when asked)."""
+    if cfg.serve.backend == "vllm":
+        return build_vllm_app(cfg)
+    s = cfg.serve
+    cat = catalog_kwargs(cfg)
+    Catalog(**cat)  # id clashes and bad adapter ids fail here, before anything starts
+    eng = engine_kwargs(cfg)
+    LLMServer = llm_server_class(s.max_adapters_per_replica)
+    base = LLMServer.options(name=_deployment_name("llm", s.base_model_id),
+                             **_scaling(cfg)).bind(cat["base_path"], eng, cat)
+    merged = {
+        mid: LLMServer.options(name=_deployment_name("merged", mid), **_scaling(cfg)).bind(
+            path, eng, None)
+        for mid, path in cat["merged"].items()
+    }
+    settings = {"max_tokens_limit": s.max_tokens_limit, "request_timeout_s": s.request_timeout_s,
+                "api_key_sha256": api_key_digest(cfg)}
+    Ingress = ingress_class()
+    return Ingress.options(
+        name="ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        max_queued_requests=-1, ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=min(60.0, s.request_timeout_s + 5),
+    ).bind(base, merged, cat, settings)
+
+
+def vllm_llm_configs(cfg: Config) -> list[dict[str, Any]]:
+    """The `ray.serve.llm` LLMConfig fields for a config, as plain dicts (see build_vllm_app)."""
+    s = cfg.serve
+    deployment: dict[str, Any] = {"max_ongoing_requests": s.max_ongoing_requests}
+    if s.autoscaling:
+        deployment["autoscaling_config"] = dict(s.autoscaling)
+    else:
+        deployment["num_replicas"] = s.num_replicas
+
+    def one(model_id: str, source: str, lora: bool) -> dict[str, Any]:
+        conf: dict[str, Any] = {
+            "model_loading_config": {"model_id": model_id, "model_source": source},
+            "deployment_config": dict(deployment),
+            "engine_kwargs": {"max_num_seqs": s.max_batch_size, **s.engine_kwargs},
+        }
+        if s.accelerator_type:
+            conf["accelerator_type"] = s.accelerator_type
+        if lora and s.adapter_root:
+            conf["lora_config"] = {"dynamic_lora_loading_path": _path(cfg, s.adapter_root),
+                                   "max_num_adapters_per_replica": s.max_adapters_per_replica}
+            conf["engine_kwargs"].setdefault("enable_lora", True)
+        return conf
+
+    configs = [one(s.base_model_id, base_model_path(cfg), True)]
+    configs += [one(mid, _path(cfg, p), False) for mid, p in s.merged_models.items()]
+    return configs
+
+
+def build_vllm_app(cfg: Config):
+    """The same OpenAI routes served by vLLM through `ray.serve.llm` (GPU clusters).
+
+    The base model and each merged model become an `LLMConfig`; adapters are loaded
+    dynamically from `serve.adapter_root` (s3:// or gs://, as vLLM's loader requires) and
+    are addressed as `<base_model_id>:<adapter name>`. Replica counts, autoscaling,
+    accelerator type and engine arguments come from the serve section. Needs `pip install
+    "ray[llm]"` (which brings vLLM) on GPU nodes; the chat page, auth and the adapter
+    catalog of the transformers backend are not part of this app.
+    """
+    try:
+        from ray.serve.llm import LLMConfig, build_openai_app
+    except ImportError as e:
+        raise ConfigError(f"serve.backend=vllm needs ray[llm] (vLLM) installed: {e}") from e
+    configs = [LLMConfig(**c) for c in vllm_llm_configs(cfg)]
+    return build_openai_app({"llm_configs": configs})
+
+
+def start(cfg: Config, *, name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Start Serve's HTTP proxy on serve.host:serve.port (if it is not running yet) and
+    deploy the app under `route_prefix`; returns its URL."""
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
+                              "request_timeout_s": cfg.serve.request_timeout_s + 30})
+    serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=False)
+    return f"http://{cfg.serve.host}:{cfg.serve.port}{route_prefix.rstrip('/')}"
+
+
+def serve_cmd(args) -> int:
+    """`ift serve -c CONFIG [key=value ...]`: run until Ctrl-C or SIGTERM, then drain."""
+    from ray import serve
+
+    from ift.raycluster import init_ray
+
+    cfg = load_config(args.config, args.overrides)
+    init_ray(getattr(args, "address", None))
+    url = start(cfg)
+    print(f"ift serve: {url}/v1 (chat page at {url}/)", flush=True)
+    stop = threading.Event()
+
+    def _on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    while not stop.wait(1.0):
+        pass
+    print("ift serve: shutting down (in-flight requests finish first)", flush=True)
+    serve.delete(APP_NAME)
+    serve.shutdown()
+    return 0

@@ -1,0 +1,65 @@
+"""How a config becomes deployments: paths, auth digest, scaling, the vLLM switch."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from ift.config import ConfigError, build_config
+
+
+def test_vllm_switch_maps_the_serve_section_to_llm_configs():
+    from ift.serve.app import vllm_llm_configs
+
+    cfg = build_config({"serve": {
+        "backend": "vllm", "base_model": "org/model", "base_model_id": "base",
+        "adapter_root": "s3://bucket/adapters", "merged_models": {"m1": "s3://bucket/m1"},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3}, "accelerator_type": "L4",
+        "engine_kwargs": {"max_model_len": 2048}, "max_adapters_per_replica": 6}})
+    base, merged = vllm_llm_configs(cfg)
+    assert base["model_loading_config"] == {"model_id": "base", "model_source": "org/model"}
+    assert base["lora_config"] == {"dynamic_lora_loading_path": "s3://bucket/adapters",
+                                   "max_num_adapters_per_replica": 6}
+    assert base["engine_kwargs"]["enable_lora"] and base["engine_kwargs"]["max_model_len"] == 2048
+    assert base["deployment_config"]["autoscaling_config"]["max_replicas"] == 3
+    assert base["accelerator_type"] == "L4"
+    assert merged["model_loading_config"]["model_id"] == "m1" and "lora_config" not in merged
+
+
+def test_scaling_and_resources_come_from_the_config():
+    from ift.serve.app import _scaling
+
+    cfg = build_config({"serve": {"num_replicas": 3, "cpus_per_replica": 2, "gpus_per_replica": 1,
+                                  "max_ongoing_requests": 7, "max_queued_requests": 9}})
+    opts = _scaling(cfg)
+    assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
+    assert opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0}
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (7, 9)
+    auto = _scaling(build_config({"serve": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}}))
+    assert auto["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in auto
+
+
+def test_api_key_digest_reads_the_named_variable(monkeypatch):
+    from ift.serve.app import api_key_digest
+
+    assert api_key_digest(build_config({})) == ""
+    cfg = build_config({"serve": {"api_key_env": "IFT_UNIT_KEY"}})
+    monkeypatch.delenv("IFT_UNIT_KEY", raising=False)
+    with pytest.raises(ConfigError, match="IFT_UNIT_KEY"):
+        api_key_digest(cfg)
+    monkeypatch.setenv("IFT_UNIT_KEY", "k1")
+    assert api_key_digest(cfg) == hashlib.sha256(b"k1").hexdigest()
+
+
+@pytest.mark.parametrize("override,key", [
+    ({"max_ongoing_requests": 0}, "serve.max_ongoing_requests"),
+    ({"max_tokens_limit": 0}, "serve.max_tokens_limit"),
+    ({"max_queued_requests": -2}, "serve.max_queued_requests"),
+    ({"request_timeout_s": 0}, "serve.request_timeout_s"),
+    ({"backend": "tgi"}, "serve.backend"),
+    ({"port": 70000}, "serve.port"),
+])
+def test_bad_serve_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_config({"serve": override})

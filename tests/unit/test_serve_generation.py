@@ -1,0 +1,163 @@
+"""Request validation, stop strings and token choice: the pure parts of serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from ift.serve.generation import (
+    RequestError,
+    SamplingParams,
+    TextStream,
+    TokenChooser,
+    parse_chat_request,
+    parse_completion_request,
+    parse_sampling,
+)
+
+USER = [{"role": "user", "content": "hi"}]
+
+# (body, the parameter the 400 must name)
+BAD_CHAT = [
+    ([1, 2], None),
+    ("text", None),
+    ({"messages": USER}, "model"),
+    ({"model": "", "messages": USER}, "model"),
+    ({"model": 3, "messages": USER}, "model"),
+    ({"model": "base"}, "messages"),
+    ({"model": "base", "messages": []}, "messages"),
+    ({"model": "base", "messages": "hi"}, "messages"),
+    ({"model": "base", "messages": ["hi"]}, "messages"),
+    ({"model": "base", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"model": "base", "messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"model": "base", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content"),
+    ({"model": "base", "messages": USER, "temperature": -0.1}, "temperature"),
+    ({"model": "base", "messages": USER, "temperature": 2.5}, "temperature"),
+    ({"model": "base", "messages": USER, "temperature": "hot"}, "temperature"),
+    ({"model": "base", "messages": USER, "top_p": 0}, "top_p"),
+    ({"model": "base", "messages": USER, "top_p": 1.5}, "top_p"),
+    ({"model": "base", "messages": USER, "top_k": -5}, "top_k"),
+    ({"model": "base", "messages": USER, "top_k": 1.5}, "top_k"),
+    ({"model": "base", "messages": USER, "max_tokens": 0}, "max_tokens"),
+    ({"model": "base", "messages": USER, "max_tokens": 10_000}, "max_tokens"),
+    ({"model": "base", "messages": USER, "max_tokens": True}, "max_tokens"),
+    ({"model": "base", "messages": USER, "stop": 5}, "stop"),
+    ({"model": "base", "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "base", "messages": USER, "stop": [""]}, "stop"),
+    ({"model": "base", "messages": USER, "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": "base", "messages": USER, "no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+    ({"model": "base", "messages": USER, "seed": "x"}, "seed"),
+    ({"model": "base", "messages": USER, "stream": "yes"}, "stream"),
+    ({"model": "base", "messages": USER, "n": 2}, "n"),
+    ({"model": "base", "messages": USER, "stream_options": {"include_usage": 1}},
+     "stream_options.include_usage"),
+    ({"model": "base", "messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_CHAT)
+def test_bad_chat_requests_are_400_naming_the_parameter(body, param):
+    with pytest.raises(RequestError) as e:
+        parse_chat_request(body, max_tokens_limit=64)
+    assert e.value.status == 400
+    assert e.value.param == param
+    assert e.value.message
+    if param:
+        assert param.split("[")[0].split(".")[0] in e.value.message or param in e.value.message
+
+
+def test_good_chat_request_parses_every_parameter():
+    req = parse_chat_request({
+        "model": "base", "messages": [{"role": "system", "content": "be brief"},
+                                      {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "temperature": 0, "top_p": 0.9, "top_k": 5, "max_tokens": 7, "stop": "\n",
+        "repetition_penalty": 1.2, "no_repeat_ngram_size": 3, "seed": 11, "stream": True,
+        "stream_options": {"include_usage": True}, "user": "someone"}, max_tokens_limit=64)
+    p = req.params
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.stop) == (0.0, 0.9, 5, 7, ["\n"])
+    assert (p.repetition_penalty, p.no_repeat_ngram_size, p.seed) == (1.2, 3, 11)
+    assert p.greedy and req.stream and req.include_usage
+    assert req.messages[1] == {"role": "user", "content": "hi"}
+
+
+def test_max_tokens_defaults_to_the_server_cap():
+    assert parse_sampling({}, 33).max_tokens == 33
+    assert parse_sampling({"max_completion_tokens": 5}, 33).max_tokens == 5
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "base"}, "prompt"),
+    ({"model": "base", "prompt": ""}, "prompt"),
+    ({"model": "base", "prompt": [1, 2, 3]}, "prompt"),
+    ({"model": "base", "prompt": ["a", "b"]}, "prompt"),
+    ({"model": "base", "prompt": "x", "suffix": "y"}, "suffix"),
+])
+def test_bad_completion_requests(body, param):
+    with pytest.raises(RequestError) as e:
+        parse_completion_request(body, max_tokens_limit=64)
+    assert e.value.status == 400 and e.value.param == param
+
+
+class CharTokenizer:
+    """Each token id is one character (ids are code points): enough to test detokenizing."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def feed(stream: TextStream, text: str) -> str:
+    out = "".join(stream.push(ord(c)) for c in text if not stream.stopped)
+    return out + stream.flush()
+
+
+def test_text_stream_cuts_before_the_stop_string_and_holds_prefixes():
+    s = TextStream(CharTokenizer(), ["END"])
+    assert s.push(ord("a")) == "a"
+    assert s.push(ord("E")) == ""  # may begin END: held back
+    assert s.push(ord("N")) == ""
+    assert s.push(ord("x")) == "ENx"  # it did not
+    assert feed(s, "yyEND and more") == "yy"
+    assert s.stopped and s.text == "aENxyy"
+
+
+def test_text_stream_without_stop_returns_everything():
+    s = TextStream(CharTokenizer(), [])
+    assert feed(s, "hello world") == "hello world"
+    assert not s.stopped
+
+
+def test_text_stream_stop_at_start_and_across_many_stops():
+    s = TextStream(CharTokenizer(), ["\n\n", "###"])
+    assert feed(s, "###tail") == ""
+    s = TextStream(CharTokenizer(), ["\n\n", "###"])
+    assert feed(s, "one\ntwo\n\nthree") == "one\ntwo"
+
+
+def test_token_chooser_greedy_applies_penalties_like_transformers():
+    import torch
+
+    scores = torch.tensor([[1.0, 3.0, 2.9, 0.0]])
+    ids = torch.tensor([[1]])
+    assert TokenChooser(SamplingParams(temperature=0.0)).choose(ids, scores.clone()) == 1
+    # Token 1 is in the history: a penalty of 2 halves its positive logit, so 2 wins.
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert TokenChooser(params).choose(ids, scores.clone()) == 2
+
+
+def test_token_chooser_sampling_is_seeded_and_respects_top_k():
+    import torch
+
+    scores = torch.zeros((1, 50))
+    ids = torch.tensor([[0]])
+    a = [TokenChooser(SamplingParams(temperature=1.0, seed=7)).choose(ids, scores.clone())
+         for _ in range(5)]
+    assert len(set(a)) == 1  # same seed, same first draw
+    chooser = TokenChooser(SamplingParams(temperature=1.0, seed=3))
+    seq = [chooser.choose(ids, scores.clone()) for _ in range(40)]
+    assert len(set(seq)) > 5  # it does sample
+    other = TokenChooser(SamplingParams(temperature=1.0, seed=3))
+    assert [other.choose(ids, scores.clone()) for _ in range(40)] == seq
+    biased = torch.arange(50, dtype=torch.float).unsqueeze(0)
+    chooser = TokenChooser(SamplingParams(temperature=1.0, top_k=2, seed=0))
+    assert {chooser.choose(ids, biased.clone()) for _ in range(30)} <= {48, 49}
