@@ -1,0 +1,228 @@
+"""One Tune trial: re-mix the prepared sources, train on Ray Train, evaluate on held-out data.
+
+The trial function is a Ray Train driver running inside a Tune trial (Train V2's pattern):
+it calls `ift.train.driver.train`, which builds and fits a TorchTrainer whose workers are
+their own Ray actors. Training reports reach Tune through
+`ray.tune.integration.ray_train.TuneReportCallback`, so ASHA sees every eval loss while the
+run trains; after training the trial evaluates the final model on the sweep's held-out
+set and reports the task metrics once more.
+
+Everything a trial writes lives under the sweep directory:
+
+    data/<trial>/     the trial's mixture (manifest + train/ + val/), from the per-source
+                      shards of the prepared dataset, never tokenized again
+    runs/<trial>/     the training run directory (final/, metrics.jsonl, run.json, ...),
+                      eval.json, samples.jsonl and trial.json (point, summary, metrics)
+
+A trial that is started again (a resumed sweep) reuses a complete mixture and resumes its
+training run from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ift import storage
+from ift.tune import space
+
+TRIAL_FILE = "trial.json"
+DATA_DIR = "data"
+RUNS_DIR = "runs"
+# Metrics a trial reports to Tune after its evaluation (eval.json name -> result key).
+EVAL_KEYS = {"exact_match": "exact_match", "mc_accuracy": "mc_accuracy", "rouge_l": "rouge_l",
+             "answered": "answered", "loss": "heldout_loss", "perplexity": "heldout_ppl"}
+
+
+def _log(name: str, msg: str) -> None:
+    print(f"[ift tune] {name}: {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Mixture
+# ---------------------------------------------------------------------------------------
+
+
+def ensure_mixture(prepared: str, out: str, point: dict[str, Any]) -> dict[str, Any]:
+    """The trial's re-mixed dataset at `out` (reused when complete and the same mixture)."""
+    from ift.data.pipeline import PrepareError, read_manifest, remix
+
+    base = read_manifest(prepared)
+    request = space.mixture_request(point)
+    kept = space.mixture_sources(base["sources"], request)
+    if storage.is_complete(out):
+        try:
+            old = read_manifest(out)
+        except PrepareError:
+            old = {}
+        if (old.get("parent", {}).get("hash") == base["hash"] and old.get("seed") == point["seed"]
+                and old.get("mixture") == kept):
+            return old
+    return remix(prepared, out, weights=request["weights"],
+                 include_tags=request["include_tags"], exclude_tags=request["exclude_tags"],
+                 seed=point["seed"])
+
+
+# ---------------------------------------------------------------------------------------
+# Hooks into training: Tune reports, placement groups, the MLflow child run
+# ---------------------------------------------------------------------------------------
+
+PG_FILE = "placement_groups.txt"
+
+
+def placement_group_recorder(pg_file: str):
+    """A Train callback (it runs in the Train controller) that appends the worker group's
+    placement group id to `pg_file`.
+
+    A trial that Tune stops ends its process and with it the Train controller, but the
+    placement group lives as long as the sweep's Ray job. Ray Train's own cleaner asks the
+    state API, which a local cluster started without a dashboard does not serve, so the
+    sweep driver frees the recorded group itself (driver.free_placement_groups).
+    """
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class PlacementGroupRecorder(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group) -> None:
+            state = getattr(worker_group, "_worker_group_state", None)
+            handle = getattr(state, "placement_group_handle", None)
+            pg = getattr(handle, "placement_group", None)
+            if pg is not None:
+                with open(pg_file, "a", encoding="utf-8") as f:
+                    f.write(pg.id.hex() + "\n")
+
+    return PlacementGroupRecorder()
+
+
+def train_callbacks(run_dir: str) -> list:
+    """Ray Train callbacks of a trial's run: worker reports go to Tune (the documented
+    TuneReportCallback, so ASHA sees every eval loss) and the placement group is recorded."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    callbacks = [TuneReportCallback()]
+    if not storage.is_remote(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+        callbacks.append(placement_group_recorder(os.path.join(run_dir, PG_FILE)))
+    return callbacks
+
+
+def placement_groups(run_dir: str) -> list[str]:
+    """Hex ids of the placement groups a trial's Train runs created."""
+    path = os.path.join(run_dir, PG_FILE)
+    if storage.is_remote(run_dir) or not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def child_run(cfg, run_dir: str, point: dict[str, Any], sweep: dict[str, Any],
+              mixture: dict[str, Any]) -> str:
+    """The trial's MLflow run: a child of the sweep's parent run, tagged with the trial and
+    its point before training starts (so a trial ASHA stops is labelled too), and named in
+    the run's run.json, which training continues. A restarted trial keeps its run."""
+    from ift import tracking
+
+    parent = sweep.get("parent_run_id") or ""
+    if not cfg.tracking.enabled or not parent:
+        return ""
+    run_file = storage.join(run_dir, "run.json")
+    info = _read_json(run_file)
+    tags = {"ift.tune.sweep": sweep["name"], "ift.tune.trial": point["name"],
+            "ift.tune.group": space.group_key(point), "ift.tune.seed": point["seed"]}
+    run_id = tracking.start_run(cfg, point["name"], run_id=info.get("mlflow_run_id") or None,
+                                parent_run_id=parent, tags=tags)
+    if run_id != info.get("mlflow_run_id"):
+        storage.makedirs(run_dir)
+        storage.write_text(run_file, json.dumps({**info, "mlflow_run_id": run_id,
+                                                 "run_name": point["name"]}, indent=2))
+    tracking.log_params(run_id, {"tune": {
+        "trial": point["name"], "seed": point["seed"],
+        "point": {k: json.dumps(v) if isinstance(v, list) else v
+                  for k, v in point["params"].items()},
+        "mixture": {n: m.get("weight") if m.get("count") is None else f"count={m['count']}"
+                    for n, m in mixture.items()},
+    }})
+    return run_id
+
+
+# ---------------------------------------------------------------------------------------
+# The trial function
+# ---------------------------------------------------------------------------------------
+
+
+def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """Tune's function trainable for one point (config["point"]); see the module docstring.
+
+    `base` is the sweep's resolved config (a dict with absolute paths) and `sweep` holds
+    {name, dir, prepared, eval_data, parent_run_id, eval_after}.
+    """
+    import ray.data
+    import ray.tune
+
+    from ift.eval.run import evaluate_run
+    from ift.train import driver
+
+    point = config["point"]
+    name = point["name"]
+    runs = storage.join(sweep["dir"], RUNS_DIR)
+    run_dir = storage.join(runs, name)
+    data_dir = storage.join(sweep["dir"], DATA_DIR, name)
+    done = _read_json(storage.join(run_dir, TRIAL_FILE))
+    if done.get("status") == "finished" and done.get("point") == point:
+        # Started again after it had finished (a sweep restarted without Tune's state):
+        # report what it recorded instead of training again.
+        _log(name, "finished before; reporting its recorded result")
+        ray.tune.report({**_final_result(done["summary"], done.get("eval") or {}),
+                         "trial_done": 1})
+        return
+    _log(name, space.describe(point))
+
+    # One line per trial in the sweep's log, not a progress bar per re-mix stage.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    manifest = ensure_mixture(sweep["prepared"], data_dir, point)
+    cfg = space.trial_config(base, point, {"train.run_name": name, "train.output": runs,
+                                           "train.data": data_dir})
+    child = child_run(cfg, run_dir, point, sweep, manifest.get("mixture") or {})
+    summary = driver.train(cfg, callbacks=train_callbacks(run_dir),
+                           parent_run_id=sweep.get("parent_run_id") or None)
+    child = summary.get("mlflow_run_id") or child
+
+    eval_metrics: dict[str, Any] = {}
+    if sweep.get("eval_after", True):
+        eval_metrics = evaluate_run(cfg, run_dir, data=sweep.get("eval_data") or None,
+                                    output=run_dir)["metrics"]
+    result = _final_result(summary, eval_metrics)
+    trial = {
+        "name": name,
+        "point": point,
+        "status": "finished",
+        "run_dir": run_dir,
+        "data_dir": data_dir,
+        "mixture": manifest.get("mixture"),
+        "train_rows": manifest["splits"]["train"]["rows"],
+        "mlflow_run_id": child,
+        "summary": {k: v for k, v in summary.items() if isinstance(v, (str, int, float))
+                    or v is None},
+        "eval": eval_metrics,
+    }
+    storage.write_text(storage.join(run_dir, TRIAL_FILE), json.dumps(trial, indent=2,
+                                                                      ensure_ascii=False))
+    # The last report: task metrics, so trials compare on more than loss.
+    ray.tune.report({**result, "trial_done": 1})
+
+
+def _final_result(summary: dict[str, Any], eval_metrics: dict[str, Any]) -> dict[str, Any]:
+    """A trial's last Tune result: training's step and losses, the held-out metrics."""
+    result = {"step": summary.get("steps"), "eval_loss": summary.get("eval_loss"),
+              "final_loss": summary.get("final_loss"),
+              **{key: eval_metrics.get(src) for src, key in EVAL_KEYS.items()}}
+    return {k: v for k, v in result.items() if v is not None}
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not storage.exists(path):
+        return {}
+    try:
+        return json.loads(storage.read_text(path))
+    except json.JSONDecodeError:
+        return {}

@@ -1,0 +1,264 @@
+"""`ift tune` end to end: each sweep runs as `python -m ift tune` in a fresh process (its own
+local Ray), on a tiny llama and the bundled sample data.
+
+* A sweep of four trials (mixture axis × learning rate) under ASHA: the trial with a
+  near-zero learning rate is stopped early; parent and child MLflow runs, per-trial eval
+  files and the report (one row per trial, plots) are checked.
+* A sweep killed mid-run (SIGKILL to its process group) and resumed with --resume: the
+  finished trial is not run again, the interrupted one resumes from its checkpoint, and
+  MLflow holds one parent and one child per trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "ift" / "sample_data"
+SOURCES = [
+    {"path": str(SAMPLE / "cot_arith.tsv"), "tags": ["cot"]},
+    {"path": str(SAMPLE / "alpaca_en.json"), "tags": ["en"]},
+    {"path": str(SAMPLE / "alpaca_zh.jsonl"), "tags": ["zh"]},
+]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def run_ift(args: list[str], log: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    with open(log, "ab") as f:
+        proc = subprocess.run([sys.executable, "-m", "ift", *args], cwd=REPO, env=_env(),
+                              stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-4000:]
+        raise AssertionError(f"ift {' '.join(args)} exited {proc.returncode}:\n{tail}")
+    return proc
+
+
+def heldout_file(tmp: Path) -> Path:
+    """Six CoT problems of the sample file as the sweeps' held-out set."""
+    path = tmp / "heldout.tsv"
+    lines = (SAMPLE / "cot_arith.tsv").read_text().splitlines(keepends=True)[-6:]
+    path.write_text("".join(lines))
+    return path
+
+
+def write_config(path: Path, root: Path, model: str, prepared: Path, tune: dict,
+                 train: dict | None = None) -> Path:
+    cfg = {
+        "storage": {"root": str(root)},
+        "model": {"name_or_path": model},
+        "data": {"output": str(prepared), "max_seq_len": 256, "val_ratio": 0.1,
+                 "val_max_rows": 16, "sources": SOURCES},
+        "peft": {"r": 4, "alpha": 8},
+        "train": {"data": str(prepared), "micro_batch_size": 4, "max_steps": 3,
+                  "eval_every": 1, "eval_max_batches": 2, "checkpoint_every": 0,
+                  "warmup_ratio": 0.0, "lr": 0.02, "log_every": 1, **(train or {})},
+        "eval": {"data": str(heldout_file(path.parent)), "max_samples": 4,
+                 "max_new_tokens": 8, "batch_size": 4},
+        "tune": {"output": "sweeps", **tune},
+        "tracking": {"experiment": "tune-test"},
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_model) -> Path:
+    """The sample sources prepared once for this module's sweeps."""
+    tmp = tmp_path_factory.mktemp("tune-data")
+    out = tmp / "prepared"
+    cfg = write_config(tmp / "prepare.yaml", tmp, tiny_model, out, {})
+    run_ift(["data", "prepare", "-c", str(cfg)], tmp / "prepare.log")
+    return out
+
+
+def mlflow_runs(root: Path, experiment: str = "tune-test"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, "no MLflow experiment was created"
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_sweep_with_asha_mlflow_and_report(tmp_path, tiny_model, prepared):
+    cfg = write_config(tmp_path / "sweep.yaml", tmp_path / "work", tiny_model, prepared, {
+        "name": "asha",
+        "space": {"exclude_tags": [[], ["zh"]], "train.lr": [0.02, 1.0e-7]},
+        "seeds": [1],
+        "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+        "metric": "eval_loss", "mode": "min",
+    }, train={"max_steps": 6})
+    # the sweep prepares nothing itself: train.data points at the module's prepared dir
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"].pop("sources")
+    cfg.write_text(yaml.safe_dump(raw))
+    run_ift(["tune", "-c", str(cfg)], tmp_path / "tune.log")
+
+    sweep_dir = tmp_path / "work" / "sweeps" / "asha"
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [p["name"] for p in sweep["points"]] == ["t000", "t001", "t002", "t003"]
+    trials = {t["name"]: t for t in json.loads((sweep_dir / "trials.json").read_text())}
+    # t001 (lr 1e-7) reaches the first rung after t000 (lr 0.02) and lags it: ASHA stops it.
+    assert trials["t001"]["status"] == "stopped", trials
+    assert trials["t000"]["status"] == "finished", trials
+    assert all(t["status"] in ("finished", "stopped") for t in trials.values()), trials
+    stopped_steps = json.loads((sweep_dir / "runs" / "t001" / "run.json").read_text())
+    assert trials["t001"]["last_step"] < 6, stopped_steps
+
+    finished = [n for n, t in trials.items() if t["status"] == "finished"]
+    for name in finished:
+        run_dir = sweep_dir / "runs" / name
+        ev = json.loads((run_dir / "eval.json").read_text())
+        assert ev["metrics"]["exact_match_n"] == 4 and ev["metrics"]["loss"] > 0
+        samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+        assert len(samples) == 4
+        assert {"prompt", "reference", "output", "correct"} <= set(samples[0])
+        trial = json.loads((run_dir / "trial.json").read_text())
+        assert trial["point"]["name"] == name and trial["eval"]["samples"] == 4
+        # each trial trained on its own re-mixed data: [zh] excluded where asked
+        manifest = json.loads((sweep_dir / "data" / name / "manifest.json").read_text())
+        excluded = trial["point"]["params"]["exclude_tags"]
+        assert ("alpaca_zh" in manifest["sources"]) == (excluded == [])
+        assert manifest["parent"]["path"] == str(prepared)
+
+    # MLflow: one parent, one child per trial carrying the parent's id.
+    client, runs = mlflow_runs(tmp_path / "work")
+    parent_id = sweep["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.data.tags.get("ift.command") == "tune"
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    by_trial = {r.data.tags.get("ift.tune.trial"): r for r in children}
+    assert sorted(by_trial) == ["t000", "t001", "t002", "t003"], [r.data.tags for r in children]
+    assert by_trial["t001"].info.status == "KILLED"
+    for name in finished:
+        child = by_trial[name]
+        assert child.info.status == "FINISHED"
+        assert "heldout/exact_match" in child.data.metrics
+        assert "eval_loss" in child.data.metrics
+        assert float(child.data.params["train.lr"]) == pytest.approx(
+            0.02 if name in ("t000", "t002") else 1e-7)
+        arts = {a.path for a in client.list_artifacts(child.info.run_id, "final")}
+        assert "final/adapter_config.json" in arts, arts
+    # the report is logged to the parent run
+    report_arts = {a.path for a in client.list_artifacts(parent_id, "report")}
+    assert "report/report.md" in report_arts and "report/trials.csv" in report_arts
+
+    # Report files: one CSV row per trial, best marked, plots written.
+    report = sweep_dir / "report"
+    rows = list(csv.DictReader((report / "trials.csv").open()))
+    assert [r["trial"] for r in rows] == ["t000", "t001", "t002", "t003"]
+    assert sum(r["best"] == "best" for r in rows) == 1
+    best = next(r for r in rows if r["best"] == "best")
+    finished_losses = {r["trial"]: float(r["eval_loss"]) for r in rows if r["eval_loss"]}
+    assert float(best["eval_loss"]) == min(finished_losses.values())
+    assert {r["exclude_tags"] for r in rows} == {"[]", "[zh]"}
+    md = (report / "report.md").read_text()
+    assert len(re.findall(r"^\| (?:\*\*)?t00\d", md, re.M)) == 4 and "By configuration" in md
+    for png in ("loss_curves.png", "eval_loss_by_exclude_tags.png",
+                "exact_match_by_train_lr.png"):
+        data = (report / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", png
+
+    # `ift tune report DIR` rewrites the report from the directory alone.
+    (report / "trials.csv").unlink()
+    run_ift(["tune", "report", str(sweep_dir), "--metric", "exact_match", "--mode", "max",
+             "--no-mlflow"], tmp_path / "report.log")
+    rows2 = list(csv.DictReader((report / "trials.csv").open()))
+    assert len(rows2) == 4 and sum(r["best"] == "best" for r in rows2) == 1
+
+
+def _wait_for(pred, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep exited ({proc.returncode}) before the interruption "
+                                 f"point:\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(1.0)
+    raise AssertionError(f"interruption point not reached in {timeout}s:\n"
+                         f"{log.read_text(errors='replace')[-4000:]}")
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    """Ray Train has registered a checkpoint of the run (not one still being written)."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(snap.get("latest_checkpoint_result"))
+
+
+def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
+    cfg = write_config(tmp_path / "sweep.yaml", tmp_path / "work", tiny_model, prepared, {
+        "name": "resumable", "space": {}, "seeds": [1, 2], "scheduler": "none",
+    }, train={"max_steps": 8, "checkpoint_every": 2, "eval_every": 4})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"].pop("sources")
+    cfg.write_text(yaml.safe_dump(raw))
+    sweep_dir = tmp_path / "work" / "sweeps" / "resumable"
+    runs = sweep_dir / "runs"
+    log = tmp_path / "tune.log"
+
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "ift", "tune", "-c", str(cfg)], cwd=REPO,
+                                env=_env(), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        # Kill once the first trial is done and the second has saved a checkpoint.
+        _wait_for(lambda: (runs / "t000" / "trial.json").exists()
+                  and _has_checkpoint(runs / "t001"), proc, log, timeout=900)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert not (runs / "t001" / "trial.json").exists(), "t001 finished before the kill"
+    first = (runs / "t000" / "trial.json").read_text()
+    first_mtime = (runs / "t000" / "trial.json").stat().st_mtime_ns
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+
+    # Without --resume the existing sweep is refused, naming the flag.
+    refused = subprocess.run([sys.executable, "-m", "ift", "tune", "-c", str(cfg)], cwd=REPO,
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    run_ift(["tune", "-c", str(cfg), "--resume"], tmp_path / "resume.log")
+    trials = {t["name"]: t for t in json.loads((sweep_dir / "trials.json").read_text())}
+    assert {n: t["status"] for n, t in trials.items()} == {"t000": "finished",
+                                                          "t001": "finished"}
+    # t000 was not run again; t001 resumed from its checkpoint rather than starting over.
+    assert (runs / "t000" / "trial.json").read_text() == first
+    assert (runs / "t000" / "trial.json").stat().st_mtime_ns == first_mtime
+    rows = [json.loads(x) for x in (runs / "t001" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["resumed_from"] for r in rows) >= 2, rows
+    assert rows[-1]["step"] == 8
+    assert json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"] == \
+        sweep["parent_run_id"]
+
+    client, all_runs = mlflow_runs(tmp_path / "work")
+    parents = [r for r in all_runs if r.data.tags.get("ift.command") == "tune"]
+    assert [r.info.run_id for r in parents] == [sweep["parent_run_id"]]
+    children = [r for r in all_runs
+                if r.data.tags.get("mlflow.parentRunId") == sweep["parent_run_id"]]
+    assert sorted(r.data.tags["ift.tune.trial"] for r in children) == ["t000", "t001"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    rows = list(csv.DictReader((sweep_dir / "report" / "trials.csv").open()))
+    assert [r["trial"] for r in rows] == ["t000", "t001"]
+    assert all(r["status"] == "finished" and r["exact_match"] != "" for r in rows)
