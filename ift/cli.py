@@ -71,6 +71,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add(sub, "train", "ift.train.driver:train_cmd",
          "fine-tune on Ray Train (resumes a run of the same name)", _config_args)
 
+    def eval_args(p):
+        _config_args(p)
+        p.add_argument("--run", help="training run directory (default: from the config)")
+        p.add_argument("--adapter", help="adapter or full model directory to evaluate")
+        p.add_argument("--data", help="held-out data: a prepared dir (val split) or raw files")
+
+    _add(sub, "eval", "ift.eval.run:eval_cmd",
+         "held-out loss, perplexity, exact match, multiple-choice accuracy and ROUGE-L",
+         eval_args)
+
+    def tune_args(p):
+        _config_args(p)
+        p.add_argument("--resume", action="store_true",
+                       help="continue the interrupted sweep of the same name")
+
+    _add(sub, "tune", "ift.tune.driver:tune_cmd",
+         "sweep data mixtures and hyperparameters on Ray Tune (`ift tune report DIR` "
+         "writes the ablation report)", tune_args)
+
+    def tune_report_args(p):
+        p.add_argument("dir", help="sweep directory (<tune.output>/<tune.name>)")
+        p.add_argument("--metric", help="metric that marks the best trial (default: the sweep's)")
+        p.add_argument("--mode", choices=["min", "max"], help="whether lower or higher is better")
+        p.add_argument("--no-mlflow", action="store_true", help="do not log to the parent run")
+
+    _add(sub, "tune-report", "ift.tune.report:report_cmd",
+         "write a sweep's report: markdown and CSV tables, plots (also `ift tune report DIR`)",
+         tune_report_args)
+
+    def quickstart_args(p):
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the embedded config")
+        p.add_argument("--workdir", default="ift-work/quickstart", help="where everything is written")
+        p.add_argument("--fresh", action="store_true", help="delete the work directory first")
+        p.add_argument("--keep-serving", action="store_true",
+                       help="keep the endpoint up after the summary, until Ctrl-C")
+        p.add_argument("--address", help="Ray cluster address (default: a local one)")
+
+    _add(sub, "quickstart", "ift.quickstart:quickstart_cmd",
+         "the whole chain on embedded defaults: tiny model, sample data, LoRA, eval, merge, serve",
+         quickstart_args)
+
     def config_show_args(p):
         _config_args(p)
 
@@ -116,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["tune", "report"]:
+        argv = ["tune-report", *argv[2:]]  # `ift tune report DIR` beside `ift tune -c ...`
     args = parser.parse_args(argv)
     target = getattr(args, "_target", None)
     if target is None:

@@ -276,7 +276,8 @@ class TrainConfig:
     eval_every: int = 50
     """Evaluate on the val split every N optimizer steps (0: only at the end)."""
     eval_max_batches: int = 50
-    """Cap on val micro-batches per evaluation."""
+    """Evaluate on the first eval_max_batches × micro_batch_size val rows (spread over the
+    workers, so the set does not depend on their number)."""
     checkpoint_every: int = 50
     """Save a checkpoint every N optimizer steps (0: only at the end)."""
     num_to_keep: int = 2
@@ -285,10 +286,16 @@ class TrainConfig:
     """Restarts of the worker group after a worker dies (-1: unlimited)."""
     log_every: int = 1
     """Print a progress line every N optimizer steps."""
+    report_interval_s: float = 5.0
+    """Send metrics to Ray Train at most this often, and at every evaluation, checkpoint and
+    the last step (metrics.jsonl and MLflow get every step). Each report waits until Ray's
+    controller has collected the previous one, which it polls for every 2 s, so reporting
+    every step would hold training to one step per poll."""
     seed: int = 42
     """Seed for init, dropout and data order."""
     shuffle_buffer: int = 0
-    """Rows in the local shuffle buffer of each worker's data stream (0: file order)."""
+    """Not used by `ift train`: every epoch visits the train rows in a full permutation
+    drawn from (seed, epoch), which is what lets a resumed run find its data position."""
 
     def __post_init__(self) -> None:
         _check_choice("train.strategy", self.strategy, ("ddp", "fsdp"))
@@ -409,16 +416,76 @@ class ServeConfig:
     max_batch_size: int = 8
     """Dynamic batching: requests generated together."""
     batch_wait_timeout_s: float = 0.01
-    """Dynamic batching: how long to wait to fill a batch."""
+    """Dynamic batching: how long to wait to fill a batch. Models whose requests join a
+    running batch between decode steps (continuous batching) start at once instead."""
     api_key_env: str = ""
     """Name of an environment variable holding a bearer token; empty disables auth."""
     backend: Literal["transformers", "vllm"] = "transformers"
     """transformers (CPU or GPU) or vllm (GPU clusters, through ray.serve.llm)."""
+    accelerator_type: str = ""
+    """vllm backend: GPU type each replica needs (e.g. A10G, L4, H100); empty: any GPU."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """vllm backend: extra vLLM engine arguments (tensor_parallel_size, max_model_len, ...)."""
 
     def __post_init__(self) -> None:
         _check_choice("serve.backend", self.backend, ("transformers", "vllm"))
         if self.max_adapters_per_replica < 1:
             raise ConfigError("serve.max_adapters_per_replica must be >= 1")
+        for key in ("num_replicas", "max_ongoing_requests", "max_tokens_limit", "max_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"serve.{key}={getattr(self, key)}: must be >= 1")
+        if self.max_queued_requests < -1:
+            raise ConfigError(f"serve.max_queued_requests={self.max_queued_requests}: "
+                              "must be >= 0 (or -1: unbounded)")
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"serve.request_timeout_s={self.request_timeout_s}: must be > 0")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"serve.port={self.port}: must be in 1..65535")
+
+
+@dataclass
+class PredictConfig:
+    """`ift predict`: batch generation over a dataset with Ray Data."""
+
+    data: str = ""
+    """A prepared dataset directory (its `split` is used) or raw source files/globs
+    (json, jsonl, tsv, parquet; format detected per file)."""
+    split: str = "val"
+    """Split of a prepared dataset to predict on."""
+    output: str = "runs/predict"
+    """Output directory: predictions.jsonl, per-shard files (for resuming), summary.json."""
+    model: str = ""
+    """Model directory or id: a base or merged model; defaults to serve.base_model, then
+    model.name_or_path."""
+    adapter: str = ""
+    """Optional LoRA adapter directory (local or s3://) applied on top of `model`."""
+    max_tokens: int = 128
+    """Tokens generated per row at most."""
+    temperature: float = 0.0
+    """0 is greedy; above 0 samples (with `seed`)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    seed: int = 0
+    """Sampling seed (each row is seeded with seed + its position)."""
+    batch_size: int = 8
+    """Rows generated together by one actor."""
+    shard_rows: int = 256
+    """Rows per output shard; a re-run skips shards already written."""
+    num_actors: int = 0
+    """Generation actors; 0 uses every CPU but one (left for reading)."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved by each generation actor."""
+    max_rows: int = 0
+    """Predict on the first N rows only (0: all)."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_tokens", "batch_size", "shard_rows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"predict.{key}={getattr(self, key)}: must be >= 1")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ConfigError(f"predict.temperature={self.temperature}: must be in [0, 2]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"predict.top_p={self.top_p}: must be in (0, 1]")
 
 
 @dataclass
@@ -459,6 +526,8 @@ class Config:
     """Evaluation."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """Serving."""
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    """Batch prediction."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow."""
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -466,7 +535,7 @@ class Config:
 
     def resolve(self, path: str) -> str:
         """A config path made absolute under storage.root when relative."""
-        from ift.storage import join, is_remote
+        from ift.storage import is_remote, join
 
         if not path or is_remote(path) or os.path.isabs(path):
             return path

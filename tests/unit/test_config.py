@@ -1,7 +1,16 @@
 import pytest
 
-from ift.config import ConfigError, describe, field_docs, load_config
-from ift.config import Config, DataConfig, PeftConfig, SourceConfig, TrainConfig
+from ift.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    PeftConfig,
+    SourceConfig,
+    TrainConfig,
+    describe,
+    field_docs,
+    load_config,
+)
 
 
 def test_yaml_and_overrides(tmp_path):
