@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -483,13 +484,20 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
 
     # Pass 3: mix and (optionally) pack.
     _log("pass 3/3: mix sources" + (" and pack" if d.pack else ""))
-    mixed = mix_sources(out, out, sources={s.name: (s.weight, s.count) for s in sources},
+    # A source whose every row was dropped (too long to keep a trainable token) has no shards.
+    present = set(source_names(out))
+    if not present:
+        raise PrepareError("every kept row was dropped: no sample keeps a trainable token "
+                           f"within data.max_seq_len={d.max_seq_len}; raise it")
+    mixed = mix_sources(out, out, sources={s.name: (s.weight, s.count) for s in sources
+                                           if s.name in present},
                         seed=d.seed, pack=d.pack, max_seq_len=d.max_seq_len,
                         shard_rows=d.shard_rows, init=False)
 
     for name in reject_files:
-        storage.write_bytes(storage.join(out, "rejects", f"{name}.jsonl"),
-                            open(os.path.join(reject_dir, f"{name}.jsonl"), "rb").read())
+        with open(os.path.join(reject_dir, f"{name}.jsonl"), "rb") as fh:
+            storage.write_bytes(storage.join(out, "rejects", f"{name}.jsonl"), fh.read())
+    shutil.rmtree(reject_dir, ignore_errors=True)
     manifest = {
         "version": MANIFEST_VERSION,
         "hash": digest,
@@ -659,6 +667,8 @@ def remix(prepared: str, out: str, *, weights: dict[str, float | None] | None = 
             chosen[name] = (float(weights[name]), None)
         else:
             chosen[name] = (src.get("weight"), src.get("count"))
+    present = set(source_names(prepared))  # sources with no surviving rows have no shards
+    chosen = {n: v for n, v in chosen.items() if n in present}
     if not chosen:
         raise ConfigError(f"the mixture keeps no source of {sorted(base['sources'])} "
                           f"(include_tags={include_tags}, exclude_tags={exclude_tags})")

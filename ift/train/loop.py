@@ -11,9 +11,14 @@ accum 1), and a step number alone fixes the data position: resuming at step s sk
 exactly the rows of steps < s. The last G-incomplete part of each epoch is left out so
 every worker takes the same number of steps.
 
-Every worker streams the train split from Ray Data (its dataset is not split: each worker
-reads the rows in file order and keeps the ones its slots name), buffering its share of
-the epoch: rows / num_workers token lists.
+The driver reads the train split into Ray's object store once, in file order; every
+epoch, each worker iterates it whole with `get_dataset_shard("train")` (the dataset is not
+split among workers) and keeps the rows its slots name, buffering its share of the epoch:
+rows / num_workers token lists.
+
+Reporting. metrics.jsonl and MLflow get every step (from rank 0); `ray.train.report` is
+called at evaluations, checkpoints and at most every train.report_interval_s otherwise,
+because each report waits for Ray's controller to collect the previous one.
 
 Loss. The loss of a step is the mean over every trainable token of the global batch:
 each micro-batch's summed token loss is divided by the global count of trainable tokens
@@ -31,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -822,7 +827,3 @@ def _val_batches(cfg: Config, plan: Plan, rank: int, world: int, pad_id: int
             filler["_weight"] = 0
             batches.append(filler)
     return batches
-
-
-def plan_dict(plan: Plan) -> dict[str, Any]:
-    return asdict(plan)

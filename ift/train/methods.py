@@ -285,7 +285,12 @@ def build(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     # Non-reentrant checkpointing works with frozen inputs (adapters) and with DDP.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
 
