@@ -355,6 +355,23 @@ def summary_text(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+def data_path(cfg: Config, path: str) -> str:
+    """A held-out path as configured: each comma-separated part is taken as given when it
+    exists there (source files, like data.sources paths), else under storage.root (a
+    prepared directory, like data.output)."""
+    parts = []
+    for part in (p.strip() for p in path.split(",")):
+        if not part:
+            continue
+        if storage.is_remote(part) or os.path.isabs(part) or os.path.exists(part) \
+                or any(c in part for c in "*?["):
+            parts.append(os.path.abspath(part) if not storage.is_remote(part)
+                         and os.path.exists(part) else part)
+        else:
+            parts.append(cfg.resolve(part))
+    return ",".join(parts)
+
+
 def read_run(run_dir: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(run.json, the run's config as a dict or None) of a training run directory."""
     info: dict[str, Any] = {}
@@ -378,7 +395,7 @@ def evaluate_run(cfg: Config, run_dir: str, *, data: str | None = None,
     if not storage.is_complete(model_dir):
         raise ConfigError(f"{run_dir} has no complete {FINAL_DIR}/: the run did not finish")
     prepared = info.get("prepared") or None
-    data = data or (cfg.resolve(cfg.eval.data) if cfg.eval.data else None) or prepared
+    data = data or (data_path(cfg, cfg.eval.data) if cfg.eval.data else None) or prepared
     if not data:
         raise ConfigError("no held-out data: pass --data, set eval.data, or evaluate a run "
                           "whose run.json names its prepared dataset")
@@ -417,7 +434,7 @@ def eval_cmd(args) -> int:
         cfg.tracking.uri = info["tracking_uri"]
 
     if adapter:
-        data = data or (cfg.resolve(cfg.eval.data) if cfg.eval.data else None) \
+        data = data or (data_path(cfg, cfg.eval.data) if cfg.eval.data else None) \
             or info.get("prepared") or _prepared_of(cfg)
         if not data:
             raise ConfigError("no held-out data: pass --data or set eval.data")

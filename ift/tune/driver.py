@@ -53,7 +53,8 @@ def _log(msg: str) -> None:
 
 
 def sweep_dir_of(cfg: Config) -> str:
-    return storage.join(cfg.resolve(cfg.tune.output), cfg.tune.name)
+    """<tune.output>/<tune.name>, absolute (Tune and the trial processes need it so)."""
+    return _abs(storage.join(cfg.resolve(cfg.tune.output), cfg.tune.name))
 
 
 def _abs(path: str) -> str:
@@ -76,8 +77,10 @@ def absolute_config(cfg: Config, tracking_uri: str) -> dict[str, Any]:
     for src in raw["data"]["sources"]:
         src["path"] = _abs(src["path"])
     if cfg.eval.data:
-        raw["eval"]["data"] = ",".join(_abs(p.strip()) for p in cfg.eval.data.split(",")
-                                       if p.strip())
+        from ift.eval.run import data_path
+
+        parts = data_path(cfg, cfg.eval.data).split(",")
+        raw["eval"]["data"] = ",".join(_abs(p) for p in parts)
     if tracking_uri:
         raw["tracking"]["uri"] = tracking_uri
     return raw
@@ -97,11 +100,11 @@ def _prepared(cfg: Config, address: str | None) -> tuple[str, dict[str, Any]]:
 
     if cfg.data.sources:
         manifest = prepare(cfg, address=address)
-        return cfg.resolve(cfg.data.output), manifest
+        return _abs(cfg.resolve(cfg.data.output)), manifest
     path = cfg.train.data or cfg.data.output
     if not path:
         raise ConfigError("no data: set data.sources (prepared by the sweep) or train.data")
-    path = cfg.resolve(path)
+    path = _abs(cfg.resolve(path))
     try:
         return path, read_manifest(path)
     except PrepareError as e:

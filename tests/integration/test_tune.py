@@ -246,8 +246,14 @@ def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
     # t000 was not run again; t001 resumed from its checkpoint rather than starting over.
     assert (runs / "t000" / "trial.json").read_text() == first
     assert (runs / "t000" / "trial.json").stat().st_mtime_ns == first_mtime
+    # The kill may land after t001's last training step (during its evaluation); either way
+    # the resumed run starts from a registered checkpoint and trains only the steps after it.
+    resumed = re.findall(r"resuming t001 from step (\d+)", (tmp_path / "resume.log").read_text())
+    assert resumed and int(resumed[0]) >= 2, resumed
+    start = int(resumed[0])
     rows = [json.loads(x) for x in (runs / "t001" / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["resumed_from"] for r in rows) >= 2, rows
+    after = [r["step"] for r in rows if r["resumed_from"] == start]
+    assert after == list(range(start + 1, 9)), rows
     assert rows[-1]["step"] == 8
     assert json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"] == \
         sweep["parent_run_id"]
