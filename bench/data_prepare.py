@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(results)
     doc = {
         "settings": {
-            "rows": sizes, "arms": arms, "template": TEMPLATE, "max_seq_len": MAX_SEQ_LEN,
+            "rows": sizes, "quick": args.quick, "arms": arms, "template": TEMPLATE,
+            "max_seq_len": MAX_SEQ_LEN,
             "baseline_num_proc": BASELINE_NUM_PROC, "rss_sample_interval_s": SAMPLE_INTERVAL_S,
             "rows_per_file": ROWS_PER_FILE, "tokenizer": "byte-level BPE, vocab 2048",
         },
