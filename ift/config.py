@@ -292,10 +292,9 @@ class TrainConfig:
     controller has collected the previous one, which it polls for every 2 s, so reporting
     every step would hold training to one step per poll."""
     seed: int = 42
-    """Seed for init, dropout and data order."""
-    shuffle_buffer: int = 0
-    """Not used by `ift train`: every epoch visits the train rows in a full permutation
-    drawn from (seed, epoch), which is what lets a resumed run find its data position."""
+    """Seed for init, dropout and data order. Each epoch visits the train rows in a full
+    permutation drawn from (seed, epoch), which is what lets a resumed run find its data
+    position."""
 
     def __post_init__(self) -> None:
         _check_choice("train.strategy", self.strategy, ("ddp", "fsdp"))
@@ -567,7 +566,15 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return build_config(raw)
 
 
+# Keys earlier versions wrote into run dirs' config.yaml that no longer mean anything; they
+# are dropped on load so old runs stay readable (`ift eval --run`, `ift tune --resume`).
+RETIRED_KEYS = {("train", "shuffle_buffer")}
+
+
 def build_config(raw: dict[str, Any]) -> Config:
+    for section, key in RETIRED_KEYS:
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw = {**raw, section: {k: v for k, v in raw[section].items() if k != key}}
     return _build(Config, raw, "")
 
 

@@ -623,60 +623,44 @@ def _join(nums: Iterable) -> str:
     return ", ".join(str(x) for x in nums)
 
 
-def _explain_en(rng: random.Random) -> tuple[str, str]:
-    """(expression, step-by-step explanation) for a random two-number calculation."""
+def _explain(rng: random.Random, lang: str) -> tuple[str, str]:
+    """(expression, step-by-step explanation in `lang`, en or zh) for a random two-number
+    calculation. Both languages explain the same steps; only the wording differs."""
     op = rng.choice("+-×÷")
     if op == "+":
         a, b = rng.randint(12, 89), rng.randint(12, 89)
         ta, oa, tb, ob = a // 10 * 10, a % 10, b // 10 * 10, b % 10
-        return (f"{a} + {b}",
-                f"{a} + {b} = {a + b}. Add the tens: {ta} + {tb} = {ta + tb}. Add the ones: "
-                f"{oa} + {ob} = {oa + ob}. Then {ta + tb} + {oa + ob} = {a + b}.")
-    if op == "-":
+        en = (f"{a} + {b} = {a + b}. Add the tens: {ta} + {tb} = {ta + tb}. Add the ones: "
+              f"{oa} + {ob} = {oa + ob}. Then {ta + tb} + {oa + ob} = {a + b}.")
+        zh = (f"{a} + {b} = {a + b}。先算整十：{ta} + {tb} = {ta + tb}；再算个位：{oa} + {ob} = "
+              f"{oa + ob}；最后 {ta + tb} + {oa + ob} = {a + b}。")
+    elif op == "-":
         b = rng.randint(11, 59)
         a = rng.randint(b + 5, 99)
         tb, ob = b // 10 * 10, b % 10
-        steps = f"Subtract the tens first: {a} - {tb} = {a - tb}."
+        en = f"{a} - {b} = {a - b}. Subtract the tens first: {a} - {tb} = {a - tb}."
+        zh = f"{a} - {b} = {a - b}。先减整十：{a} - {tb} = {a - tb}"
         if ob:
-            steps += f" Then subtract the ones: {a - tb} - {ob} = {a - b}."
-        return f"{a} - {b}", f"{a} - {b} = {a - b}. {steps}"
-    if op == "×":
+            en += f" Then subtract the ones: {a - tb} - {ob} = {a - b}."
+            zh += f"；再减个位：{a - tb} - {ob} = {a - b}"
+        zh += "。"
+    elif op == "×":
         a, b = rng.randint(11, 49), rng.randint(2, 9)
         ta, oa = a // 10 * 10, a % 10
         if not oa:
-            return f"{a} × {b}", f"{a} × {b} = {a * b}, because {a // 10} × {b} = {a // 10 * b} tens."
-        return (f"{a} × {b}",
-                f"{a} × {b} = {a * b}. Split {a} into {ta} + {oa}: {ta} × {b} = {ta * b} and "
-                f"{oa} × {b} = {oa * b}, and {ta * b} + {oa * b} = {a * b}.")
-    q, b = rng.randint(3, 30), rng.randint(2, 9)
-    return f"{q * b} ÷ {b}", f"{q * b} ÷ {b} = {q}, because {q} × {b} = {q * b}."
-
-
-def _explain_zh(rng: random.Random) -> tuple[str, str]:
-    op = rng.choice("+-×÷")
-    if op == "+":
-        a, b = rng.randint(12, 89), rng.randint(12, 89)
-        ta, oa, tb, ob = a // 10 * 10, a % 10, b // 10 * 10, b % 10
-        return (f"{a} + {b}",
-                f"{a} + {b} = {a + b}。先算整十：{ta} + {tb} = {ta + tb}；再算个位：{oa} + {ob} = "
-                f"{oa + ob}；最后 {ta + tb} + {oa + ob} = {a + b}。")
-    if op == "-":
-        b = rng.randint(11, 59)
-        a = rng.randint(b + 5, 99)
-        tb, ob = b // 10 * 10, b % 10
-        steps = f"先减整十：{a} - {tb} = {a - tb}"
-        steps += f"；再减个位：{a - tb} - {ob} = {a - b}。" if ob else "。"
-        return f"{a} - {b}", f"{a} - {b} = {a - b}。{steps}"
-    if op == "×":
-        a, b = rng.randint(11, 49), rng.randint(2, 9)
-        ta, oa = a // 10 * 10, a % 10
-        if not oa:
-            return f"{a} × {b}", f"{a} × {b} = {a * b}，因为 {a // 10} × {b} = {a // 10 * b} 个十。"
-        return (f"{a} × {b}",
-                f"{a} × {b} = {a * b}。把 {a} 拆成 {ta} + {oa}：{ta} × {b} = {ta * b}，"
-                f"{oa} × {b} = {oa * b}，{ta * b} + {oa * b} = {a * b}。")
-    q, b = rng.randint(3, 30), rng.randint(2, 9)
-    return f"{q * b} ÷ {b}", f"{q * b} ÷ {b} = {q}，因为 {q} × {b} = {q * b}。"
+            en = f"{a} × {b} = {a * b}, because {a // 10} × {b} = {a // 10 * b} tens."
+            zh = f"{a} × {b} = {a * b}，因为 {a // 10} × {b} = {a // 10 * b} 个十。"
+        else:
+            en = (f"{a} × {b} = {a * b}. Split {a} into {ta} + {oa}: {ta} × {b} = {ta * b} and "
+                  f"{oa} × {b} = {oa * b}, and {ta * b} + {oa * b} = {a * b}.")
+            zh = (f"{a} × {b} = {a * b}。把 {a} 拆成 {ta} + {oa}：{ta} × {b} = {ta * b}，"
+                  f"{oa} × {b} = {oa * b}，{ta * b} + {oa * b} = {a * b}。")
+    else:
+        q, b = rng.randint(3, 30), rng.randint(2, 9)
+        a = q * b
+        en = f"{a} ÷ {b} = {q}, because {q} × {b} = {a}."
+        zh = f"{a} ÷ {b} = {q}，因为 {q} × {b} = {a}。"
+    return f"{a} {op} {b}", {"en": en, "zh": zh}[lang]
 
 
 def _lower_first(s: str) -> str:
@@ -744,7 +728,7 @@ def _alpaca_en(rng: random.Random) -> list[dict]:
             rows.append(_alpaca("Define the following term in one or two sentences.", out, term))
     # Arithmetic explained (22).
     for _ in range(22):
-        expr, out = _explain_en(rng)
+        expr, out = _explain(rng, "en")
         if rng.random() < 0.5:
             rows.append(_alpaca(f"What is {expr}?", out))
         else:
@@ -776,7 +760,7 @@ def _alpaca_zh(rng: random.Random) -> list[dict]:
     rows: list[dict] = []
     # 数学 (16)
     for _ in range(16):
-        expr, out = _explain_zh(rng)
+        expr, out = _explain(rng, "zh")
         if rng.random() < 0.5:
             rows.append(_alpaca(f"计算 {expr}。", out))
         else:
@@ -952,7 +936,7 @@ def _openai(rng: random.Random, duplicates: list[list[tuple[str, str]]]) -> list
         convs.append((rng.choice(_SYSTEMS_EN[1:]),
                       [("user", f"Explain the word \"{term}\" briefly."), ("assistant", definition)]))
     for _ in range(6):
-        expr, out = _explain_en(rng)
+        expr, out = _explain(rng, "en")
         convs.append((_SYSTEMS_EN[0], [("user", f"Work out {expr}."), ("assistant", out)]))
     for src, _, dst, f in rng.sample(_UNITS_EN, 4):
         x = rng.randint(2, 40)

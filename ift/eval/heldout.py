@@ -19,6 +19,7 @@ generation metrics describe one held-out set.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,8 +82,10 @@ def is_prepared(path: str) -> bool:
     return storage.exists(storage.join(path, "manifest.json"))
 
 
-def prepared_rows(prepared: str, split: str = "val") -> list[dict[str, Any]]:
-    """Every (unpacked) tokenized row of a prepared split, in file order."""
+def iter_prepared_rows(prepared: str, split: str = "val", *,
+                       key: str = "eval.data") -> Iterator[dict[str, Any]]:
+    """Every (unpacked) tokenized row of a prepared split, in file order. Errors name the
+    config key that gave the directory."""
     import pyarrow.parquet as pq
 
     from ift.data.pipeline import PrepareError, read_manifest, split_files
@@ -90,19 +93,22 @@ def prepared_rows(prepared: str, split: str = "val") -> list[dict[str, Any]]:
     try:
         read_manifest(prepared)
     except PrepareError as e:
-        raise ConfigError(f"eval.data={prepared}: {e}") from e
+        raise ConfigError(f"{key}={prepared}: {e}") from e
     files = split_files(prepared, split)
     if not files:
-        raise ConfigError(f"eval.data={prepared}: the {split} split has no parquet files "
-                          "(prepare with data.val_ratio > 0, or point eval.data at raw files)")
-    rows: list[dict[str, Any]] = []
+        raise ConfigError(f"{key}={prepared}: the {split} split has no parquet files "
+                          f"(prepare with data.val_ratio > 0, or point {key} at raw files)")
     for f in files:
         fs, inner = storage.arrow_fs(f)
         table = pq.read_table(inner, filesystem=fs)
         cols = [c for c in ("id", "input_ids", "labels", "seq_ids") if c in table.column_names]
         for row in table.select(cols).to_pylist():
-            rows.extend(unpack(row))
-    return rows
+            yield from unpack(row)
+
+
+def prepared_rows(prepared: str, split: str = "val") -> list[dict[str, Any]]:
+    """Every (unpacked) tokenized row of a prepared split, in file order."""
+    return list(iter_prepared_rows(prepared, split))
 
 
 def items_from_rows(rows: list[dict[str, Any]], tokenizer) -> list[Item]:
@@ -120,9 +126,12 @@ def items_from_rows(rows: list[dict[str, Any]], tokenizer) -> list[Item]:
     return items
 
 
-def raw_records(data: str, *, seed: int) -> list[dict[str, Any]]:
-    """Unified records of raw held-out files, in file order. A row that cannot be read or
-    converted is an error naming its file and line (a held-out set must be whole)."""
+def iter_raw_records(data: str, *, seed: int = 42,
+                     key: str = "eval.data") -> Iterator[tuple[str, dict[str, Any]]]:
+    """("file:line", unified record) for each row of raw files (a file, glob, folder or
+    comma-separated list, in any format `ift data prepare` reads), in file order. A missing
+    file, or a row that cannot be read or converted, is an error naming the config key that
+    gave `data` and the file and line."""
     from ift.data.formats import convert
     from ift.data.readers import iter_raw, plan_reads
     from ift.data.record import ConvertError
@@ -134,25 +143,30 @@ def raw_records(data: str, *, seed: int) -> list[dict[str, Any]]:
         found = storage.expand(part)
         missing = [f for f in found if not storage.exists(f)]
         if not found or missing:
-            raise ConfigError(f"eval.data={part!r}: {missing[0] if missing else part} "
+            raise ConfigError(f"{key}={part!r}: {missing[0] if missing else part} "
                               "does not exist or matches no file")
         files.extend(found)
     try:
         tasks, _ = plan_reads("heldout", 0, files, "auto", 0, 0)
     except ValueError as e:
-        raise ConfigError(f"eval.data={data!r}: {e}") from e
-    records = []
+        raise ConfigError(f"{key}={data!r}: {e}") from e
     for task in tasks:
         stem = os.path.splitext(os.path.basename(task.file))[0]
         for line, raw, err, _text in iter_raw(task):
             where = f"{task.file}:{line}"
             if raw is None:
-                raise ConfigError(f"eval.data: {where}: cannot read row: {err}")
+                raise ConfigError(f"{key}: {where}: cannot read row: {err}")
             try:
                 rec = convert(task.format, raw, id=f"{stem}:{line}", source=stem, seed=seed)
             except ConvertError as e:
-                raise ConfigError(f"eval.data: {where}: cannot convert row: {e}") from e
-            records.append(rec)
+                raise ConfigError(f"{key}: {where}: cannot convert row: {e}") from e
+            yield where, rec
+
+
+def raw_records(data: str, *, seed: int) -> list[dict[str, Any]]:
+    """Unified records of raw held-out files, in file order. A row that cannot be read or
+    converted is an error naming its file and line (a held-out set must be whole)."""
+    records = [rec for _where, rec in iter_raw_records(data, seed=seed)]
     if not records:
         raise ConfigError(f"eval.data={data!r}: no rows")
     return records

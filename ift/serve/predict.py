@@ -22,6 +22,7 @@ from typing import Any
 
 from ift import storage
 from ift.config import Config, ConfigError, load_config
+from ift.eval.heldout import iter_prepared_rows, iter_raw_records, split_last_turn
 
 log = logging.getLogger(__name__)
 
@@ -35,55 +36,14 @@ SUMMARY = "summary.json"
 # ---------------------------------------------------------------------------------------
 
 
-def split_prompt(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-    """(prompt, reference) token ids: the reference is the last trained span, the prompt
-    everything before it. A row with no trained tokens is all prompt."""
-    end = len(labels)
-    while end > 0 and labels[end - 1] == -100:
-        end -= 1
-    if end == 0:
-        return list(input_ids), []
-    start = end
-    while start > 0 and labels[start - 1] != -100:
-        start -= 1
-    return list(input_ids[:start]), list(input_ids[start:end])
-
-
-def unpack_row(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """A packed bin as its samples (ids suffixed #k after the first); an unpacked row as itself."""
-    seq = row.get("seq_ids")
-    if seq is None:
-        return [row]
-    out: list[dict[str, Any]] = []
-    for k in sorted(set(s for s in seq if s >= 0)):
-        idx = [i for i, s in enumerate(seq) if s == k]
-        out.append({"id": row["id"] if k == 0 else f"{row['id']}#{k}",
-                    "input_ids": [row["input_ids"][i] for i in idx],
-                    "labels": [row["labels"][i] for i in idx]})
-    return out
-
-
 def prepared_items(prepared: str, split: str, max_rows: int = 0) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    from ift.data.pipeline import read_manifest, split_files
-
-    read_manifest(prepared)  # a clear error for a partial or foreign directory
-    files = split_files(prepared, split)
-    if not files:
-        raise ConfigError(f"predict.data={prepared}: split {split!r} has no parquet files")
     items: list[dict[str, Any]] = []
-    for f in files:
-        fs, inner = storage.arrow_fs(f)
-        table = pq.read_table(inner, filesystem=fs)
-        cols = [c for c in ("id", "input_ids", "labels", "seq_ids") if c in table.column_names]
-        for row in table.select(cols).to_pylist():
-            for sample in unpack_row(row):
-                prompt, ref = split_prompt(sample["input_ids"], sample["labels"])
-                items.append({"id": str(sample["id"]), "prompt_ids": prompt,
-                              "reference_ids": ref, "messages": ""})
-                if max_rows and len(items) >= max_rows:
-                    return items
+    for sample in iter_prepared_rows(prepared, split, key="predict.data"):
+        prompt, ref = split_last_turn(sample["input_ids"], sample["labels"])
+        items.append({"id": sample["id"], "prompt_ids": prompt, "reference_ids": ref,
+                      "messages": ""})
+        if max_rows and len(items) >= max_rows:
+            break
     return items
 
 
@@ -99,35 +59,15 @@ def record_prompt(record: dict[str, Any]) -> tuple[list[dict[str, str]], str | N
 
 
 def raw_items(data: str, max_rows: int = 0) -> list[dict[str, Any]]:
-    from ift.data.formats import convert
-    from ift.data.readers import iter_raw, plan_reads
-    from ift.data.record import ConvertError
-
-    files: list[str] = []
-    for part in [p for p in data.split(",") if p.strip()]:
-        files.extend(storage.expand(part.strip()))
-    if not files:
-        raise ConfigError(f"predict.data={data!r}: no files found")
-    tasks, _ = plan_reads("predict", 0, files, "auto", 0, 0)
     items: list[dict[str, Any]] = []
-    for task in tasks:
-        stem = os.path.splitext(os.path.basename(task.file))[0]
-        for line, raw, err, _text in iter_raw(task):
-            where = f"{task.file}:{line}"
-            if raw is None:
-                raise ValueError(f"{where}: cannot read row: {err}")
-            try:
-                rec = convert(task.format, raw, id=f"{stem}:{line}", source=stem)
-            except ConvertError as e:
-                raise ValueError(f"{where}: cannot convert row: {e}") from e
-            msgs, ref = record_prompt(rec)
-            if not any(m["role"] == "user" for m in msgs):
-                raise ValueError(f"{where}: no user turn to answer")
-            items.append({"id": rec["id"], "prompt_ids": [], "reference_ids": [],
-                          "messages": json.dumps(msgs, ensure_ascii=False),
-                          "reference": ref})
-            if max_rows and len(items) >= max_rows:
-                return items
+    for where, rec in iter_raw_records(data, key="predict.data"):
+        msgs, ref = record_prompt(rec)
+        if not any(m["role"] == "user" for m in msgs):
+            raise ConfigError(f"predict.data: {where}: no user turn to answer")
+        items.append({"id": rec["id"], "prompt_ids": [], "reference_ids": [],
+                      "messages": json.dumps(msgs, ensure_ascii=False), "reference": ref})
+        if max_rows and len(items) >= max_rows:
+            break
     return items
 
 

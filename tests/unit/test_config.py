@@ -7,6 +7,7 @@ from ift.config import (
     PeftConfig,
     SourceConfig,
     TrainConfig,
+    build_config,
     describe,
     field_docs,
     load_config,
@@ -87,3 +88,11 @@ def test_resolve_relative_paths(tmp_path):
     assert cfg.resolve("s3://b/k") == "s3://b/k"
     cfg = load_config(None, ["storage.root=s3://bucket/prefix"])
     assert cfg.resolve("runs/x") == "s3://bucket/prefix/runs/x"
+
+
+def test_retired_keys_of_old_run_configs_are_dropped():
+    # config.yaml files written by earlier versions still load; the key has no effect.
+    cfg = build_config({"train": {"shuffle_buffer": 0, "lr": 0.01}})
+    assert cfg.train.lr == 0.01 and not hasattr(cfg.train, "shuffle_buffer")
+    with pytest.raises(ConfigError, match="unknown key 'train.shuffle_buffers'"):
+        build_config({"train": {"shuffle_buffers": 0}})

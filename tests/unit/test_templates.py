@@ -13,23 +13,8 @@ from ift.data.templates import (
     render_segments,
     resolve_template,
 )
-from ift.models import CHATML_TEMPLATE, FALLBACK_TEXTS, train_tokenizer
+from ift.models import CHATML_TEMPLATE
 
-# A llama-2-like template: bos first, [INST] user turns, replies closed by eos.
-LLAMA_STYLE = (
-    "{{ bos_token }}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<<SYS>>\n{{ m['content'] }}\n<</SYS>>\n\n"
-    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-    "{% elif m['role'] == 'tool' %}[TOOL] {{ m['content'] }} [/TOOL]"
-    "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}"
-    "{% endfor %}"
-)
-# Replies end with a newline only: no end-of-turn marker.
-NO_MARKER = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
 # Appends the turn count, so every rendering rewrites the end of the previous one.
 REWRITING = "{% for m in messages %}{{ m['content'] }}|{% endfor %}{{ messages | length }}"
 
@@ -72,55 +57,6 @@ ALPACA = {
     "meta": {"instruction": "Translate into French.", "input": "The weather is nice today."},
 }
 RECORDS = [MULTI, ZH, ALPACA]
-
-
-def corpus() -> list[str]:
-    texts = list(FALLBACK_TEXTS)
-    for rec in RECORDS:
-        texts += [rec["system"]] + [m["content"] for m in rec["messages"]]
-    return texts * 3
-
-
-def llama_tokenizer(template: str | None = LLAMA_STYLE):
-    """A byte-level BPE tokenizer that adds <s> by itself, as llama tokenizers do."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(corpus(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        clean_up_tokenization_spaces=False,
-    )
-    fast.chat_template = template
-    fast.name_or_path = "llama-style"
-    return fast
-
-
-@pytest.fixture(scope="module")
-def chatml_tok():
-    return train_tokenizer(corpus(), vocab_size=700)
-
-
-@pytest.fixture(scope="module")
-def plain_tok():
-    tok = train_tokenizer(corpus(), vocab_size=700)
-    tok.chat_template = None
-    return tok
-
-
-@pytest.fixture(scope="module")
-def llama_tok():
-    return llama_tokenizer()
 
 
 def text(segs) -> str:
@@ -283,24 +219,22 @@ def test_tokenizer_template_segments(llama_tok):
     assert trainable(segs) == [f" {r} </s>" for r in replies]
 
 
-def test_template_without_end_marker_gets_eos(chatml_tok):
-    tok = train_tokenizer(corpus(), vocab_size=700)
-    tok.chat_template = NO_MARKER
-    segs = render_segments(MULTI, "tokenizer", tok)
+def test_template_without_end_marker_gets_eos(no_marker_tok):
+    segs = render_segments(MULTI, "tokenizer", no_marker_tok)
     replies = [m["content"] for m in MULTI["messages"] if m["role"] == "assistant"]
     assert trainable(segs) == [r + "<|endoftext|>" for r in replies]
     # the newline after each reply is kept, untrainable, after the inserted eos
     assert "assistant: Paris.<|endoftext|>\nuser: And the weather there?\n" in text(segs)
 
 
-def test_template_that_rewrites_earlier_text_is_rejected():
-    tok = llama_tokenizer(REWRITING)
+def test_template_that_rewrites_earlier_text_is_rejected(make_llama_tokenizer):
+    tok = make_llama_tokenizer(REWRITING)
     with pytest.raises(TemplateError, match="llama-style.*rewrites earlier text"):
         render_segments(MULTI, "tokenizer", tok)
 
 
-def test_template_errors_on_a_record_name_the_tokenizer():
-    tok = llama_tokenizer(
+def test_template_errors_on_a_record_name_the_tokenizer(make_llama_tokenizer):
+    tok = make_llama_tokenizer(
         "{% for m in messages %}{% if m['role'] == 'tool' %}"
         "{{ raise_exception('no tools here') }}{% endif %}{{ m['content'] }}{% endfor %}"
     )
@@ -330,8 +264,8 @@ def test_messages_from_columnar_readers(chatml_tok):
         render_segments(with_messages(MULTI, "hello"), "chatml", chatml_tok)
 
 
-def test_missing_eos_is_a_template_error(plain_tok):
-    tok = llama_tokenizer(None)
+def test_missing_eos_is_a_template_error(plain_tok, make_llama_tokenizer):
+    tok = make_llama_tokenizer(None)
     tok.eos_token = None
     for template in ("alpaca", "human_assistant", "chatml"):  # chatml: <|im_end|> is no token
         with pytest.raises(TemplateError, match="eos"):

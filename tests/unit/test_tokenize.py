@@ -6,21 +6,7 @@ import pytest
 
 from ift.data.templates import TemplateError, render_prompt, render_segments
 from ift.data.tokenize import IGNORE_INDEX, tokenize_records
-from ift.models import FALLBACK_TEXTS, train_tokenizer
-
-LLAMA_STYLE = (
-    "{{ bos_token }}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<<SYS>>\n{{ m['content'] }}\n<</SYS>>\n\n"
-    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-    "{% elif m['role'] == 'tool' %}[TOOL] {{ m['content'] }} [/TOOL]"
-    "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}"
-    "{% endfor %}"
-)
-NO_MARKER = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
+from ift.models import train_tokenizer
 
 
 def rec(rid: str, messages: list[tuple[str, str]], system: str = "", meta=None) -> dict:
@@ -50,47 +36,10 @@ ALPACA = rec("alpaca", [
 RECORDS = [MULTI, LEAD_SYSTEM, ZH, ALPACA]
 
 
-def corpus() -> list[str]:
-    texts = list(FALLBACK_TEXTS)
-    for r in RECORDS:
-        texts += [r["system"]] + [m["content"] for m in r["messages"]]
-    return texts * 3
-
-
-def llama_tokenizer(template: str | None = LLAMA_STYLE):
-    """A byte-level BPE tokenizer that adds <s> by itself, as llama tokenizers do."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(corpus(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        clean_up_tokenization_spaces=False,
-    )
-    fast.chat_template = template
-    fast.name_or_path = "llama-style"
-    return fast
-
-
 @pytest.fixture(scope="module")
-def toks():
-    chatml = train_tokenizer(corpus(), vocab_size=700)
-    plain = train_tokenizer(corpus(), vocab_size=700)
-    plain.chat_template = None
-    no_marker = train_tokenizer(corpus(), vocab_size=700)
-    no_marker.chat_template = NO_MARKER
-    return {"chatml": chatml, "plain": plain, "llama": llama_tokenizer(),
-            "no_marker": no_marker}
+def toks(chatml_tok, plain_tok, llama_tok, no_marker_tok):
+    return {"chatml": chatml_tok, "plain": plain_tok, "llama": llama_tok,
+            "no_marker": no_marker_tok}
 
 
 def assistant_replies(r: dict) -> list[str]:
@@ -180,13 +129,13 @@ def test_prompt_tokens_equal_inference_tokens(template, toks):
             assert row["input_ids"][:start] == tok(prompt, add_special_tokens=False)["input_ids"]
 
 
-def test_prompt_text_is_tokenized_in_one_piece():
+def test_prompt_text_is_tokenized_in_one_piece(tokenizer_corpus):
     """Template pieces that join into one pre-token ("</user>" + "<assistant>" holds "><")
     tokenize as they do in the whole prompt."""
     xml = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>"
            "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
     tok = train_tokenizer(
-        corpus() + ["<system>x</system><user>y</user><assistant>z</assistant>"] * 20,
+        tokenizer_corpus + ["<system>x</system><user>y</user><assistant>z</assistant>"] * 20,
         vocab_size=700,
     )
     tok.chat_template = xml
@@ -323,8 +272,8 @@ def test_records_without_a_reply_or_unrenderable_are_dropped_with_reasons(toks):
     assert len(rows) == 1 and dropped == []
 
 
-def test_template_failing_on_one_record_drops_it(toks):
-    tok = llama_tokenizer(
+def test_template_failing_on_one_record_drops_it(make_llama_tokenizer):
+    tok = make_llama_tokenizer(
         "{% for m in messages %}{% if m['role'] == 'tool' %}"
         "{{ raise_exception('no tools here') }}{% endif %}{{ m['content'] }}{% endfor %}"
     )
@@ -333,9 +282,9 @@ def test_template_failing_on_one_record_drops_it(toks):
     assert dropped[0]["id"] == "multi" and "no tools here" in dropped[0]["reason"]
 
 
-def test_unusable_template_raises(toks):
-    tok = llama_tokenizer("{% for m in messages %}{{ m['content'] }}|{% endfor %}"
-                          "{{ messages | length }}")
+def test_unusable_template_raises(make_llama_tokenizer):
+    tok = make_llama_tokenizer("{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+                               "{{ messages | length }}")
     with pytest.raises(TemplateError, match="rewrites earlier text"):
         tokenize_records([MULTI], tok, template="tokenizer", max_seq_len=512)
 
