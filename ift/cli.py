@@ -152,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add(sub, "config", "ift.config_cmd:config_cmd",
          "print the resolved config with every field's docs", config_show_args)
 
+    def lineage_args(p):
+        p.add_argument("target", metavar="PATH_OR_MODEL_ID",
+                       help="final/ or merged model dir, run dir, prepared dataset (local or "
+                            "s3://), or with --url a served model id")
+        p.add_argument("--url", help="a running `ift serve`, e.g. http://127.0.0.1:8000")
+        p.add_argument("--api-key-env", help="environment variable holding the server's key")
+        p.add_argument("--json", action="store_true", help="print the stages as JSON")
+        p.add_argument("--no-mlflow", action="store_true",
+                       help="do not look the training run up in MLflow")
+
+    _add(sub, "lineage", "ift.lineage:lineage_cmd",
+         "where an artifact came from: sources -> prepared data -> training run -> adapter "
+         "-> merged model -> serving", lineage_args)
+
     return parser
 
 

@@ -327,6 +327,14 @@ def ingress_class():
             if denied is not None:
                 return denied
             rows = await asyncio.to_thread(self.catalog.list_models, self.created)
+            # The last lineage stage: which app and deployment serve each id, at which URL.
+            url = str(request.base_url).rstrip("/") + "/v1"
+            for row in rows:
+                merged = row["metadata"]["type"] == "merged"
+                handle = self.merged.get(row["id"]) if merged else self.base
+                row["metadata"]["serving"] = {
+                    "url": url, "app": getattr(handle, "app_name", None),
+                    "deployment": getattr(handle, "deployment_name", None)}
             return {"object": "list", "data": rows}
 
         @api.post("/v1/chat/completions")

@@ -16,6 +16,7 @@ import tempfile
 from typing import Any
 
 from ift import storage
+from ift.lineage import absolute, merged_record
 from ift.serve.adapters import LINEAGE_FILE, read_lineage
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -53,14 +54,10 @@ def merge(base: str, adapter: str, out: str, *, dtype: str = "auto",
     tok_src = adapter_local if _has_tokenizer(adapter_local) else base
     tokenizer = load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
 
-    lineage = read_lineage(adapter)
-    lineage.update({
-        "merged_from": {"base": base, "adapter": adapter},
-        "training_run_id": lineage.get("mlflow_run_id"),
-        "peft_type": str(pcfg.peft_type),
-    })
-    if lineage.get("base_model") is None:
-        lineage["base_model"] = base
+    # Local paths recorded absolute, so the chain resolves from anywhere; a hub id stays.
+    lineage = merged_record(read_lineage(adapter),
+                            base=absolute(base) if os.path.isdir(base) else base,
+                            adapter=absolute(adapter), peft_type=str(pcfg.peft_type))
 
     tmp = tempfile.mkdtemp(prefix="ift-merge-")
     try:

@@ -531,7 +531,8 @@ def _batches_of(rows: list[dict[str, Any]], size: int) -> list[list[dict[str, An
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's worker function. `config` carries the resolved job config ("cfg"), the
-    plan ("plan"), the run directory ("run_dir") and the MLflow run id ("run_id")."""
+    plan ("plan"), the run directory ("run_dir"), the MLflow run id ("run_id") and the
+    lineage record final/ gets ("lineage")."""
     import ray.train
     import ray.train.torch
 
@@ -675,7 +676,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                              time.time() - start, steps_done))
             if want_ckpt:
                 _report_checkpoint(model, optimizer, scheduler, cfg, plan, step, rank, world,
-                                   metrics, metrics_log, run_dir, tokenizer, final)
+                                   metrics, metrics_log, run_dir, tokenizer, final,
+                                   lineage=config.get("lineage"))
                 last_report = time.time()
             elif due or "eval_loss" in metrics:
                 ray.train.report(metrics)
@@ -755,7 +757,7 @@ def check_resumable(state: dict[str, Any], plan: Plan, cfg: Config, where: str) 
 def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, step: int,
                        rank: int, world: int, metrics: dict[str, Any],
                        metrics_log: MetricsLog | None, run_dir: str, tokenizer,
-                       final: bool) -> None:
+                       final: bool, lineage: dict[str, Any] | None = None) -> None:
     import ray.train
     import torch.distributed as dist
 
@@ -792,7 +794,8 @@ def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, ste
             metrics_log.flush()
         if final:
             checkpoint.save_final(run_dir, model=model, method=cfg.peft.method,
-                                  tokenizer=tokenizer, model_state=model_state)
+                                  tokenizer=tokenizer, model_state=model_state,
+                                  lineage=lineage)
         with tempfile.TemporaryDirectory(prefix="ift-ckpt-") as tmp:
             checkpoint.save(tmp, model=model, method=cfg.peft.method, state=state,
                             optimizer_state=opt_state, scheduler_state=scheduler.state_dict(),

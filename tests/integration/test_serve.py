@@ -152,6 +152,37 @@ def test_models_list_has_base_adapters_and_merged_with_lineage(server):
     assert models["base"].model_extra["metadata"]["type"] == "base"
 
 
+def test_models_carry_the_serving_deployment_and_ift_lineage_walks_back(server):
+    """The last lineage stage: which app and deployment serve an id, at which URL; `ift
+    lineage ID --url` reads it (and the record beside the adapter) from the running server."""
+    rows = {r["id"]: r["metadata"] for r in
+            requests.get(server["url"] + "/v1/models", timeout=30).json()["data"]}
+    assert rows["runs/b"]["serving"] == {"url": server["url"] + "/v1", "app": "ift",
+                                         "deployment": "llm-base"}
+    assert rows["merged-a"]["serving"]["deployment"] == "merged-merged-a"
+
+    def lineage(*args):
+        proc = subprocess.run([sys.executable, "-m", "ift", "lineage", *args, "--json",
+                               "--no-mlflow"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["stages"]
+
+    b = lineage("runs/b", "--url", server["url"])
+    assert [s["stage"] for s in b] == ["prepared", "run", "adapter", "serving"]
+    assert b[0]["hash"] == "hash-b" and b[1]["mlflow_run_id"] == "run-b"
+    assert b[2]["path"] == server["b"] and b[3]["model_id"] == "runs/b"
+    merged = lineage("merged-a", "--url", server["url"] + "/v1")
+    assert [s["stage"] for s in merged] == ["adapter", "merged", "serving"]
+    assert merged[0]["path"] == server["a"] and merged[1]["path"] == server["merged"]
+    assert merged[2]["deployment"] == "merged-merged-a" and merged[2]["app"] == "ift"
+    # An app under a route prefix reports its own URL; its key comes from the environment.
+    tight = lineage("base", "--url", server["tight"], "--api-key-env", KEY_ENV)
+    assert tight[-1]["url"] == server["tight"] + "/v1" and tight[-1]["app"] == "tight"
+    proc = subprocess.run([sys.executable, "-m", "ift", "lineage", "nope", "--url",
+                           server["url"]], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "nope: not a model served at" in proc.stderr
+
+
 def test_chat_completion_streaming_and_completions(server):
     c = client(server["url"])
     r = c.chat.completions.create(model="a", messages=USER, **GREEDY)

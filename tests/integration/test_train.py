@@ -1,10 +1,14 @@
 """`ift train` on a local Ray cluster: LoRA end to end through TorchTrainer with 2 DDP
-workers, the same global batches on 1 worker with accumulation, s3 storage, MLflow."""
+workers, the same global batches on 1 worker with accumulation, s3 storage, MLflow, and
+the lineage record final/ carries."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -138,3 +142,80 @@ def test_run_directory_on_s3(one_worker_s3, tiny_model):
     assert storage.is_complete(f"{run_dir}/final")
     local = storage.download_dir(f"{run_dir}/final", os.path.join("/tmp", "ift-s3-final"))
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), local)
+
+
+def _ift(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ift", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_final_records_its_lineage_and_ift_lineage_prints_the_chain(two_workers, prepared,
+                                                                     tiny_model, tmp_path):
+    """final/ift_lineage.json ties the adapter to run.json's MLflow run and the prepared
+    manifest; `ift lineage` walks it back, also from a model merged out of it."""
+    from mlflow.tracking import MlflowClient
+
+    from ift.data.pipeline import read_manifest
+    from ift.serve.merge import merge
+
+    cfg, summary, run_dir = two_workers
+    final = os.path.join(run_dir, "final")
+    info = json.load(open(os.path.join(run_dir, "run.json")))
+    manifest = read_manifest(prepared)
+    record = json.load(open(os.path.join(final, "ift_lineage.json")))
+    assert record["mlflow_run_id"] == info["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert record["mlflow_run_id"]
+    assert record["data_manifest_hash"] == manifest["hash"] == info["data_hash"]
+    assert record["tracking_uri"] == cfg.tracking.uri == info["tracking_uri"]
+    assert record["prepared"] == prepared and record["run_dir"] == run_dir
+    assert record["config"] == os.path.join(run_dir, "config.yaml")
+    assert record["method"] == "lora" and record["base_model"] == tiny_model
+    assert record["artifact"] == "adapter" and record["run_name"] == "ddp2"
+    assert [s["name"] for s in record["sources"]] == list(manifest["sources"])
+    for s in record["sources"]:
+        assert s["files"], s
+        for f in s["files"]:
+            with open(f["path"], "rb") as fh:
+                assert f["sha256"] == hashlib.sha256(fh.read()).hexdigest(), f
+    # The lineage travels with the final adapter into MLflow.
+    logged = {a.path for a in MlflowClient(cfg.tracking.uri).list_artifacts(
+        info["mlflow_run_id"], "final")}
+    assert "final/ift_lineage.json" in logged
+
+    proc = _ift("lineage", final)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    order = [out.index(f"  {label}") for label in ("sources", "prepared", "training run",
+                                                   "adapter")]
+    assert order == sorted(order), out
+    assert f"{prepared}  manifest hash {manifest['hash']}" in out
+    assert (f"mlflow run {info['mlflow_run_id']} at {cfg.tracking.uri} "
+            "[found in MLflow, FINISHED]") in out
+    assert f"config {run_dir}/config.yaml" in out and "(ddp2, lora, FINISHED)" in out
+
+    merged = str(tmp_path / "merged")
+    merge(tiny_model, final, merged)
+    proc = _ift("lineage", merged, "--json")
+    assert proc.returncode == 0, proc.stderr
+    stages = json.loads(proc.stdout)["stages"]
+    assert [s["stage"] for s in stages] == ["sources", "prepared", "run", "adapter", "merged"]
+    assert stages[1]["hash"] == manifest["hash"]
+    assert stages[2]["mlflow_run_id"] == info["mlflow_run_id"]
+    assert stages[2]["mlflow"]["status"] == "found"
+    assert stages[3]["path"] == final and stages[4]["path"] == merged
+    assert not any(s.get("notes") for s in stages), stages
+
+
+def test_final_on_s3_records_its_lineage(one_worker_s3, prepared):
+    """The record is inside the s3 final/ (uploaded before its marker) and resolves there."""
+    from ift import lineage
+    from ift.data.pipeline import read_manifest
+
+    _, _, run_dir = one_worker_s3
+    final = f"{run_dir}/final"
+    record = json.loads(storage.read_text(f"{final}/ift_lineage.json"))
+    assert record["run_dir"] == run_dir and record["mlflow_run_id"] is None  # tracking off
+    assert record["data_manifest_hash"] == read_manifest(prepared)["hash"]
+    stages = lineage.chain(final)
+    assert [s["stage"] for s in stages] == ["sources", "prepared", "run", "adapter"]
+    assert stages[2]["status"] == "FINISHED" and stages[3]["path"] == final
