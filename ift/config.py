@@ -61,6 +61,11 @@ class SourceConfig:
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("data.sources[].path is required")
+        if self.path.startswith("@sample/"):
+            # The bundled sample data (ift/sample_data) wherever ift is installed or, in a
+            # Ray job, unpacked with the working dir.
+            self.path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data",
+                                     self.path[len("@sample/"):])
         if self.weight is not None and self.count is not None:
             raise ConfigError(
                 f"data.sources[{self.path}]: give weight or count, not both "
@@ -495,6 +500,12 @@ class TrackingConfig:
     """Tracking URI; empty means MLFLOW_TRACKING_URI, else sqlite:///<storage.root>/mlflow.db."""
     experiment: str = "ift"
     """MLflow experiment name."""
+    artifact_location: str = ""
+    """Where a new experiment keeps its run artifacts (adapters, metrics, plots): an
+    s3://bucket/prefix (reached through AWS_ENDPOINT_URL or MLFLOW_S3_ENDPOINT_URL), a
+    local folder or any MLflow artifact URI. Empty: <storage.root>/mlartifacts for the
+    sqlite default, the server's own choice for a tracking server. MLflow fixes it when
+    the experiment is created; an existing experiment keeps its own (with a warning)."""
     enabled: bool = True
     """Turn tracking off entirely."""
 

@@ -45,19 +45,55 @@ def endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+# Attempts per S3 request (the first one included) unless AWS_MAX_ATTEMPTS, the AWS SDKs'
+# own setting, says otherwise. Retries carry a run through a store that restarts under it.
+S3_ATTEMPTS = 10
+
+
+def max_attempts() -> int:
+    value = os.environ.get("AWS_MAX_ATTEMPTS", "").strip()
+    if not value:
+        return S3_ATTEMPTS
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"AWS_MAX_ATTEMPTS={value!r}: expected a whole number >= 1") from None
+    if n < 1:
+        raise ValueError(f"AWS_MAX_ATTEMPTS={value!r}: expected a whole number >= 1")
+    return n
+
+
 @lru_cache(maxsize=4)
-def _s3_client(endpoint: str | None):
+def _s3_client(endpoint: str | None, attempts: int = S3_ATTEMPTS):
     import boto3
     from botocore.config import Config as BotoConfig
 
-    # Retries cover a store that restarts under us; adaptive mode backs off under load.
-    cfg = BotoConfig(retries={"max_attempts": 10, "mode": "standard"}, connect_timeout=5,
-                     read_timeout=60)
+    # Standard mode: exponential backoff with jitter, connection errors included.
+    cfg = BotoConfig(retries={"total_max_attempts": attempts, "mode": "standard"},
+                     connect_timeout=5, read_timeout=60)
     return boto3.client("s3", endpoint_url=endpoint, config=cfg)
 
 
 def s3_client():
-    return _s3_client(endpoint_url())
+    return _s3_client(endpoint_url(), max_attempts())
+
+
+class _S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem whose pickle keeps its options, the retry strategy included.
+
+    Ray ships a run's storage filesystem to its controller and workers by pickling it, and
+    pyarrow's own pickle drops the retry strategy (back to 3 attempts)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._ift_kwargs = kwargs
+
+    def __reduce__(self):
+        return _s3_filesystem, (self._ift_kwargs,)
+
+
+def _s3_filesystem(kwargs: dict) -> _S3FileSystem:
+    return _S3FileSystem(**kwargs)
 
 
 def arrow_fs(path: str) -> tuple[pafs.FileSystem, str]:
@@ -65,14 +101,17 @@ def arrow_fs(path: str) -> tuple[pafs.FileSystem, str]:
     if is_remote(path):
         bucket, key = split_s3(path)
         ep = endpoint_url()
-        kwargs = {}
+        # pyarrow's own default gives up after 3 quick attempts (about a second); with
+        # exponential backoff from 25 ms, 10 attempts ride out about 25 s.
+        kwargs: dict = {"retry_strategy": pafs.AwsDefaultS3RetryStrategy(
+            max_attempts=max_attempts())}
         if ep:
             scheme, _, host = ep.partition("://")
-            kwargs = {"endpoint_override": host, "scheme": scheme or "http"}
+            kwargs.update(endpoint_override=host, scheme=scheme or "http")
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if region:
             kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+        return _S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 

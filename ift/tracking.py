@@ -12,6 +12,9 @@ Where runs go (`resolve_uri`):
      `./ift-work/mlflow.db` and the experiment's artifacts go to `<storage.root>/mlartifacts`
      on S3 (boto3 honours AWS_ENDPOINT_URL, so S3-compatible stores work too).
 
+`tracking.artifact_location` puts a new experiment's artifacts elsewhere, e.g.
+`s3://bucket/mlflow`, with any of the stores above.
+
 A process that did not create a run resumes it before logging: `start_run(cfg, name,
 run_id=...)`. With `tracking.enabled: false` every function is a no-op and run ids are "".
 """
@@ -77,8 +80,14 @@ def _local_root(cfg: Config) -> str:
 
 
 def _artifact_location(cfg: Config, uri: str) -> str | None:
-    """Where a new experiment keeps artifacts: beside the data for sqlite stores; a tracking
-    server (http) or a store of another kind decides for itself."""
+    """Where a new experiment keeps artifacts: tracking.artifact_location when set (a local
+    folder becomes a file: URI), else beside the data for sqlite stores; a tracking server
+    (http) or a store of another kind decides for itself."""
+    where = cfg.tracking.artifact_location
+    if where:
+        # A URI (s3://, file:, mlflow-artifacts:/, ...) as it is; a plain path made absolute.
+        return where if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", where) \
+            else Path(os.path.abspath(where)).as_uri()
     if not uri.startswith("sqlite:"):
         return None
     if storage.is_remote(cfg.storage.root):
@@ -129,7 +138,8 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 6) -> T:
 # ---------------------------------------------------------------------------------------
 
 
-def _experiment_id(client, name: str, artifact_location: str | None) -> str:
+def _experiment_id(client, name: str, artifact_location: str | None,
+                   explicit: bool = False) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
@@ -138,6 +148,11 @@ def _experiment_id(client, name: str, artifact_location: str | None) -> str:
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
+    if explicit and artifact_location and \
+            exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+        log.warning("tracking.artifact_location=%s is ignored: experiment %r already keeps "
+                    "its artifacts in %s (MLflow fixes it at creation; use another "
+                    "tracking.experiment)", artifact_location, name, exp.artifact_location)
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
     return exp.experiment_id
@@ -175,7 +190,9 @@ def start_run(cfg: Config, run_name: str, *, run_id: str | None = None,
             return run_id
 
     exp_id = _retry(lambda: _experiment_id(client, cfg.tracking.experiment,
-                                           _artifact_location(cfg, uri)), "experiment")
+                                           _artifact_location(cfg, uri),
+                                           explicit=bool(cfg.tracking.artifact_location)),
+                    "experiment")
     run = _retry(lambda: client.create_run(exp_id, run_name=run_name, tags=all_tags),
                  "create_run")
     _RUN_URIS[run.info.run_id] = uri

@@ -17,7 +17,8 @@ the upload and that poll leaves a complete checkpoint Ray does not know of (seen
 2.60). Complete means `checkpoint.json` is there and every file it lists has its size; an
 upload cut short fails that test and is never used.
 
-The final model goes to `<run dir>/final/` (adapter or HF model plus the tokenizer), staged
+The final model goes to `<run dir>/final/` (adapter or HF model plus the tokenizer and the
+run's lineage record, `ift_lineage.json`, see ift.lineage), staged
 elsewhere and moved into place (local) or uploaded with its `_COMPLETE` marker last (s3).
 """
 
@@ -232,16 +233,32 @@ def verify(ckpt_dir: str) -> dict[str, Any]:
 
 
 def _complete(ckpt_dir: str) -> dict[str, Any] | None:
-    """The index of a local or s3 checkpoint directory whose files are all there, whole."""
+    """The index of a local or s3 checkpoint directory whose files are all there, whole.
+
+    A missing or malformed file makes the checkpoint incomplete (None). A store that does
+    not answer is an error: taking it for "no checkpoint" would start the run over."""
     index_path = storage.join(ckpt_dir, INDEX_FILE)
     try:
         index = json.loads(storage.read_text(index_path))
         for rel, size in index["files"].items():
             if storage.size(storage.join(ckpt_dir, *rel.split(os.sep))) != size:
                 return None
-    except Exception:  # noqa: BLE001 - missing files: OSError locally, ClientError on s3
-        return None
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError,
+            AttributeError):
+        return None  # missing locally, or an index that is not what save() writes
+    except Exception as e:  # noqa: BLE001 - narrowed to "not found" answers below
+        if _missing_on_s3(e):
+            return None
+        raise
     return index
+
+
+def _missing_on_s3(e: Exception) -> bool:
+    """A botocore ClientError that says the key does not exist."""
+    response = getattr(e, "response", None)
+    if not isinstance(response, dict):
+        return False
+    return str(response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound")
 
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -319,13 +336,22 @@ def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def save_final(run_dir: str, *, model: nn.Module, method: str, tokenizer=None,
-               model_state: dict[str, torch.Tensor] | None = None) -> str:
-    """Write <run_dir>/final/: adapter (PEFT format) or HF model, plus the tokenizer."""
+               model_state: dict[str, torch.Tensor] | None = None,
+               lineage: dict[str, Any] | None = None) -> str:
+    """Write <run_dir>/final/: adapter (PEFT format) or HF model, plus the tokenizer and
+    the lineage record (ift_lineage.json, stamped with the time final/ is written). All of
+    it is in place before the _COMPLETE marker, so a complete final/ has its lineage."""
+    from ift.lineage import LINEAGE_FILE
+
     dest = storage.join(run_dir, FINAL_DIR)
     with tempfile.TemporaryDirectory(prefix="ift-final-") as tmp:
         save_model(model, tmp, method, model_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if lineage is not None:
+            record = {**lineage, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            storage.write_text(os.path.join(tmp, LINEAGE_FILE),
+                               json.dumps(record, indent=2, ensure_ascii=False))
         storage.write_text(os.path.join(tmp, storage.COMPLETE_MARKER), method)
         publish_dir(tmp, dest)
     return dest

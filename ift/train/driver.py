@@ -5,6 +5,7 @@ The run directory <train.output>/<train.run_name>/ holds
 
     checkpoint_NNNNNNN/   Ray Train's checkpoints (CheckpointConfig.num_to_keep of them)
     final/                the final adapter (PEFT format) or HF model, with the tokenizer
+                          and ift_lineage.json (data, run, MLflow run: see ift.lineage)
     metrics.jsonl         one line per optimizer step
     config.yaml           the resolved job config
     run.json              run name, MLflow run id, status, data hash, final path
@@ -287,6 +288,39 @@ def resume_point(cfg: Config, plan: Plan, run_dir: str) -> tuple[int, str] | Non
     return found
 
 
+def lineage_record(cfg: Config, manifest: dict[str, Any], prepared: str, run_dir: str,
+                   run_id: str, tracking_uri: str) -> dict[str, Any]:
+    """What final/ift_lineage.json says (ift.lineage.training_record); a re-mixed dataset's
+    parent manifest fills in source files the re-mix does not carry."""
+    from ift import lineage
+    from ift.data.pipeline import PrepareError, read_manifest
+
+    parent = None
+    up = manifest.get("parent")
+    if isinstance(up, dict) and up.get("path"):
+        try:
+            parent = read_manifest(up["path"])
+        except PrepareError:
+            parent = None  # the re-mix's own source entries still name the files
+    return lineage.training_record(
+        manifest=manifest, parent_manifest=parent, prepared=lineage.absolute(prepared),
+        run_dir=lineage.absolute(run_dir), run_name=cfg.train.run_name,
+        method=cfg.peft.method, base_model=cfg.model.name_or_path, mlflow_run_id=run_id,
+        tracking_uri=tracking_uri,
+        config_path=lineage.absolute(storage.join(run_dir, CONFIG_FILE)),
+        artifact="adapter" if methods.is_adapter(cfg.peft.method) else "model")
+
+
+def _storage_hint(run_dir: str) -> str:
+    """For a run directory on S3: the endpoint it was written through, and how to go on."""
+    if not storage.is_remote(run_dir):
+        return ""
+    return (f"\n  the run directory {run_dir} is on S3 at "
+            f"{storage.endpoint_url() or 'the default AWS endpoint'}; if that store was "
+            "unreachable, run the same command again once it answers: the run resumes from "
+            "its last complete checkpoint")
+
+
 def run_dir_of(cfg: Config) -> str:
     return storage.join(cfg.resolve(cfg.train.output), cfg.train.run_name)
 
@@ -370,6 +404,7 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         "total_steps": plan.total_steps,
     }
     storage.write_text(run_file, json.dumps(info, indent=2))
+    record = lineage_record(cfg, manifest, prepared, run_dir, run_id, tracking_uri)
     print(f"[ift train] run {cfg.train.run_name}: {plan.num_rows} train rows, global batch "
           f"{plan.micro_batch_size} × {plan.world_size} workers × {plan.grad_accum} accum = "
           f"{plan.global_batch_size}, {plan.total_steps} steps -> {run_dir}", flush=True)
@@ -387,7 +422,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "plan": asdict(plan), "run_dir": run_dir,
-                           "run_id": run_id, "tracking_uri": tracking_uri},
+                           "run_id": run_id, "tracking_uri": tracking_uri,
+                           "lineage": record},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -416,11 +452,17 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         status = "KILLED"
         raise
     except ray.train.TrainingFailedError as e:
-        raise TrainError(f"training run {t.run_name} failed: {e}") from e
+        raise TrainError(f"training run {t.run_name} failed: {e}{_storage_hint(run_dir)}") from e
     finally:
         info.update(status=status,
                     finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        storage.write_text(run_file, json.dumps(info, indent=2))
+        try:
+            storage.write_text(run_file, json.dumps(info, indent=2))
+        except Exception as e:  # noqa: BLE001 - the store may be what failed; keep that error
+            if status == "FINISHED":
+                raise
+            print(f"[ift train] warning: could not record status {status} in {run_file}: "
+                  f"{e}", flush=True)
         if status != "FINISHED" and run_id:
             tracking.end_run(run_id, status=status)
 

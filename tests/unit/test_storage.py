@@ -35,3 +35,36 @@ def test_complete_marker(tmp_path):
 def test_join():
     assert storage.join("s3://b/p/", "x", "/y") == "s3://b/p/x/y"
     assert storage.split_s3("s3://bucket/a/b") == ("bucket", "a/b")
+
+
+def test_arrow_s3_filesystem_keeps_its_retries_when_pickled(monkeypatch):
+    # Ray pickles the run's filesystem to its controller and workers; pyarrow's own pickle
+    # would drop the retry strategy and give up on a restarting store after ~1 s.
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    fs, inner = storage.arrow_fs("s3://bucket/some/key")
+    assert inner == "bucket/some/key"
+    back = pickle.loads(pickle.dumps(fs))
+    assert isinstance(back, pafs.S3FileSystem)
+    strategy = back._ift_kwargs["retry_strategy"]
+    assert isinstance(strategy, pafs.AwsDefaultS3RetryStrategy)
+    assert strategy.max_attempts == storage.S3_ATTEMPTS > 3
+    assert back.__reduce__()[1][0]["endpoint_override"] == "127.0.0.1:9"
+
+
+def test_aws_max_attempts_sets_the_retry_budget(monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert storage.s3_client().meta.config.retries["total_max_attempts"] == 2
+    fs, _ = storage.arrow_fs("s3://bucket/key")
+    assert fs._ift_kwargs["retry_strategy"].max_attempts == 2
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    assert storage.s3_client().meta.config.retries["total_max_attempts"] == storage.S3_ATTEMPTS
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "many")
+    with pytest.raises(ValueError, match="AWS_MAX_ATTEMPTS='many'"):
+        storage.s3_client()

@@ -233,3 +233,26 @@ def test_run_from_another_process_is_found_through_the_environment(cfg, monkeypa
     tracking.log_metrics(run_id, {"loss": 0.25}, step=7)
     hist = client(cfg).get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in hist] == [(7, 0.25)]
+
+
+def test_artifact_location_is_the_experiments(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    where = tmp_path / "elsewhere"
+    cfg = build_config({"storage": {"root": str(tmp_path / "work")},
+                        "tracking": {"experiment": "placed", "artifact_location": str(where)}})
+    run_id = tracking.start_run(cfg, "placed")
+    note = tmp_path / "note.txt"
+    note.write_text("x")
+    tracking.log_artifact(run_id, str(note))
+    tracking.end_run(run_id)
+    run = client(cfg).get_run(run_id)
+    assert run.info.artifact_uri == f"{where.as_uri()}/{run_id}/artifacts"
+    assert (where / run_id / "artifacts" / "note.txt").read_text() == "x"
+    assert not (tmp_path / "work" / "mlartifacts").exists()
+
+    # MLflow fixes the location when the experiment is created: a new one is ignored, loudly.
+    cfg.tracking.artifact_location = str(tmp_path / "moved")
+    with caplog.at_level("WARNING", logger="ift.tracking"):
+        second = tracking.start_run(cfg, "again")
+    assert client(cfg).get_run(second).info.artifact_uri.startswith(where.as_uri())
+    assert "artifact_location" in caplog.text and "placed" in caplog.text

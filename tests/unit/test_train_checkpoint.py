@@ -201,3 +201,45 @@ def test_find_latest_and_load_from_s3(tmp_path, model_dir, s3_bucket):
     assert state["step"] == 6
     for k, v in _trainable(model).items():
         assert torch.equal(v, _trainable(fresh)[k])
+
+
+def test_half_written_checkpoints_on_s3_are_never_taken(tmp_path, model_dir, s3_bucket,
+                                                       monkeypatch):
+    """Uploads cut short on s3: files without checkpoint.json, a file shorter than its
+    index says, an index cut short. Each is skipped; a store that stops answering is an
+    error, not "no checkpoint" (which would start the run over)."""
+    import botocore.exceptions
+
+    from ift import storage
+
+    cfg, model = _build(model_dir, "lora")
+    run = f"{s3_bucket}/run"
+    for step in (3, 6, 9, 12):
+        local = str(tmp_path / f"checkpoint_{step:07d}")
+        _save(local, cfg, model, step=step)
+        storage.upload_dir(local, f"{run}/checkpoint_{step:07d}")
+    bucket, prefix = storage.split_s3(run)
+    client = storage.s3_client()
+    assert checkpoint.find_latest(run) == (12, f"{run}/checkpoint_0000012")
+
+    # 12: every file but the index (the index goes last; the upload stopped before it).
+    client.delete_object(Bucket=bucket, Key=f"{prefix}/checkpoint_0000012/checkpoint.json")
+    # 9: the weights shorter than the index lists.
+    key = f"{prefix}/checkpoint_0000009/adapter_model.safetensors"
+    whole = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=bucket, Key=key, Body=whole[: len(whole) // 2])
+    # 6: the index itself cut short.
+    key = f"{prefix}/checkpoint_0000006/checkpoint.json"
+    index = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=bucket, Key=key, Body=index[: len(index) // 2])
+    assert checkpoint.find_latest(run) == (3, f"{run}/checkpoint_0000003")
+    with checkpoint.local_dir(f"{run}/checkpoint_0000009") as d, \
+            pytest.raises(checkpoint.CheckpointError, match="adapter_model.safetensors has"):
+        checkpoint.load_state(d)
+
+    def unreachable(path):
+        raise botocore.exceptions.EndpointConnectionError(endpoint_url=storage.endpoint_url())
+
+    monkeypatch.setattr(storage, "read_text", unreachable)
+    with pytest.raises(botocore.exceptions.EndpointConnectionError):
+        checkpoint.find_latest(run)
