@@ -8,4 +8,4 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_
 if [ -x scripts/install_chromium.sh ] && [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then
   bash scripts/install_chromium.sh || echo "[test] chromium unavailable: the browser test will skip"
 fi
-exec .venv/bin/python -m pytest tests/unit tests/integration -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest tests/unit tests/integration -p no:cacheprovider --durations=15 "$@"
