@@ -77,6 +77,7 @@ class Engine:
         self.model.eval()
         self.peft = None  # the PeftModel wrapping self.model once an adapter is loaded
         self.stacked = None  # StackedLoRA over self.peft when its adapters qualify
+        self._tuner_layers: list | None = None  # PEFT tuner layers, for base-only batches
         self._joinable: bool | None = None  # known after the first prefill
         cfg = self.model.config
         ctx = max_context or getattr(cfg, "max_position_embeddings", None) or getattr(
@@ -396,7 +397,16 @@ class Engine:
             self.peft.delete_adapter(name)
             self._restack()
 
+    def _lora_layers(self) -> list:
+        """The PEFT tuner layers of the model (rebuilt when adapters change)."""
+        if self._tuner_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._tuner_layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
+        return self._tuner_layers
+
     def _restack(self) -> None:
+        self._tuner_layers = None
         from ift.serve import multilora
 
         if self.peft is None or not multilora.supported(self.peft):
@@ -424,6 +434,18 @@ class Engine:
                       past_key_values=cache, use_cache=True, logits_to_keep=1)
         if self.peft is None:
             out = self.model(**kwargs)
+        elif all(r.adapter is None for r in rows):
+            # Base rows only: every LoRA layer calls its base layer alone. Setting the flag
+            # directly is much cheaper than PEFT's disable_adapter() or a mixed batch of
+            # `__base__` rows (measured 25 vs 100 vs 44 ms for 32 tokens on the tiny llama).
+            layers = self._lora_layers()
+            for layer in layers:
+                layer._disable_adapters = True
+            try:
+                out = self.peft(**kwargs)
+            finally:
+                for layer in layers:
+                    layer._disable_adapters = False
         elif self.stacked is not None and len({r.adapter for r in rows} - {None}) >= 2:
             # Several adapters in the batch: one gather-and-bmm per LoRA layer.
             slots = torch.tensor([0 if r.adapter is None else
