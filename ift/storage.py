@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob as _glob
+import json
 import os
 import shutil
 import tempfile
@@ -158,6 +159,17 @@ def size(path: str) -> int:
 
 def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
+
+
+def read_json(path: str) -> dict:
+    """A JSON file's content, or {} when the file is absent or not valid JSON (a status
+    file being rewritten, or never written)."""
+    if not exists(path):
+        return {}
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError:
+        return {}
 
 
 def write_bytes(path: str, data: bytes) -> None:

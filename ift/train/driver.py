@@ -325,15 +325,6 @@ def run_dir_of(cfg: Config) -> str:
     return storage.join(cfg.resolve(cfg.train.output), cfg.train.run_name)
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    if not storage.exists(path):
-        return {}
-    try:
-        return json.loads(storage.read_text(path))
-    except json.JSONDecodeError:
-        return {}
-
-
 def train(cfg: Config, *, address: str | None = None, callbacks: list | None = None,
           parent_run_id: str | None = None) -> dict[str, Any]:
     """Fine-tune as configured; resumes the run of the same name. Returns the summary.
@@ -365,7 +356,7 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     resume = resume_point(cfg, plan, run_dir)
     storage.makedirs(run_dir)
     run_file = storage.join(run_dir, RUN_FILE)
-    previous = _read_json(run_file)
+    previous = storage.read_json(run_file)
     storage.write_text(storage.join(run_dir, CONFIG_FILE),
                        yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
 

@@ -39,15 +39,6 @@ LOWER_IS_BETTER = {"heldout_loss", "heldout_ppl", "eval_loss", "final_loss"}
 PLOT_METRICS = ("exact_match", "mc_accuracy", "rouge_l", "heldout_loss", "eval_loss")
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    if not storage.exists(path):
-        return {}
-    try:
-        return json.loads(storage.read_text(path))
-    except json.JSONDecodeError:
-        return {}
-
-
 def _history(run_dir: str) -> list[dict[str, Any]]:
     """A run's metrics.jsonl, the latest line per step (a resumed run repeats steps)."""
     path = storage.join(run_dir, "metrics.jsonl")
@@ -69,7 +60,7 @@ def trial_rows(sweep_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from ift.tune.driver import SWEEP_FILE, TRIALS_FILE
     from ift.tune.trial import RUNS_DIR, TRIAL_FILE
 
-    sweep = _read_json(storage.join(sweep_dir, SWEEP_FILE))
+    sweep = storage.read_json(storage.join(sweep_dir, SWEEP_FILE))
     if not sweep.get("points"):
         raise FileNotFoundError(f"{sweep_dir} is not a sweep directory ({SWEEP_FILE} with "
                                 "points is missing)")
@@ -79,9 +70,9 @@ def trial_rows(sweep_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     rows = []
     for p in sweep["points"]:
         run_dir = storage.join(sweep_dir, RUNS_DIR, p["name"])
-        trial = _read_json(storage.join(run_dir, TRIAL_FILE))
-        run = _read_json(storage.join(run_dir, "run.json"))
-        ev = (_read_json(storage.join(run_dir, "eval.json")).get("metrics")
+        trial = storage.read_json(storage.join(run_dir, TRIAL_FILE))
+        run = storage.read_json(storage.join(run_dir, "run.json"))
+        ev = (storage.read_json(storage.join(run_dir, "eval.json")).get("metrics")
               or trial.get("eval") or {})
         history = _history(run_dir)
         evals = [h for h in history if h.get("eval_loss") is not None]
@@ -362,7 +353,7 @@ def log_report(sweep_dir: str, paths: dict[str, Any]) -> str:
     from ift.config import build_config
     from ift.tune.driver import SWEEP_FILE
 
-    sweep = _read_json(storage.join(sweep_dir, SWEEP_FILE))
+    sweep = storage.read_json(storage.join(sweep_dir, SWEEP_FILE))
     parent = sweep.get("parent_run_id") or ""
     if not parent:
         return ""

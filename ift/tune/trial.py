@@ -126,7 +126,7 @@ def child_run(cfg, run_dir: str, point: dict[str, Any], sweep: dict[str, Any],
     if not cfg.tracking.enabled or not parent:
         return ""
     run_file = storage.join(run_dir, "run.json")
-    info = _read_json(run_file)
+    info = storage.read_json(run_file)
     tags = {"ift.tune.sweep": sweep["name"], "ift.tune.trial": point["name"],
             "ift.tune.group": space.group_key(point), "ift.tune.seed": point["seed"]}
     run_id = tracking.start_run(cfg, point["name"], run_id=info.get("mlflow_run_id") or None,
@@ -167,7 +167,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     runs = storage.join(sweep["dir"], RUNS_DIR)
     run_dir = storage.join(runs, name)
     data_dir = storage.join(sweep["dir"], DATA_DIR, name)
-    done = _read_json(storage.join(run_dir, TRIAL_FILE))
+    done = storage.read_json(storage.join(run_dir, TRIAL_FILE))
     if done.get("status") == "finished" and done.get("point") == point:
         # Started again after it had finished (a sweep restarted without Tune's state):
         # report what it recorded instead of training again.
@@ -219,10 +219,3 @@ def _final_result(summary: dict[str, Any], eval_metrics: dict[str, Any]) -> dict
     return {k: v for k, v in result.items() if v is not None}
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    if not storage.exists(path):
-        return {}
-    try:
-        return json.loads(storage.read_text(path))
-    except json.JSONDecodeError:
-        return {}

@@ -68,3 +68,13 @@ def test_aws_max_attempts_sets_the_retry_budget(monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "many")
     with pytest.raises(ValueError, match="AWS_MAX_ATTEMPTS='many'"):
         storage.s3_client()
+
+
+def test_read_json_is_empty_for_absent_or_half_written_files(tmp_path):
+    from ift import storage
+
+    assert storage.read_json(str(tmp_path / "absent.json")) == {}
+    (tmp_path / "half.json").write_text('{"step": ')
+    assert storage.read_json(str(tmp_path / "half.json")) == {}
+    (tmp_path / "ok.json").write_text('{"step": 3}')
+    assert storage.read_json(str(tmp_path / "ok.json")) == {"step": 3}
