@@ -148,3 +148,24 @@ def prepare_sample(sample_dir, model_dir: str, out: str, max_seq_len: int = 64) 
         overrides.append(f"data.sources.{i}.path={os.path.join(str(sample_dir), name)}")
     prepare(load_config(None, overrides))
     return out
+
+
+def random_lora_adapter(base: str, out: str, seed: int, r: int = 4,
+                        target_modules=("q_proj", "v_proj", "o_proj", "up_proj",
+                                        "down_proj")) -> str:
+    """A LoRA adapter whose B matrices are random (not zero), so it changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                            target_modules=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    peft.save_pretrained(out)
+    return out

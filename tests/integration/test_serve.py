@@ -21,6 +21,7 @@ import threading
 
 import pytest
 import requests
+from train_support import random_lora_adapter as make_adapter
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -29,24 +30,6 @@ KEY = "s3cret-key"
 GREEDY = {"temperature": 0, "max_tokens": 16}
 USER = [{"role": "user", "content": "What is the capital of France?"}]
 
-
-def make_adapter(base: str, out: str, seed: int, r: int = 4) -> str:
-    """A LoRA adapter whose B matrices are random (not zero), so it changes the output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                            target_modules=["q_proj", "v_proj", "o_proj",
-                                                            "up_proj", "down_proj"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    peft.save_pretrained(out)
-    return out
 
 
 def free_port() -> int:

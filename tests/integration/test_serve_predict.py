@@ -6,26 +6,13 @@ import json
 import os
 
 import pytest
+from train_support import random_lora_adapter
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def make_adapter(base: str, out: str, seed: int, r: int = 4) -> str:
-    """A LoRA adapter whose B matrices are random (not zero), so it changes the output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                            target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    peft.save_pretrained(out)
-    return out
+    return random_lora_adapter(base, out, seed, r, target_modules=("q_proj", "v_proj"))
 
 
 QUESTIONS = [f"Question number {i}: what is {i} plus {i}?" for i in range(10)]

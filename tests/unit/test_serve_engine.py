@@ -7,30 +7,13 @@ import json
 import os
 
 import pytest
+from train_support import random_lora_adapter as make_adapter
 
 from ift.serve.adapters import Catalog, check_adapter_name, read_lineage
 from ift.serve.generation import RequestError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 
-
-def make_adapter(base: str, out: str, seed: int, r: int = 4) -> str:
-    """A LoRA adapter whose B matrices are random (not zero), so it changes the output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                            target_modules=["q_proj", "v_proj", "o_proj",
-                                                            "up_proj", "down_proj"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    peft.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

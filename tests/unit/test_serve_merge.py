@@ -6,27 +6,14 @@ import json
 import os
 
 import pytest
+from train_support import random_lora_adapter
 
 # fp32 on CPU: merging W + BA reorders a few float additions, nothing more.
 LOGITS_ATOL = 1e-4
 
 
 def make_adapter(base: str, out: str, seed: int, r: int = 4) -> str:
-    """A LoRA adapter whose B matrices are random (not zero), so it changes the output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                            target_modules="all-linear"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    peft.save_pretrained(out)
-    return out
+    return random_lora_adapter(base, out, seed, r, target_modules="all-linear")
 
 
 def test_merge_matches_adapter_logits_and_links_the_training_run(tiny_model, tmp_path):
