@@ -5,7 +5,7 @@ CLI and the chat page in headless Chromium.
 Serve starts once for the module with three applications on one loopback port:
 - "/"      the main app: base + adapters (a local root and one on S3) + a merged model;
 - "/tight" auth on, one request at a time and a queue of one: for 401s and 503s;
-- "/slow"  a 0.5 s request timeout: for 504s.
+- "/slow"  a 0.05 s request timeout: for 504s.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def server(ray_cluster, s3_server, tiny_model, tmp_path_factory):
         **common, "api_key_env": KEY_ENV, "cpus_per_replica": 0.25, "max_batch_size": 1,
         "max_ongoing_requests": 1, "max_queued_requests": 1}})
     slow_cfg = build_config({"serve": {
-        **common, "max_tokens_limit": 512, "request_timeout_s": 0.5, "cpus_per_replica": 0.25}})
+        **common, "max_tokens_limit": 512, "request_timeout_s": 0.05, "cpus_per_replica": 0.25}})
     url = start(main_cfg)
     tight = start(tight_cfg, name="tight", route_prefix="/tight")
     slow = start(slow_cfg, name="slow", route_prefix="/slow")
@@ -346,7 +346,7 @@ def test_overload_gets_503_json_and_the_server_recovers(server):
 def test_request_timeout_is_504_and_ends_a_stream(server):
     slow = server["slow"]
     body = {"model": "base", "messages": USER, "temperature": 0, "max_tokens": 512}
-    # The tiny model never says eos on this prompt: 512 greedy tokens take far over 0.5 s.
+    # The tiny model never says eos on this prompt: 512 greedy tokens take far over 0.05 s.
     r = requests.post(slow + "/v1/chat/completions", json=body, timeout=120)
     assert r.status_code == 504, r.text
     assert r.json()["error"]["type"] == "timeout_error"
