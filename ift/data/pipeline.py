@@ -1,18 +1,22 @@
 """`ift data prepare`: sources in, one clean, tokenized, sharded collection out, on Ray Data.
 
-Three streaming passes, each a Ray Data job whose memory does not grow with the data:
+Two streaming passes, each a Ray Data job whose memory does not grow with the data:
 
-1. scan      read -> convert -> validate -> placeholders -> hash. Only a key and a hash per
-             row reach the driver (plus the rejected rows, written to rejects/ and counted);
-             the driver drops exact duplicates across sources and assigns the val split.
-2. tokenize  read -> convert again -> keep the surviving keys -> render template -> tokenize
-             and mask -> write per-source shards (sources/source=NAME/split=SPLIT/).
-3. mix       read the per-source shards -> draw each row by its source's weight or count ->
-             shuffle within batches -> pack (optional) -> write train/ and val/.
+1. ingest  read -> convert -> validate -> placeholders -> language, hash -> render template
+           -> tokenize and mask -> per-source shards `sources/source=NAME/split=S/`. Every
+           row read lands in one partition: `train`, `val` (its hash scores it a val
+           candidate), `dropped` (no trainable token within max_seq_len) or `rejected`
+           (with its reason and raw text). Rows are read, parsed and tokenized once.
+   driver  reads back only keys, hashes and lengths: drops exact duplicates across
+           sources, caps val, writes `sources/_index.parquet` (the kept rows, their split
+           and shard), rejects/ and dropped/ (JSONL), then deletes the `rejected` and
+           `dropped` partitions.
+2. mix     read the kept rows' shards -> draw each row by its source's weight or count ->
+           shuffle within batches -> pack (optional) -> write train/ and val/.
 
 The `mix` pass is also what a sweep runs to re-mix sources without tokenizing again.
-Reading twice costs a JSON parse per row; tokenization costs far more, and it is what
-keeps the driver's memory to a few bytes per row.
+Duplicates are tokenized before they are known to be duplicates; that costs what their
+share of the data costs, and it is what lets every row be read only once.
 """
 
 from __future__ import annotations
@@ -21,10 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,10 +39,17 @@ from ift.data import mix
 from ift.data.record import ConvertError, conversation_hash
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: sources/_index.parquet, one ingest pass
 SOURCES_DIR = "sources"
-TOKEN_COLUMNS = ["key", "id", "source", "lang", "task", "input_ids", "labels",
-                 "num_tokens", "num_trainable"]
+INDEX_FILE = "_index.parquet"  # the "_" keeps it out of hive-partitioned dataset reads
+PARTITIONS = ("train", "val", "dropped", "rejected")
+_IDS = pa.list_(pa.int32())
+SHARD_SCHEMA = pa.schema([
+    ("key", pa.int64()), ("id", pa.string()), ("lang", pa.string()), ("task", pa.string()),
+    ("hash", pa.string()), ("input_ids", _IDS), ("labels", _IDS), ("num_tokens", pa.int32()),
+    ("num_trainable", pa.int32()), ("reason", pa.string()), ("raw", pa.string()),
+    ("source", pa.string()), ("split", pa.string()),
+])
 
 
 class PrepareError(ValueError):
@@ -118,51 +126,98 @@ def _opts_of(batch: dict[str, np.ndarray]) -> RowOptions:
     return RowOptions(**json.loads(batch["options"][0]))
 
 
-def _scan_udf(batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
-    """Pass 1: one read task in, (key, hash) rows and rejects out, in bounded batches."""
+def _ingest_udf(batch: dict[str, np.ndarray], tok: dict) -> Iterator[pa.Table]:
+    """Pass 1: one read task in, every one of its rows out in bounded tables (SHARD_SCHEMA)."""
     task, opts = _task_of(batch), _opts_of(batch)
-    cols: dict[str, list] = defaultdict(list)
+    tokenizer = _tokenizer(tok["name"])
+    pending: list[tuple[int, dict, str]] = []
+    rejects: list[tuple[int, str, str]] = []
 
     def flush() -> pa.Table:
-        t = pa.table({
-            "key": pa.array(cols["key"], pa.int64()),
-            "src": pa.array(cols["src"], pa.int32()),
-            "hash": pa.array(cols["hash"], pa.string()),
-            "lang": pa.array(cols["lang"], pa.string()),
-            "line": pa.array(cols["line"], pa.int64()),
-            "reason": pa.array(cols["reason"], pa.string()),
-            "raw": pa.array(cols["raw"], pa.string()),
-        })
-        cols.clear()
-        return t
+        table = _shard_table(task.source, pending, rejects, tokenizer, tok, opts.seed)
+        pending.clear()
+        rejects.clear()
+        return table
 
-    n = 0
-    for key, line, rec, reason, raw_text in clean_rows(task, opts):
-        cols["key"].append(key)
-        cols["src"].append(task.source_index)
-        cols["line"].append(line)
+    for key, _line, rec, reason, raw_text in clean_rows(task, opts):
         if rec is None:
-            cols["hash"].append("")
-            cols["lang"].append("")
-            cols["reason"].append(reason)
-            cols["raw"].append(raw_text[:100_000])
+            rejects.append((key, reason, raw_text[:100_000]))
         else:
-            cols["hash"].append(conversation_hash(rec))
-            cols["lang"].append(rec["lang"])
-            cols["reason"].append(None)
-            cols["raw"].append(None)
-        n += 1
-        if n % 8192 == 0:
+            pending.append((key, rec, conversation_hash(rec)))
+        if len(pending) + len(rejects) >= tok["batch_size"]:
             yield flush()
-    if cols:
+    if pending or rejects:
         yield flush()
+
+
+def _shard_table(source: str, pending: list[tuple[int, dict, str]],
+                 rejects: list[tuple[int, str, str]], tokenizer, tok: dict, seed: int) -> pa.Table:
+    """Tokenized rows (split train or val), dropped rows and rejected rows of one batch."""
+    from ift.data.tokenize import tokenize_arrays
+
+    recs = [r for _, r, _ in pending]
+    arrays, dropped = tokenize_arrays(
+        recs, tokenizer, template=tok["template"], max_seq_len=tok["max_seq_len"],
+        train_on_prompt=tok["train_on_prompt"], truncation=tok["truncation"])
+    hashes = [h for _, _, h in pending]
+    is_val = mix.split_scores(hashes, seed) < tok["val_ratio"]
+    keys = np.array([k for k, _, _ in pending], np.int64)
+    idx = arrays.index
+    offsets = pa.array(arrays.offsets.astype(np.int32))
+    kept = pa.table({
+        "key": pa.array(keys[idx]),
+        "id": pa.array([recs[i]["id"] for i in idx], pa.string()),
+        "lang": pa.array([recs[i]["lang"] for i in idx], pa.string()),
+        "task": pa.array([recs[i].get("task") or "" for i in idx], pa.string()),
+        "hash": pa.array([hashes[i] for i in idx], pa.string()),
+        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(arrays.input_ids)),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(arrays.labels)),
+        "num_tokens": pa.array(arrays.num_tokens),
+        "num_trainable": pa.array(arrays.num_trainable),
+        "reason": pa.nulls(len(idx), pa.string()),
+        "raw": pa.nulls(len(idx), pa.string()),
+        "source": pa.array([source] * len(idx), pa.string()),
+        "split": pa.array(np.where(is_val[idx], "val", "train").tolist(), pa.string()),
+    }, schema=SHARD_SCHEMA)
+    parts = [kept]
+    if dropped:
+        d = [i for i, _ in dropped]
+        parts.append(_side_table(source, "dropped", keys[d].tolist(), [r for _, r in dropped],
+                                 [None] * len(d), ids=[recs[i]["id"] for i in d],
+                                 langs=[recs[i]["lang"] for i in d], hashes=[hashes[i] for i in d]))
+    if rejects:
+        parts.append(_side_table(source, "rejected", [k for k, _, _ in rejects],
+                                 [r for _, r, _ in rejects], [t for _, _, t in rejects]))
+    return pa.concat_tables(parts) if len(parts) > 1 else kept
+
+
+def _side_table(source: str, split: str, keys: list[int], reasons: list[str],
+                raws: list[str | None], *, ids=None, langs=None, hashes=None) -> pa.Table:
+    """Rows with no tokens: dropped (they still take part in dedupe) or rejected."""
+    n = len(keys)
+    none = [None] * n
+    return pa.table({
+        "key": pa.array(keys, pa.int64()),
+        "id": pa.array(ids or none, pa.string()),
+        "lang": pa.array(langs or none, pa.string()),
+        "task": pa.array(none, pa.string()),
+        "hash": pa.array(hashes or none, pa.string()),
+        "input_ids": pa.array([[]] * n, _IDS),
+        "labels": pa.array([[]] * n, _IDS),
+        "num_tokens": pa.array([0] * n, pa.int32()),
+        "num_trainable": pa.array([0] * n, pa.int32()),
+        "reason": pa.array(reasons, pa.string()),
+        "raw": pa.array(raws, pa.string()),
+        "source": pa.array([source] * n, pa.string()),
+        "split": pa.array([split] * n, pa.string()),
+    }, schema=SHARD_SCHEMA)
 
 
 _BROADCAST: dict[str, Any] = {}
 
 
 def _kept(ref_holder: list) -> tuple[np.ndarray, np.ndarray]:
-    """The driver's (sorted kept keys, is_val) arrays, fetched once per worker process."""
+    """A driver-side pair of arrays (sorted keys, values), fetched once per worker process."""
     import ray
 
     ref = ref_holder[0]
@@ -182,75 +237,6 @@ def _tokenizer(name: str):
 
         _TOKENIZERS[name] = load_tokenizer(storage.local_copy(name))
     return _TOKENIZERS[name]
-
-
-def _tokenize_udf(batch: dict[str, np.ndarray], kept_ref: list, tok: dict) -> Iterator[pa.Table]:
-    """Pass 2: one read task in, tokenized rows of the surviving keys out."""
-    from ift.data.tokenize import tokenize_records
-
-    task, opts = _task_of(batch), _opts_of(batch)
-    keys, is_val = _kept(kept_ref)
-    tokenizer = _tokenizer(tok["name"])
-    pending: list[tuple[int, dict, bool]] = []
-
-    def flush() -> pa.Table:
-        recs = [r for _, r, _ in pending]
-        rows, _dropped = tokenize_records(
-            recs,
-            tokenizer,
-            template=tok["template"],
-            max_seq_len=tok["max_seq_len"],
-            train_on_prompt=tok["train_on_prompt"],
-            truncation=tok["truncation"],
-        )
-        by_id = {r["id"]: r for r in rows}
-        out: dict[str, list] = defaultdict(list)
-        for key, rec, val in pending:
-            row = by_id.get(rec["id"])
-            if row is None:  # no trainable token left after truncation: counted by the driver
-                continue
-            out["key"].append(key)
-            out["id"].append(rec["id"])
-            out["source"].append(rec["source"])
-            out["split"].append("val" if val else "train")
-            out["lang"].append(rec["lang"])
-            out["task"].append(rec.get("task") or "")
-            out["input_ids"].append(row["input_ids"])
-            out["labels"].append(row["labels"])
-            out["num_tokens"].append(row["num_tokens"])
-            out["num_trainable"].append(row["num_trainable"])
-        pending.clear()
-        return _token_table(out)
-
-    for key, _line, rec, _reason, _raw in clean_rows(task, opts):
-        if rec is None:
-            continue
-        i = np.searchsorted(keys, key)
-        if i >= len(keys) or keys[i] != key:
-            continue  # a duplicate of an earlier row
-        pending.append((key, rec, bool(is_val[i])))
-        if len(pending) >= tok["batch_size"]:
-            yield flush()
-    if pending:
-        yield flush()
-
-
-def _token_table(cols: dict[str, list]) -> pa.Table:
-    ids = pa.list_(pa.int32())
-    data = {
-        "key": pa.array(cols.get("key", []), pa.int64()),
-        "id": pa.array(cols.get("id", []), pa.string()),
-        "source": pa.array(cols.get("source", []), pa.string()),
-        "lang": pa.array(cols.get("lang", []), pa.string()),
-        "task": pa.array(cols.get("task", []), pa.string()),
-        "input_ids": pa.array(cols.get("input_ids", []), ids),
-        "labels": pa.array(cols.get("labels", []), ids),
-        "num_tokens": pa.array(cols.get("num_tokens", []), pa.int32()),
-        "num_trainable": pa.array(cols.get("num_trainable", []), pa.int32()),
-    }
-    if "split" in cols:
-        data["split"] = pa.array(cols["split"], pa.string())
-    return pa.table(data)
 
 
 def _mix_udf(table: pa.Table, draws_ref: list, pack_len: int, seed: int) -> pa.Table:
@@ -399,92 +385,32 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
     ]
     remote = {"num_cpus": d.num_cpus_per_task}
 
-    # Pass 1: scan.
-    _log("pass 1/3: read, convert, validate, hash")
-    scan = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _scan_udf, batch_size=1, batch_format="numpy", **remote)
-    file_of = {f_index: f for f_index, f in enumerate(files)}
-    stats = {s.name: defaultdict(int) for s in sources}
-    langs = {s.name: defaultdict(int) for s in sources}
-    keys, srcs, hashes = [], [], []
-    reject_dir = tempfile.mkdtemp(prefix="ift-rejects-")
-    reject_files: dict[str, Any] = {}
-    try:
-        for b in scan.iter_batches(batch_format="pyarrow", batch_size=None):
-            reason = b.column("reason")
-            ok = pc.is_null(reason).to_numpy(zero_copy_only=False)
-            src_arr = b.column("src").to_numpy()
-            for si in np.unique(src_arr):
-                name = sources[si].name
-                mask = src_arr == si
-                stats[name]["rows_read"] += int(mask.sum())
-                stats[name]["rows_rejected"] += int((mask & ~ok).sum())
-            if ok.any():
-                good = b.filter(pa.array(ok))
-                keys.append(good.column("key").to_numpy())
-                srcs.append(good.column("src").to_numpy())
-                hashes.append(np.array(good.column("hash").to_pylist(), dtype="S32"))
-                for si, lang in zip(good.column("src").to_pylist(), good.column("lang").to_pylist()):
-                    langs[sources[si].name][lang] += 1
-            if (~ok).any():
-                bad = b.filter(pa.array(~ok)).to_pylist()
-                for r in bad:
-                    name = sources[r["src"]].name
-                    f = file_of[int(r["key"]) >> 36]
-                    pos = "line" if f.get("line_based") else "index"
-                    if name not in reject_files:
-                        reject_files[name] = open(os.path.join(reject_dir, f"{name}.jsonl"), "w",
-                                                  encoding="utf-8")
-                    reject_files[name].write(json.dumps({
-                        "source": name, "file": f["path"], pos: r["line"],
-                        "reason": r["reason"], "raw": r["raw"]}, ensure_ascii=False) + "\n")
-    finally:
-        for fh in reject_files.values():
-            fh.close()
-    keys_a = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-    srcs_a = np.concatenate(srcs) if srcs else np.zeros(0, np.int32)
-    hashes_a = np.concatenate(hashes) if hashes else np.zeros(0, "S32")
+    # Pass 1: ingest, every row read, converted and tokenized once.
+    _log(f"pass 1/2: read, convert, validate, hash, render template {template!r}, tokenize "
+         f"and mask (max_seq_len {d.max_seq_len})")
+    tok = {"name": tok_name, "template": template, "max_seq_len": d.max_seq_len,
+           "train_on_prompt": d.train_on_prompt, "truncation": d.truncation,
+           "batch_size": d.batch_size, "val_ratio": d.val_ratio}
+    fs, root = storage.arrow_fs(out)
+    ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _ingest_udf, batch_size=1, batch_format="numpy", fn_kwargs={"tok": tok}, **remote,
+    ).write_parquet(f"{root}/{SOURCES_DIR}", filesystem=fs, partition_cols=["source", "split"],
+                    min_rows_per_file=d.shard_rows)
 
-    # Exact duplicates across all sources: the first occurrence in config order wins.
-    keep = mix.dedupe_first(hashes_a, keys_a) if d.dedupe else np.ones(len(keys_a), bool)
-    is_val = np.zeros(len(keys_a), dtype=bool)
-    for si, src in enumerate(sources):
-        m = srcs_a == si
-        stats[src.name]["rows_duplicate"] = int((m & ~keep).sum())
-        stats[src.name]["rows_kept"] = int((m & keep).sum())
-        idx = np.nonzero(m & keep)[0]
-        scores = mix.split_scores([h.decode() for h in hashes_a[idx]], d.seed)
-        is_val[idx] = mix.assign_val(scores, d.val_ratio, d.val_max_rows)
-    order = np.argsort(keys_a[keep], kind="stable")
-    kept_keys = keys_a[keep][order]
-    kept_val = is_val[keep][order]
+    # Driver: duplicates, the val cap, rejects and dropped rows, the index of kept rows.
+    stats, langs, reject_files = _settle(out, sources, files, d)
     total = sum(s["rows_read"] for s in stats.values())
-    _log(f"scanned {total} rows: {len(kept_keys)} kept, "
+    kept = sum(s["rows_kept"] for s in stats.values())
+    _log(f"read {total} rows: {kept} kept, "
          f"{sum(s['rows_rejected'] for s in stats.values())} rejected, "
-         f"{sum(s['rows_duplicate'] for s in stats.values())} duplicates")
-    if len(kept_keys) == 0:
+         f"{sum(s['rows_duplicate'] for s in stats.values())} duplicates, "
+         f"{sum(s['rows_dropped'] for s in stats.values())} dropped by truncation")
+    if kept == 0:
         raise PrepareError("no row survived conversion and validation; see the rejects above: "
                            + ", ".join(f"{k}: {v['rows_rejected']} rejected" for k, v in stats.items()))
 
-    # Pass 2: tokenize into per-source shards.
-    _log(f"pass 2/3: render template {template!r}, tokenize and mask (max_seq_len {d.max_seq_len})")
-    kept_ref = ray.put((kept_keys, kept_val))
-    tok = {"name": tok_name, "template": template, "max_seq_len": d.max_seq_len,
-           "train_on_prompt": d.train_on_prompt, "truncation": d.truncation,
-           "batch_size": d.batch_size}
-    fs, root = storage.arrow_fs(out)
-    ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _tokenize_udf, batch_size=1, batch_format="numpy",
-        fn_kwargs={"kept_ref": [kept_ref], "tok": tok}, **remote,
-    ).write_parquet(f"{root}/{SOURCES_DIR}", filesystem=fs, partition_cols=["source", "split"],
-                    min_rows_per_file=d.shard_rows)
-    for src in sources:
-        n = _count_rows(out, f"{SOURCES_DIR}/source={src.name}")
-        stats[src.name]["rows_dropped"] = stats[src.name]["rows_kept"] - n
-
-    # Pass 3: mix and (optionally) pack.
-    _log("pass 3/3: mix sources" + (" and pack" if d.pack else ""))
-    # A source whose every row was dropped (too long to keep a trainable token) has no shards.
+    # Pass 2: mix and (optionally) pack.
+    _log("pass 2/2: mix sources" + (" and pack" if d.pack else ""))
     present = set(source_names(out))
     if not present:
         raise PrepareError("every kept row was dropped: no sample keeps a trainable token "
@@ -494,10 +420,6 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
                         seed=d.seed, pack=d.pack, max_seq_len=d.max_seq_len,
                         shard_rows=d.shard_rows, init=False)
 
-    for name in reject_files:
-        with open(os.path.join(reject_dir, f"{name}.jsonl"), "rb") as fh:
-            storage.write_bytes(storage.join(out, "rejects", f"{name}.jsonl"), fh.read())
-    shutil.rmtree(reject_dir, ignore_errors=True)
     manifest = {
         "version": MANIFEST_VERSION,
         "hash": digest,
@@ -528,7 +450,11 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
         },
         "rejects": {
             "total": sum(s["rows_rejected"] for s in stats.values()),
-            "files": [f"rejects/{n}.jsonl" for n in sorted(reject_files)],
+            "files": [f"rejects/{n}.jsonl" for n in sorted(reject_files["rejected"])],
+        },
+        "dropped": {
+            "total": sum(s["rows_dropped"] for s in stats.values()),
+            "files": [f"dropped/{n}.jsonl" for n in sorted(reject_files["dropped"])],
         },
         "config": dataclasses.asdict(d),
     }
@@ -550,19 +476,154 @@ def _dataset(path: str, columns: list[str] | None = None) -> pa.Table:
     return ds.to_table(columns=columns)
 
 
-def _count_rows(out: str, sub: str) -> int:
+_PARTITIONING_SCHEMA = pa.schema([("source", pa.string()), ("split", pa.string())])
+
+
+def _read_shards(prepared: str, columns: list[str], splits: tuple[str, ...] = PARTITIONS
+                 ) -> pa.Table:
+    """Columns of the per-source shards (plus `source` and `split` from their folders)."""
     import pyarrow.dataset as pads
 
-    fs, root = storage.arrow_fs(storage.join(out, sub))
+    fs, root = storage.arrow_fs(storage.join(prepared, SOURCES_DIR))
+    part = pads.partitioning(_PARTITIONING_SCHEMA, flavor="hive")
     try:
-        return pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive").count_rows()
+        ds = pads.dataset(root, filesystem=fs, format="parquet", partitioning=part)
     except (FileNotFoundError, OSError):
-        return 0
+        return pa.table({c: pa.array([], SHARD_SCHEMA.field(c).type) for c in columns})
+    return ds.to_table(columns=columns, filter=pc.field("split").isin(list(splits)))
+
+
+def _settle(out: str, sources: list[SourceConfig], files: list[dict], d) -> tuple[dict, dict, dict]:
+    """After the ingest pass: per-source counts and languages, duplicates dropped across
+    sources (the first in config order wins), val capped, the kept rows' index written,
+    rejected and dropped rows written as JSONL and their partitions removed."""
+    t = _read_shards(out, ["key", "hash", "lang", "num_tokens", "source", "split"])
+    names = [s.name for s in sources]
+    # Codes and fixed-width bytes rather than a Python object per row: this is 1M rows and more.
+    src = _codes(t.column("source"), names)
+    split = _codes(t.column("split"), list(PARTITIONS))
+    keys = t.column("key").to_numpy()
+    valid = split != PARTITIONS.index("rejected")
+    dropped = split == PARTITIONS.index("dropped")
+    hashes = _fixed_bytes(t.column("hash").filter(pa.array(valid)), 32)
+    keep = np.zeros(len(keys), dtype=bool)
+    keep[valid] = (mix.dedupe_first(hashes, keys[valid]) if d.dedupe
+                   else np.ones(int(valid.sum()), dtype=bool))
+    hash_of = np.zeros(len(keys), dtype="S32")
+    hash_of[valid] = hashes
+    final_val = np.zeros(len(keys), dtype=bool)
+    stats: dict[str, dict[str, int]] = {}
+    langs: dict[str, dict[str, int]] = {}
+    for si, name in enumerate(names):
+        m = src == si
+        stats[name] = {
+            "rows_read": int(m.sum()),
+            "rows_rejected": int((m & ~valid).sum()),
+            "rows_duplicate": int((m & valid & ~keep).sum()),
+            "rows_kept": int((m & keep).sum()),
+            "rows_dropped": int((m & keep & dropped).sum()),
+        }
+        counts = pc.value_counts(t.column("lang").filter(pa.array(m & valid))).to_pylist()
+        langs[name] = {c["values"]: int(c["counts"]) for c in counts}
+        cand = np.nonzero(m & keep & (split == PARTITIONS.index("val")))[0]
+        scores = mix.split_scores([h.decode() for h in hash_of[cand]], d.seed)
+        final_val[cand] = mix.assign_val(scores, d.val_ratio, d.val_max_rows)
+
+    rows = np.nonzero(keep & ~dropped)[0]
+    rows = rows[np.argsort(keys[rows], kind="stable")]
+    index = pa.table({
+        "key": pa.array(keys[rows]),
+        "source": pc.take(pa.array(names, pa.string()), pa.array(src[rows])),
+        "split": pa.array(np.where(final_val[rows], "val", "train")),
+        "shard": pc.take(pa.array(PARTITIONS, pa.string()), pa.array(split[rows])),
+        "num_tokens": pa.array(t.column("num_tokens").to_numpy()[rows]),
+    })
+    _write_index(out, index)
+    del t, hash_of, hashes
+
+    written: dict[str, list[str]] = {"rejected": [], "dropped": []}
+    dropped_keys = np.sort(keys[keep & dropped])
+    side = _read_shards(out, ["key", "id", "reason", "raw", "source", "split"],
+                        ("rejected", "dropped"))
+    side = side.take(pc.sort_indices(side, [("key", "ascending")]))
+    for name in names:
+        for part, folder in (("rejected", "rejects"), ("dropped", "dropped")):
+            r = side.filter((pc.field("source") == name) & (pc.field("split") == part))
+            if r.num_rows == 0:
+                continue
+            if part == "dropped":  # a dropped duplicate is counted as a duplicate, not here
+                k = r.column("key").to_numpy()
+                r = r.filter(pa.array(np.isin(k, dropped_keys)))
+            lines = []
+            for row in r.to_pylist():
+                f = files[row["key"] >> 36]
+                pos = "line" if f.get("line_based") else "index"
+                entry = {"source": name, "file": f["path"], pos: row["key"] & _LINE_MASK}
+                if part == "dropped":
+                    entry["id"] = row["id"]
+                entry["reason"] = row["reason"]
+                if part == "rejected":
+                    entry["raw"] = row["raw"]
+                lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
+            if lines:
+                storage.write_bytes(storage.join(out, folder, f"{name}.jsonl"),
+                                    "".join(lines).encode("utf-8"))
+                written[part].append(name)
+        for part in ("rejected", "dropped"):
+            sub = storage.join(out, SOURCES_DIR, f"source={name}", f"split={part}")
+            if storage.exists(sub):
+                storage.rmtree(sub)
+        if not storage.is_remote(out):  # an empty source folder would look like a source
+            folder = storage.join(out, SOURCES_DIR, f"source={name}")
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+    return stats, langs, written
+
+
+_LINE_MASK = (1 << 36) - 1
+
+
+def _codes(column: pa.ChunkedArray, values: list[str]) -> np.ndarray:
+    """The position of each string of `column` in `values`, as an int64 array."""
+    return pc.index_in(column, value_set=pa.array(values, pa.string())).to_numpy(
+        zero_copy_only=False).astype(np.int64)
+
+
+def _fixed_bytes(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """Fixed-width strings as a numpy bytes array, without a Python object per row."""
+    if len(column) == 0:
+        return np.zeros(0, dtype=f"S{width}")
+    a = pc.cast(column, pa.binary(width)).combine_chunks()
+    return np.frombuffer(a.buffers()[1], f"S{width}", count=len(a), offset=a.offset * width)
+
+
+def _write_index(prepared: str, index: pa.Table) -> None:
+    import pyarrow.parquet as pq
+
+    fs, root = storage.arrow_fs(storage.join(prepared, SOURCES_DIR, INDEX_FILE))
+    pq.write_table(index, root, filesystem=fs)
+
+
+def load_index(prepared: str) -> pa.Table:
+    """The kept rows of a prepared dataset: key, source, split, shard, num_tokens (by key).
+
+    Datasets prepared before the index existed hold exactly the kept rows in their
+    `split=train|val` folders; their index is read off those.
+    """
+    import pyarrow.parquet as pq
+
+    path = storage.join(prepared, SOURCES_DIR, INDEX_FILE)
+    if storage.exists(path):
+        fs, root = storage.arrow_fs(path)
+        return pq.read_table(root, filesystem=fs)
+    t = _read_shards(prepared, ["key", "source", "split", "num_tokens"], ("train", "val"))
+    t = t.append_column("shard", t.column("split"))
+    return t.take(pc.sort_indices(t, [("key", "ascending")]))
 
 
 def source_names(prepared: str) -> list[str]:
-    return [n.split("=", 1)[1] for n in storage.listdir(storage.join(prepared, SOURCES_DIR))
-            if n.startswith("source=")]
+    """Sources with at least one kept row, sorted."""
+    return sorted(pc.unique(load_index(prepared).column("source")).to_pylist())
 
 
 def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | None, int | None]],
@@ -579,7 +640,8 @@ def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | Non
         from ift.raycluster import init_ray
 
         init_ray(address)
-    known = set(source_names(prepared))
+    index = load_index(prepared)
+    known = set(pc.unique(index.column("source")).to_pylist())
     unknown = sorted(set(sources) - known)
     if unknown:
         raise ConfigError(f"unknown source(s) {unknown} in mixture; {prepared} has {sorted(known)}")
@@ -590,13 +652,11 @@ def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | Non
         all_keys, all_counts, lengths = [], [], []
         dirs = []
         for name, (weight, count) in sources.items():
-            sub = storage.join(prepared, SOURCES_DIR, f"source={name}", f"split={split}")
-            t = _dataset(sub, ["key", "num_tokens"])
+            t = index.filter((pc.field("source") == name) & (pc.field("split") == split))
             if t.num_rows == 0:
                 continue
-            order = np.argsort(t.column("key").to_numpy(), kind="stable")
-            k = t.column("key").to_numpy()[order]
-            n_tok = t.column("num_tokens").to_numpy()[order]
+            k = t.column("key").to_numpy()  # the index is sorted by key
+            n_tok = t.column("num_tokens").to_numpy()
             if split == "train":
                 c = mix.multiplicities(len(k), weight=weight, count=count, seed=seed, salt=name)
                 result["rows_sampled"][name] = int(c.sum())
@@ -606,7 +666,10 @@ def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | Non
             all_keys.append(k)
             all_counts.append(c)
             lengths.append(np.repeat(n_tok, c))
-            if c.sum() > 0:
+            # The shards holding drawn rows (val candidates past the val cap train).
+            shards = np.asarray(t.column("shard").to_numpy(zero_copy_only=False), dtype=object)
+            for shard in sorted(set(shards[c > 0])):
+                sub = storage.join(prepared, SOURCES_DIR, f"source={name}", f"split={shard}")
                 dirs.append(storage.arrow_fs(sub)[1])
         keys = np.concatenate(all_keys) if all_keys else np.zeros(0, np.int64)
         counts = np.concatenate(all_counts) if all_counts else np.zeros(0, np.int64)
@@ -703,9 +766,11 @@ def remix(prepared: str, out: str, *, weights: dict[str, float | None] | None = 
 
 def _with_source(table: pa.Table) -> pa.Table:
     """The source name from the hive path (source=NAME/split=...)."""
-    paths = table.column("path").to_pylist()
-    names = [p.split("source=", 1)[1].split("/", 1)[0] for p in paths]
-    return table.drop_columns(["path"]).append_column("source", pa.array(names, pa.string()))
+    paths = pc.dictionary_encode(table.column("path")).combine_chunks()  # one path per file
+    names = pa.array([p.split("source=", 1)[1].split("/", 1)[0]
+                      for p in paths.dictionary.to_pylist()], pa.string())
+    source = pc.take(names, paths.indices)
+    return table.drop_columns(["path"]).append_column("source", source)
 
 
 def _waste(lengths: np.ndarray, max_seq_len: int) -> float:

@@ -15,7 +15,11 @@ reply tokens after it.
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import itertools
 from typing import Any
+
+import numpy as np
 
 from ift.data.templates import (
     Segment,
@@ -46,6 +50,15 @@ def tokenize_records(
     cannot be rendered, or keeps no trainable token, is returned in `dropped` as
     `{id, source, reason}`. A template that cannot mask turns at all raises TemplateError.
     """
+    rows, dropped = _tokenize(records, tokenizer, template=template, max_seq_len=max_seq_len,
+                              train_on_prompt=train_on_prompt, truncation=truncation)
+    return [r for _, r in rows], [d for _, d in dropped]
+
+
+def _tokenize(records: list[dict], tokenizer, *, template: str, max_seq_len: int,
+              train_on_prompt: bool, truncation: str
+              ) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+    """`tokenize_records` with each row and dropped record paired with its position."""
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r} (allowed: {', '.join(TRUNCATION)})")
     if max_seq_len < 1:
@@ -58,40 +71,12 @@ def tokenize_records(
     offsets = truncation == "left" and bool(getattr(tokenizer, "is_fast", False))
     merge_exchanges = truncation == "right" or offsets
 
-    dropped: list[dict] = []
-    rendered: list[tuple[dict, list[_Run]]] = []
-    text_ids: dict[str, int] = {}  # repeated texts (system prompts, headers) tokenize once
-    for rec in records:
-        try:
-            segs = segments(rec, name, tokenizer, traits)
-        except TemplateError:
-            raise
-        except ValueError as e:
-            dropped.append(_drop(rec, f"cannot render with template {name!r}: {e}"))
-            continue
-        runs = _runs(segs, merge_exchanges=merge_exchanges)
-        for run in runs:
-            run.key = text_ids.setdefault(run.text, len(text_ids))
-        rendered.append((rec, runs))
+    dropped: list[tuple[int, dict]] = []
+    rendered, texts = _render(records, name, tokenizer, traits, merge_exchanges, dropped)
+    encoded, spans = _encode(texts, tokenizer, offsets)
 
-    texts = list(text_ids)
-    encoded: list[list[int]] = []
-    spans: list[list[tuple[int, int]]] = []
-    if texts:
-        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(
-            tokenizer, "is_fast", False) else None
-        if backend is not None:
-            # The Rust tokenizer directly: the same ids without transformers' per-row wrapping.
-            encs = backend.encode_batch(texts, add_special_tokens=False)
-            encoded = [e.ids for e in encs]
-            spans = [e.offsets for e in encs] if offsets else [[] for _ in texts]
-        else:
-            enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
-            encoded = enc["input_ids"]
-            spans = enc["offset_mapping"] if offsets else [[] for _ in texts]
-
-    rows: list[dict] = []
-    for rec, runs in rendered:
+    rows: list[tuple[int, dict]] = []
+    for pos, rec, runs in rendered:
         ids: list[int] = []
         labels: list[int] = []
         for run in runs:
@@ -101,7 +86,7 @@ def tokenize_records(
                           else [IGNORE_INDEX] * len(piece))
         if not ids or not (train_on_prompt or any(run.trainable and encoded[run.key]
                                                   for run in runs)):
-            dropped.append(_drop(rec, "no assistant turn to train on"))
+            dropped.append((pos, _drop(rec, "no assistant turn to train on")))
             continue
         n = len(ids)
         if n > max_seq_len:
@@ -113,21 +98,165 @@ def tokenize_records(
                 ids, labels = _truncate_left(ids, labels, exchange, max_seq_len)
         num_trainable = sum(1 for lab in labels if lab != IGNORE_INDEX)
         if num_trainable == 0:
-            dropped.append(_drop(
+            dropped.append((pos, _drop(
                 rec,
                 f"no trainable token left after {truncation} truncation of {n} tokens "
                 f"to max_seq_len={max_seq_len}",
-            ))
+            )))
             continue
-        rows.append({
+        rows.append((pos, {
             "id": rec.get("id", ""),
             "source": rec.get("source", ""),
             "input_ids": ids,
             "labels": labels,
             "num_tokens": len(ids),
             "num_trainable": num_trainable,
-        })
+        }))
     return rows, dropped
+
+
+@dataclasses.dataclass
+class TokenArrays:
+    """Tokenized rows as flat arrays: row i is `input_ids[offsets[i]:offsets[i + 1]]`.
+
+    The form Arrow list columns are built from without a Python object per token.
+    """
+
+    index: np.ndarray
+    """Position in the input records of each row (records that were dropped are absent)."""
+    offsets: np.ndarray
+    """int64, one more than the rows."""
+    input_ids: np.ndarray
+    """int32, every row's ids end to end."""
+    labels: np.ndarray
+    """int32, like input_ids with IGNORE_INDEX where no loss is taken."""
+    num_tokens: np.ndarray
+    num_trainable: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def tokenize_arrays(
+    records: list[dict],
+    tokenizer,
+    *,
+    template: str,
+    max_seq_len: int,
+    train_on_prompt: bool = False,
+    truncation: str = "right",
+) -> tuple[TokenArrays, list[tuple[int, str]]]:
+    """`tokenize_records` with flat-array output; dropped records as (position, reason).
+
+    Same tokens, labels and drop decisions as `tokenize_records`. Right truncation is
+    computed with array operations; left truncation goes through `tokenize_records`.
+    """
+    if truncation != "right" or max_seq_len < 1:
+        return _arrays_from_rows(*_tokenize(
+            records, tokenizer, template=template, max_seq_len=max_seq_len,
+            train_on_prompt=train_on_prompt, truncation=truncation))
+    name = resolve_template(template, tokenizer)
+    traits = tokenizer_traits(tokenizer)
+    failed: list[tuple[int, dict]] = []
+    rendered, texts = _render(records, name, tokenizer, traits, True, failed)
+    encoded, _ = _encode(texts, tokenizer, False)
+    dropped = [(i, d["reason"]) for i, d in failed]
+
+    text_len = np.fromiter((len(e) for e in encoded), np.int64, count=len(encoded))
+    text_flat = np.fromiter(itertools.chain.from_iterable(encoded), np.int32,
+                            count=int(text_len.sum()))
+    text_start = np.cumsum(text_len) - text_len
+    run_key = np.fromiter((run.key for _, _, runs in rendered for run in runs), np.int64)
+    run_train = np.fromiter((run.trainable for _, _, runs in rendered for run in runs), bool,
+                            count=len(run_key))
+    runs_per_row = np.fromiter((len(runs) for _, _, runs in rendered), np.int64, count=len(rendered))
+    run_len = text_len[run_key]
+    # Gather every run's tokens into one array, rows end to end.
+    run_start = np.cumsum(run_len) - run_len
+    ids = text_flat[np.arange(int(run_len.sum())) - np.repeat(run_start - text_start[run_key],
+                                                              run_len)]
+    trainable = np.repeat(run_train, run_len)
+    run_row = np.repeat(np.arange(len(rendered)), runs_per_row)
+    row_len = np.bincount(run_row, weights=run_len, minlength=len(rendered)).astype(np.int64)
+    row_train = np.bincount(run_row, weights=run_len * run_train,
+                            minlength=len(rendered)).astype(np.int64)
+    row_start = np.cumsum(row_len) - row_len
+    tok_row = np.repeat(np.arange(len(rendered)), row_len)
+    in_len = (np.arange(len(ids)) - row_start[tok_row]) < max_seq_len
+    labels = ids if train_on_prompt else np.where(trainable, ids, IGNORE_INDEX).astype(np.int32)
+    kept_train = np.bincount(tok_row, weights=(labels != IGNORE_INDEX) & in_len,
+                             minlength=len(rendered)).astype(np.int64)
+
+    ok = (row_len > 0) & ((row_train > 0) | train_on_prompt) & (kept_train > 0)
+    for r in np.nonzero(~ok)[0]:
+        if row_len[r] == 0 or not (train_on_prompt or row_train[r] > 0):
+            reason = "no assistant turn to train on"
+        else:
+            reason = (f"no trainable token left after right truncation of {row_len[r]} tokens "
+                      f"to max_seq_len={max_seq_len}")
+        dropped.append((rendered[r][0], reason))
+    keep_tok = in_len & ok[tok_row]
+    n_tok = np.minimum(row_len, max_seq_len)[ok]
+    return TokenArrays(
+        index=np.array([rendered[r][0] for r in np.nonzero(ok)[0]], np.int64),
+        offsets=np.concatenate([[0], np.cumsum(n_tok)]).astype(np.int64),
+        input_ids=ids[keep_tok],
+        labels=labels[keep_tok],
+        num_tokens=n_tok.astype(np.int32),
+        num_trainable=kept_train[ok].astype(np.int32),
+    ), sorted(dropped)
+
+
+def _arrays_from_rows(rows: list[tuple[int, dict]], dropped: list[tuple[int, dict]]
+                      ) -> tuple[TokenArrays, list[tuple[int, str]]]:
+    lens = np.array([r["num_tokens"] for _, r in rows], np.int64)
+    return TokenArrays(
+        index=np.array([i for i, _ in rows], np.int64),
+        offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+        input_ids=np.fromiter(itertools.chain.from_iterable(r["input_ids"] for _, r in rows),
+                              np.int32, count=int(lens.sum())),
+        labels=np.fromiter(itertools.chain.from_iterable(r["labels"] for _, r in rows),
+                           np.int32, count=int(lens.sum())),
+        num_tokens=lens.astype(np.int32),
+        num_trainable=np.array([r["num_trainable"] for _, r in rows], np.int32),
+    ), sorted((i, d["reason"]) for i, d in dropped)
+
+
+def _render(records: list[dict], name: str, tokenizer, traits, merge_exchanges: bool,
+            failed: list[tuple[int, dict]]) -> tuple[list[tuple[int, dict, list[_Run]]], list[str]]:
+    """(position, record, runs) of each renderable record (run.key indexes the unique
+    texts), and the texts. Records that cannot be rendered go to `failed` with their position."""
+    rendered: list[tuple[int, dict, list[_Run]]] = []
+    text_ids: dict[str, int] = {}  # repeated texts (system prompts, headers) tokenize once
+    for i, rec in enumerate(records):
+        try:
+            segs = segments(rec, name, tokenizer, traits)
+        except TemplateError:
+            raise
+        except ValueError as e:
+            failed.append((i, _drop(rec, f"cannot render with template {name!r}: {e}")))
+            continue
+        runs = _runs(segs, merge_exchanges=merge_exchanges)
+        for run in runs:
+            run.key = text_ids.setdefault(run.text, len(text_ids))
+        rendered.append((i, rec, runs))
+    return rendered, list(text_ids)
+
+
+def _encode(texts: list[str], tokenizer, offsets: bool
+            ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids (and character offsets when asked) of each text, no special tokens added."""
+    if not texts:
+        return [], []
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(
+        tokenizer, "is_fast", False) else None
+    if backend is not None:
+        # The Rust tokenizer directly: the same ids without transformers' per-row wrapping.
+        encs = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encs], ([e.offsets for e in encs] if offsets
+                                       else [[] for _ in texts])
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+    return enc["input_ids"], (enc["offset_mapping"] if offsets else [[] for _ in texts])
 
 
 class _Run:

@@ -179,6 +179,30 @@ def test_remix_by_tags_is_a_complete_prepared_dir(prepared, tmp_path):
         remix(out, str(tmp_path / "x"), weights={"nope": 1.0})
 
 
+def test_remix_of_a_dataset_prepared_before_the_index(prepared, tmp_path):
+    """Older prepared dirs have no sources/_index.parquet: their shards hold exactly the kept
+    rows, and re-mixing reads the index off them."""
+    from ift.data.pipeline import INDEX_FILE, load_index, remix
+
+    import pyarrow.parquet as pq
+
+    _, out, manifest = prepared
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    # The old layout: shards of kept rows only, no index.
+    kept = load_index(out).column("key").to_numpy()
+    for f in (old / "sources").glob("source=*/split=*/*.parquet"):
+        t = pq.read_table(f)
+        pq.write_table(t.filter(np.isin(t.column("key").to_numpy(), kept)), f)
+    (old / "sources" / INDEX_FILE).unlink()
+    rebuilt = load_index(str(old))
+    assert rebuilt.num_rows == sum(s["rows_sampled"] + s["rows_val"]
+                                   for s in manifest["sources"].values())
+    m = remix(str(old), str(tmp_path / "remixed"))
+    assert m["splits"]["train"]["rows"] == manifest["splits"]["train"]["rows"]
+    assert m["splits"]["val"]["rows"] == manifest["splits"]["val"]["rows"]
+
+
 def test_packing(ray_cluster, tiny_model, sample_data_dir, tmp_path, prepared):
     _, _, unpacked = prepared
     out = tmp_path / "packed"
@@ -200,6 +224,8 @@ def test_packing(ray_cluster, tiny_model, sample_data_dir, tmp_path, prepared):
 def test_bad_rows_are_rejected_with_file_and_line(ray_cluster, tiny_model, tmp_path):
     src = tmp_path / "mixed.jsonl"
     good = {"instruction": "Say hi", "input": "", "output": "hi"}
+    long_row = {"instruction": "Repeat after me: " + "lorem ipsum " * 60, "input": "",
+                "output": "no room left for this reply"}
     lines = [
         json.dumps(good).encode(),
         b'{"instruction": "broken", "output": ',  # malformed JSON (line 2)
@@ -208,15 +234,29 @@ def test_bad_rows_are_rejected_with_file_and_line(ray_cluster, tiny_model, tmp_p
         json.dumps({"instruction": "Say hi", "input": "", "output": "hi"}).encode(),  # dup (5)
         json.dumps({"instruction": "Name a colour", "input": "", "output": "blue"}).encode(),
         json.dumps({"instruction": ["a"], "input": "", "output": "x"}).encode(),  # a list (7)
+        json.dumps(long_row).encode(),  # no trainable token within max_seq_len (8)
+        json.dumps(long_row).encode(),  # its duplicate (9)
     ]
     src.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out"
     cfg = load_config(None, [f"model.name_or_path={tiny_model}", f"data.output={out}",
-                             f"data.sources.0.path={src}", "data.val_ratio=0"])
+                             f"data.sources.0.path={src}", "data.val_ratio=0",
+                             "data.max_seq_len=48"])
     manifest = prepare(cfg)
     s = manifest["sources"]["mixed"]
-    assert s["rows_read"] == 7
-    assert s["rows_rejected"] == 4 and s["rows_duplicate"] == 1 and s["rows_kept"] == 2
+    assert s["rows_read"] == 9
+    assert s["rows_rejected"] == 4 and s["rows_duplicate"] == 2 and s["rows_kept"] == 3
+    assert s["rows_dropped"] == 1 and s["rows_sampled"] == 2
+    dropped = [json.loads(x) for x in (out / "dropped" / "mixed.jsonl").read_text().splitlines()]
+    assert [(d["line"], d["file"]) for d in dropped] == [(8, str(src))]
+    assert "max_seq_len=48" in dropped[0]["reason"]
+    assert manifest["dropped"] == {"total": 1, "files": ["dropped/mixed.jsonl"]}
+    # Only kept rows' shards stay; the index lists the two kept, trainable rows.
+    parts = {p.name for p in (out / "sources" / "source=mixed").iterdir()}
+    assert parts == {"split=train"}
+    index = pads.dataset(str(out / "sources" / "_index.parquet")).to_table().to_pylist()
+    assert [(r["key"] & ((1 << 36) - 1), r["split"]) for r in index] == [(1, "train"),
+                                                                        (6, "train")]
     rejects = [json.loads(x) for x in (out / "rejects" / "mixed.jsonl").read_text().splitlines()]
     assert sorted(r["line"] for r in rejects) == [2, 3, 4, 7]
     for r in rejects:

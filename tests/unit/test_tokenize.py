@@ -295,3 +295,45 @@ def test_bad_arguments(toks):
                          truncation="middle")
     with pytest.raises(ValueError, match="template 'chatlm'"):
         tokenize_records([ZH], toks["chatml"], template="chatlm", max_seq_len=64)
+
+
+def _as_rows(arrays, records) -> list[dict]:
+    out = []
+    for j, i in enumerate(arrays.index):
+        lo, hi = arrays.offsets[j], arrays.offsets[j + 1]
+        out.append({"id": records[i]["id"], "source": records[i]["source"],
+                    "input_ids": arrays.input_ids[lo:hi].tolist(),
+                    "labels": arrays.labels[lo:hi].tolist(),
+                    "num_tokens": int(arrays.num_tokens[j]),
+                    "num_trainable": int(arrays.num_trainable[j])})
+    return out
+
+
+NO_REPLY = rec("noreply", [("user", "Hello?")])
+LONG_PROMPT = rec("longq", [("user", "word " * 300), ("assistant", "Short.")])
+BAD_ROLE = rec("badrole", [("user", "Hi"), ("wizard", "Poof")])
+
+
+@pytest.mark.parametrize("template,tok_name", list(CASES))
+@pytest.mark.parametrize("max_seq_len", [4096, 64, 20])
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+@pytest.mark.parametrize("truncation", ["right", "left"])
+def test_array_output_equals_the_row_output(template, tok_name, max_seq_len, train_on_prompt,
+                                            truncation, toks):
+    """tokenize_arrays gives the same rows and drop decisions as tokenize_records, with
+    duplicates, unrenderable records, prompt-only records and prompts cut by truncation."""
+    from ift.data.tokenize import tokenize_arrays
+
+    tok = toks[tok_name]
+    records = RECORDS + [NO_REPLY, LONG_PROMPT, ZH, BAD_ROLE, MULTI]
+    kw = dict(template=template, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt,
+              truncation=truncation)
+    rows, dropped = tokenize_records(records, tok, **kw)
+    arrays, dropped_at = tokenize_arrays(records, tok, **kw)
+    assert _as_rows(arrays, records) == rows
+    assert arrays.offsets[-1] == len(arrays.input_ids) == len(arrays.labels)
+    assert arrays.input_ids.dtype == arrays.labels.dtype == "int32"
+    assert sorted(records[i]["id"] for i, _ in dropped_at) == sorted(d["id"] for d in dropped)
+    assert sorted(r for _, r in dropped_at) == sorted(d["reason"] for d in dropped)
+    assert not set(arrays.index) & {i for i, _ in dropped_at}
+    assert len(arrays) + len(dropped_at) == len(records)
