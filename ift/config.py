@@ -121,8 +121,9 @@ class DataConfig:
     seed: int = 42
     """Seed for sampling, the train/val split and CoT template choice."""
     shard_rows: int = 20000
-    """Rows per output parquet shard (approximate)."""
-    read_chunk_mb: int = 32
+    """Most rows per output parquet shard (a cap, not a target: every read task writes its
+    own shards, so that tasks never wait to be bundled into one)."""
+    read_chunk_mb: int = 16
     """Line-based files (JSONL, TSV, CSV) are read in byte ranges of this size, in parallel."""
     num_cpus_per_task: float = 1.0
     """CPUs reserved by each Ray Data task."""

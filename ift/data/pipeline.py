@@ -1,31 +1,41 @@
 """`ift data prepare`: sources in, one clean, tokenized, sharded collection out, on Ray Data.
 
-Two streaming passes, each a Ray Data job whose memory does not grow with the data:
+Two streaming passes; every row is read, parsed and tokenized once, and no token data
+passes through the driver or the object store:
 
-1. ingest  read -> convert -> validate -> placeholders -> language, hash -> render template
-           -> tokenize and mask -> per-source shards `sources/source=NAME/split=S/`. Every
-           row read lands in one partition: `train`, `val` (its hash scores it a val
-           candidate), `dropped` (no trainable token within max_seq_len) or `rejected`
-           (with its reason and raw text). Rows are read, parsed and tokenized once.
-   driver  reads back only keys, hashes and lengths: drops exact duplicates across
-           sources, caps val, writes `sources/_index.parquet` (the kept rows, their split
-           and shard), rejects/ and dropped/ (JSONL), then deletes the `rejected` and
-           `dropped` partitions.
-2. mix     read the kept rows' shards -> draw each row by its source's weight or count ->
-           shuffle within batches -> pack (optional) -> write train/ and val/.
+1. ingest  one Ray Data task per read task (a file, or a newline-aligned byte range of
+           one): read -> convert -> validate -> placeholders -> language, hash -> render
+           template -> tokenize and mask. The task writes its rows to its source's shards
+           (`sources/source=NAME/split=train|val/`; val if its hash scores it a val
+           candidate) and streams a few bytes per row read to the driver: key, hash,
+           length, language, and for dropped (no trainable token within max_seq_len) and
+           rejected rows the reason.
+   driver  drops exact duplicates across sources (the first in config order wins), caps
+           val, writes `sources/_index.parquet` (the kept rows, their split and shard),
+           `rejects/` and `dropped/` (JSONL).
+2. mix     one task per shard holding drawn rows: draw each row by its source's weight or
+           count (val rows once) -> shuffle within the shard -> pack (optional) -> write
+           `train/` and `val/`; split statistics stream back.
 
 The `mix` pass is also what a sweep runs to re-mix sources without tokenizing again.
 Duplicates are tokenized before they are known to be duplicates; that costs what their
-share of the data costs, and it is what lets every row be read only once.
+share of the data costs, and it is what lets every row be read once. Each task writes its
+own files under names that depend only on the task, so a retried task overwrites what a
+failed try left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,16 +49,22 @@ from ift.data import mix
 from ift.data.record import ConvertError, conversation_hash
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2  # 2: sources/_index.parquet, one ingest pass
+MANIFEST_VERSION = 2  # 2: sources/_index.parquet; shards may hold duplicates
 SOURCES_DIR = "sources"
 INDEX_FILE = "_index.parquet"  # the "_" keeps it out of hive-partitioned dataset reads
-PARTITIONS = ("train", "val", "dropped", "rejected")
+PARTITIONS = ("train", "val", "dropped", "rejected")  # what the ingest says of each row
+TRAIN, VAL, DROPPED, REJECTED = range(4)
 _IDS = pa.list_(pa.int32())
 SHARD_SCHEMA = pa.schema([
     ("key", pa.int64()), ("id", pa.string()), ("lang", pa.string()), ("task", pa.string()),
-    ("hash", pa.string()), ("input_ids", _IDS), ("labels", _IDS), ("num_tokens", pa.int32()),
-    ("num_trainable", pa.int32()), ("reason", pa.string()), ("raw", pa.string()),
-    ("source", pa.string()), ("split", pa.string()),
+    ("input_ids", _IDS), ("labels", _IDS), ("num_tokens", pa.int32()),
+    ("num_trainable", pa.int32()),
+])
+# One row per row read, back to the driver: enough to dedupe, split, count and report.
+META_SCHEMA = pa.schema([
+    ("key", pa.int64()), ("src", pa.int32()), ("split", pa.int8()), ("hash", pa.string()),
+    ("lang", pa.string()), ("num_tokens", pa.int32()), ("id", pa.string()),
+    ("reason", pa.string()), ("raw", pa.string()),
 ])
 
 
@@ -126,33 +142,99 @@ def _opts_of(batch: dict[str, np.ndarray]) -> RowOptions:
     return RowOptions(**json.loads(batch["options"][0]))
 
 
-def _ingest_udf(batch: dict[str, np.ndarray], tok: dict) -> Iterator[pa.Table]:
-    """Pass 1: one read task in, every one of its rows out in bounded tables (SHARD_SCHEMA)."""
+def _ingest_udf(batch: dict[str, np.ndarray], tok: dict, dest: dict) -> Iterator[pa.Table]:
+    """Pass 1: one read task in; its tokenized rows written to its source's shards, and one
+    META_SCHEMA row per row read yielded to the driver, in bounded tables."""
     task, opts = _task_of(batch), _opts_of(batch)
     tokenizer = _tokenizer(tok["name"])
+    shards = _ShardWriter(dest["fs"], f"{dest['root']}/{SOURCES_DIR}/source={task.source}",
+                          int(batch["task_index"][0]), dest["shard_rows"])
     pending: list[tuple[int, dict, str]] = []
     rejects: list[tuple[int, str, str]] = []
 
     def flush() -> pa.Table:
-        table = _shard_table(task.source, pending, rejects, tokenizer, tok, opts.seed)
+        meta = _tokenize_batch(task.source_index, pending, rejects, tokenizer, tok, opts.seed,
+                               shards)
         pending.clear()
         rejects.clear()
-        return table
+        return meta
 
-    for key, _line, rec, reason, raw_text in clean_rows(task, opts):
-        if rec is None:
-            rejects.append((key, reason, raw_text[:100_000]))
-        else:
-            pending.append((key, rec, conversation_hash(rec)))
-        if len(pending) + len(rejects) >= tok["batch_size"]:
+    with _no_cyclic_gc():
+        for key, _line, rec, reason, raw_text in clean_rows(task, opts):
+            if rec is None:
+                rejects.append((key, reason, raw_text[:100_000]))
+            else:
+                pending.append((key, rec, conversation_hash(rec)))
+            if len(pending) + len(rejects) >= tok["batch_size"]:
+                yield flush()
+        if pending or rejects:
             yield flush()
-    if pending or rejects:
-        yield flush()
+        shards.close()
 
 
-def _shard_table(source: str, pending: list[tuple[int, dict, str]],
-                 rejects: list[tuple[int, str, str]], tokenizer, tok: dict, seed: int) -> pa.Table:
-    """Tokenized rows (split train or val), dropped rows and rejected rows of one batch."""
+class _ShardWriter:
+    """The parquet shards of one read task: `<dir>/split=S/part-TTTTTT-NNN.parquet`.
+
+    Names depend only on the task, so a retried task overwrites what a failed try left.
+    """
+
+    def __init__(self, fs, directory: str, task_index: int, shard_rows: int) -> None:
+        self.fs, self.dir, self.task, self.cap = fs, directory, task_index, max(1, shard_rows)
+        self.open: dict[str, list] = {}  # split -> [writer, stream, rows, file number]
+
+    def write(self, split: str, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        if table.num_rows == 0:
+            return
+        w = self.open.get(split)
+        if w is not None and w[2] >= self.cap:
+            self._close(split)
+            w = [None, None, 0, w[3] + 1]
+        if w is None or w[0] is None:
+            n = 0 if w is None else w[3]
+            folder = f"{self.dir}/split={split}"
+            self.fs.create_dir(folder, recursive=True)
+            stream = self.fs.open_output_stream(f"{folder}/part-{self.task:06d}-{n:03d}.parquet")
+            w = [pq.ParquetWriter(stream, SHARD_SCHEMA), stream, 0, n]
+            self.open[split] = w
+        w[0].write_table(table)
+        w[2] += table.num_rows
+
+    def _close(self, split: str) -> None:
+        w = self.open[split]
+        w[0].close()
+        w[1].close()
+
+    def close(self) -> None:
+        for split in list(self.open):
+            if self.open[split][0] is not None:
+                self._close(split)
+        self.open.clear()
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """Cyclic garbage collection off while a task's rows are processed.
+
+    Rows are plain dicts and lists that reference counting frees; the collector would only
+    walk them (and the tokenizer's and libraries' long-lived objects) again and again:
+    measured at a quarter of the ingest time per row.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _tokenize_batch(src: int, pending: list[tuple[int, dict, str]],
+                    rejects: list[tuple[int, str, str]], tokenizer, tok: dict, seed: int,
+                    shards: _ShardWriter) -> pa.Table:
+    """Tokenize a batch of clean records, write them to the train/val shards, and return
+    the batch's META_SCHEMA rows (kept, dropped and rejected)."""
     from ift.data.tokenize import tokenize_arrays
 
     recs = [r for _, r, _ in pending]
@@ -160,64 +242,51 @@ def _shard_table(source: str, pending: list[tuple[int, dict, str]],
         recs, tokenizer, template=tok["template"], max_seq_len=tok["max_seq_len"],
         train_on_prompt=tok["train_on_prompt"], truncation=tok["truncation"])
     hashes = [h for _, _, h in pending]
-    is_val = mix.split_scores(hashes, seed) < tok["val_ratio"]
     keys = np.array([k for k, _, _ in pending], np.int64)
     idx = arrays.index
+    is_val = mix.split_scores([hashes[i] for i in idx], seed) < tok["val_ratio"]
     offsets = pa.array(arrays.offsets.astype(np.int32))
-    kept = pa.table({
+    langs = [recs[i]["lang"] for i in idx]
+    rows = pa.table({
         "key": pa.array(keys[idx]),
         "id": pa.array([recs[i]["id"] for i in idx], pa.string()),
-        "lang": pa.array([recs[i]["lang"] for i in idx], pa.string()),
+        "lang": pa.array(langs, pa.string()),
         "task": pa.array([recs[i].get("task") or "" for i in idx], pa.string()),
-        "hash": pa.array([hashes[i] for i in idx], pa.string()),
         "input_ids": pa.ListArray.from_arrays(offsets, pa.array(arrays.input_ids)),
         "labels": pa.ListArray.from_arrays(offsets, pa.array(arrays.labels)),
         "num_tokens": pa.array(arrays.num_tokens),
         "num_trainable": pa.array(arrays.num_trainable),
-        "reason": pa.nulls(len(idx), pa.string()),
-        "raw": pa.nulls(len(idx), pa.string()),
-        "source": pa.array([source] * len(idx), pa.string()),
-        "split": pa.array(np.where(is_val[idx], "val", "train").tolist(), pa.string()),
     }, schema=SHARD_SCHEMA)
-    parts = [kept]
-    if dropped:
-        d = [i for i, _ in dropped]
-        parts.append(_side_table(source, "dropped", keys[d].tolist(), [r for _, r in dropped],
-                                 [None] * len(d), ids=[recs[i]["id"] for i in d],
-                                 langs=[recs[i]["lang"] for i in d], hashes=[hashes[i] for i in d]))
-    if rejects:
-        parts.append(_side_table(source, "rejected", [k for k, _, _ in rejects],
-                                 [r for _, r, _ in rejects], [t for _, _, t in rejects]))
-    return pa.concat_tables(parts) if len(parts) > 1 else kept
+    shards.write("train", rows.filter(pa.array(~is_val)))
+    shards.write("val", rows.filter(pa.array(is_val)))
 
-
-def _side_table(source: str, split: str, keys: list[int], reasons: list[str],
-                raws: list[str | None], *, ids=None, langs=None, hashes=None) -> pa.Table:
-    """Rows with no tokens: dropped (they still take part in dedupe) or rejected."""
-    n = len(keys)
-    none = [None] * n
+    d = [i for i, _ in dropped]
+    n_kept, n_drop, n_rej = len(idx), len(d), len(rejects)
+    n = n_kept + n_drop + n_rej
     return pa.table({
-        "key": pa.array(keys, pa.int64()),
-        "id": pa.array(ids or none, pa.string()),
-        "lang": pa.array(langs or none, pa.string()),
-        "task": pa.array(none, pa.string()),
-        "hash": pa.array(hashes or none, pa.string()),
-        "input_ids": pa.array([[]] * n, _IDS),
-        "labels": pa.array([[]] * n, _IDS),
-        "num_tokens": pa.array([0] * n, pa.int32()),
-        "num_trainable": pa.array([0] * n, pa.int32()),
-        "reason": pa.array(reasons, pa.string()),
-        "raw": pa.array(raws, pa.string()),
-        "source": pa.array([source] * n, pa.string()),
-        "split": pa.array([split] * n, pa.string()),
-    }, schema=SHARD_SCHEMA)
+        "key": pa.array(np.concatenate([keys[idx], keys[d], np.array([k for k, _, _ in rejects],
+                                                                      np.int64)])),
+        "src": pa.array(np.full(n, src, np.int32)),
+        "split": pa.array(np.concatenate([np.where(is_val, VAL, TRAIN), np.full(n_drop, DROPPED),
+                                          np.full(n_rej, REJECTED)]).astype(np.int8)),
+        "hash": pa.array([hashes[i] for i in idx] + [hashes[i] for i in d] + [None] * n_rej,
+                         pa.string()),
+        "lang": pa.array(langs + [recs[i]["lang"] for i in d] + [None] * n_rej, pa.string()),
+        "num_tokens": pa.array(np.concatenate([arrays.num_tokens, np.zeros(n_drop + n_rej,
+                                                                           np.int32)])),
+        "id": pa.array([None] * n_kept + [recs[i]["id"] for i in d] + [None] * n_rej,
+                       pa.string()),
+        "reason": pa.array([None] * n_kept + [r for _, r in dropped]
+                           + [r for _, r, _ in rejects], pa.string()),
+        "raw": pa.array([None] * (n_kept + n_drop) + [t for _, _, t in rejects], pa.string()),
+    }, schema=META_SCHEMA)
 
 
 _BROADCAST: dict[str, Any] = {}
 
 
-def _kept(ref_holder: list) -> tuple[np.ndarray, np.ndarray]:
-    """A driver-side pair of arrays (sorted keys, values), fetched once per worker process."""
+def _kept(ref_holder: list) -> tuple[np.ndarray, ...]:
+    """The driver's draw arrays (sorted keys, counts, is_val), fetched once per worker."""
     import ray
 
     ref = ref_holder[0]
@@ -239,46 +308,84 @@ def _tokenizer(name: str):
     return _TOKENIZERS[name]
 
 
-def _mix_udf(table: pa.Table, draws_ref: list, pack_len: int, seed: int) -> pa.Table:
-    """Pass 3: repeat each row by its draw count, shuffle within the batch, pack if asked."""
-    keys, counts = _kept(draws_ref)
+def _mix_udf(batch: dict[str, np.ndarray], draws_ref: list, pack_len: int, seed: int,
+             dest: dict) -> pa.Table:
+    """Pass 2: one per-source shard in; its rows drawn (train: each by its count, val: once),
+    shuffled, packed if asked, written to `train/` and `val/`; their statistics out."""
+    import pyarrow.parquet as pq
+
+    path, source, item = str(batch["file"][0]), str(batch["source"][0]), int(batch["item"][0])
+    keys, counts, is_val = _kept(draws_ref)
+    fs = dest["fs"]
+    with fs.open_input_file(path) as f:
+        table = pq.read_table(f, columns=["key", "id", "input_ids", "labels", "num_tokens",
+                                          "num_trainable"])
     k = table.column("key").to_numpy()
-    idx = np.searchsorted(keys, k)
-    idx = np.clip(idx, 0, max(len(keys) - 1, 0))
-    found = (keys[idx] == k) if len(keys) else np.zeros(len(k), dtype=bool)
-    reps = np.where(found, counts[idx], 0)
-    take = np.repeat(np.arange(len(k)), reps)
-    if len(take):
-        # Shuffle by a seed derived from the batch content so re-runs give the same order.
-        rng = np.random.default_rng([seed, int(k[0]) & 0x7FFFFFFF, len(k)])
-        take = take[rng.permutation(len(take))]
-    out = table.take(pa.array(take, pa.int64())).select(
-        ["id", "source", "input_ids", "labels", "num_tokens", "num_trainable"]
-    )
-    if pack_len:
-        from ift.data.pack import pack
-
-        rows = out.to_pylist()
-        bins = pack(rows, pack_len)
-        ids = pa.list_(pa.int32())
-        first = [rows[b["members"][0]] for b in bins]
-        return pa.table({
-            "id": pa.array([r["id"] for r in first], pa.string()),
-            "source": pa.array([r["source"] for r in first], pa.string()),
-            "input_ids": pa.array([b["input_ids"] for b in bins], ids),
-            "labels": pa.array([b["labels"] for b in bins], ids),
-            "position_ids": pa.array([b["position_ids"] for b in bins], ids),
-            "seq_ids": pa.array([b["seq_ids"] for b in bins], ids),
-            "num_tokens": pa.array([b["num_tokens"] for b in bins], pa.int32()),
-            "num_trainable": pa.array([b["num_trainable"] for b in bins], pa.int32()),
-            "num_samples": pa.array([b["num_samples"] for b in bins], pa.int32()),
+    pos = np.clip(np.searchsorted(keys, k), 0, max(len(keys) - 1, 0))
+    found = (keys[pos] == k) if len(keys) else np.zeros(len(k), dtype=bool)
+    table = table.append_column("source", pa.array([source] * table.num_rows, pa.string()))
+    stats = []
+    for split, reps in (("train", np.where(found & ~is_val[pos], counts[pos], 0)),
+                        ("val", (found & is_val[pos]).astype(np.int64))):
+        take = np.repeat(np.arange(len(k)), reps)
+        if len(take) == 0:
+            continue
+        # Shuffled by a seed derived from the shard, so re-runs give the same order.
+        rng = np.random.default_rng([seed, item, 0 if split == "train" else 1])
+        rows = table.take(pa.array(take[rng.permutation(len(take))], pa.int64())).select(
+            ["id", "source", "input_ids", "labels", "num_tokens", "num_trainable"])
+        if pack_len:
+            rows = pa.concat_tables([_pack_table(rows.slice(o, 4096), pack_len)
+                                     for o in range(0, rows.num_rows, 4096)])
+        for n, o in enumerate(range(0, rows.num_rows, dest["shard_rows"])):
+            part = rows.slice(o, dest["shard_rows"])
+            folder = f"{dest['root']}/{split}"
+            fs.create_dir(folder, recursive=True)
+            with fs.open_output_stream(f"{folder}/part-{item:06d}-{n:03d}.parquet") as f:
+                pq.write_table(part, f)
+        stats.append({
+            "split": split, "rows": rows.num_rows,
+            "tokens": int(pc.sum(rows.column("num_tokens")).as_py() or 0),
+            "trainable": int(pc.sum(rows.column("num_trainable")).as_py() or 0),
+            "samples": int(pc.sum(rows.column("num_samples")).as_py() or 0) if pack_len
+            else rows.num_rows,
         })
-    return out
+    return pa.Table.from_pylist(stats, schema=pa.schema([
+        ("split", pa.string()), ("rows", pa.int64()), ("tokens", pa.int64()),
+        ("trainable", pa.int64()), ("samples", pa.int64())]))
 
 
-# ---------------------------------------------------------------------------------------
-# Driver
-# ---------------------------------------------------------------------------------------
+def _pack_table(table: pa.Table, pack_len: int) -> pa.Table:
+    from ift.data.pack import pack
+
+    with _no_cyclic_gc():
+        rows = table.to_pylist()
+        bins = pack(rows, pack_len)
+    ids = pa.list_(pa.int32())
+    first = [rows[b["members"][0]] for b in bins]
+    return pa.table({
+        "id": pa.array([r["id"] for r in first], pa.string()),
+        "source": pa.array([r["source"] for r in first], pa.string()),
+        "input_ids": pa.array([b["input_ids"] for b in bins], ids),
+        "labels": pa.array([b["labels"] for b in bins], ids),
+        "position_ids": pa.array([b["position_ids"] for b in bins], ids),
+        "seq_ids": pa.array([b["seq_ids"] for b in bins], ids),
+        "num_tokens": pa.array([b["num_tokens"] for b in bins], pa.int32()),
+        "num_trainable": pa.array([b["num_trainable"] for b in bins], pa.int32()),
+        "num_samples": pa.array([b["num_samples"] for b in bins], pa.int32()),
+    })
+
+
+def _configure_data_context() -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same inputs -> same shards, row for row
+    # Per-operator reservations hold back half the cluster for other operators; with one
+    # fused read->tokenize->write operator on 2 CPUs that left one CPU idle (measured:
+    # four 3-second tasks ran one after another instead of two by two). Every operator
+    # here is a task pool, whose tasks end and free their CPUs, so none can starve.
+    ctx.op_resource_reservation_enabled = False
 
 
 def _log(msg: str) -> None:
@@ -375,13 +482,12 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
     init_ray(address)
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same inputs -> same shards, row for row
+    _configure_data_context()
     items = [
-        {**dataclasses.asdict(t), "options": json.dumps(dataclasses.asdict(RowOptions(
+        {**dataclasses.asdict(t), "task_index": i, "options": json.dumps(dataclasses.asdict(RowOptions(
             seed=d.seed, placeholders=d.placeholders, columns=sources[t.source_index].columns,
             task=sources[t.source_index].task, system=sources[t.source_index].system)))}
-        for t in tasks
+        for i, t in enumerate(tasks)
     ]
     remote = {"num_cpus": d.num_cpus_per_task}
 
@@ -392,13 +498,17 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
            "train_on_prompt": d.train_on_prompt, "truncation": d.truncation,
            "batch_size": d.batch_size, "val_ratio": d.val_ratio}
     fs, root = storage.arrow_fs(out)
-    ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _ingest_udf, batch_size=1, batch_format="numpy", fn_kwargs={"tok": tok}, **remote,
-    ).write_parquet(f"{root}/{SOURCES_DIR}", filesystem=fs, partition_cols=["source", "split"],
-                    min_rows_per_file=d.shard_rows)
-
-    # Driver: duplicates, the val cap, rejects and dropped rows, the index of kept rows.
-    stats, langs, reject_files = _settle(out, sources, files, d)
+    ingest = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _ingest_udf, batch_size=1, batch_format="numpy", **remote,
+        fn_kwargs={"tok": tok, "dest": {"fs": fs, "root": root, "shard_rows": d.shard_rows}})
+    rows = _Rows(sources, files)
+    try:
+        for b in ingest.iter_batches(batch_format="pyarrow", batch_size=None):
+            rows.add(b)
+        # Driver: duplicates, the val cap, rejects and dropped rows, the index of kept rows.
+        stats, langs, reject_files = rows.settle(out, d)
+    finally:
+        rows.close()
     total = sum(s["rows_read"] for s in stats.values())
     kept = sum(s["rows_kept"] for s in stats.values())
     _log(f"read {total} rows: {kept} kept, "
@@ -465,17 +575,6 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
     return manifest
 
 
-def _dataset(path: str, columns: list[str] | None = None) -> pa.Table:
-    import pyarrow.dataset as pads
-
-    fs, root = storage.arrow_fs(path)
-    try:
-        ds = pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
-    except (FileNotFoundError, OSError):
-        return pa.table({c: [] for c in columns or []})
-    return ds.to_table(columns=columns)
-
-
 _PARTITIONING_SCHEMA = pa.schema([("source", pa.string()), ("split", pa.string())])
 
 
@@ -489,95 +588,124 @@ def _read_shards(prepared: str, columns: list[str], splits: tuple[str, ...] = PA
     try:
         ds = pads.dataset(root, filesystem=fs, format="parquet", partitioning=part)
     except (FileNotFoundError, OSError):
-        return pa.table({c: pa.array([], SHARD_SCHEMA.field(c).type) for c in columns})
+        schema = pa.unify_schemas([SHARD_SCHEMA, _PARTITIONING_SCHEMA])
+        return pa.table({c: pa.array([], schema.field(c).type) for c in columns})
     return ds.to_table(columns=columns, filter=pc.field("split").isin(list(splits)))
 
 
-def _settle(out: str, sources: list[SourceConfig], files: list[dict], d) -> tuple[dict, dict, dict]:
-    """After the ingest pass: per-source counts and languages, duplicates dropped across
-    sources (the first in config order wins), val capped, the kept rows' index written,
-    rejected and dropped rows written as JSONL and their partitions removed."""
-    t = _read_shards(out, ["key", "hash", "lang", "num_tokens", "source", "split"])
-    names = [s.name for s in sources]
-    # Codes and fixed-width bytes rather than a Python object per row: this is 1M rows and more.
-    src = _codes(t.column("source"), names)
-    split = _codes(t.column("split"), list(PARTITIONS))
-    keys = t.column("key").to_numpy()
-    valid = split != PARTITIONS.index("rejected")
-    dropped = split == PARTITIONS.index("dropped")
-    hashes = _fixed_bytes(t.column("hash").filter(pa.array(valid)), 32)
-    keep = np.zeros(len(keys), dtype=bool)
-    keep[valid] = (mix.dedupe_first(hashes, keys[valid]) if d.dedupe
-                   else np.ones(int(valid.sum()), dtype=bool))
-    hash_of = np.zeros(len(keys), dtype="S32")
-    hash_of[valid] = hashes
-    final_val = np.zeros(len(keys), dtype=bool)
-    stats: dict[str, dict[str, int]] = {}
-    langs: dict[str, dict[str, int]] = {}
-    for si, name in enumerate(names):
-        m = src == si
-        stats[name] = {
-            "rows_read": int(m.sum()),
-            "rows_rejected": int((m & ~valid).sum()),
-            "rows_duplicate": int((m & valid & ~keep).sum()),
-            "rows_kept": int((m & keep).sum()),
-            "rows_dropped": int((m & keep & dropped).sum()),
-        }
-        counts = pc.value_counts(t.column("lang").filter(pa.array(m & valid))).to_pylist()
-        langs[name] = {c["values"]: int(c["counts"]) for c in counts}
-        cand = np.nonzero(m & keep & (split == PARTITIONS.index("val")))[0]
-        scores = mix.split_scores([h.decode() for h in hash_of[cand]], d.seed)
-        final_val[cand] = mix.assign_val(scores, d.val_ratio, d.val_max_rows)
+class _Rows:
+    """The driver's view of the ingest: a few bytes per row read (key, source, split code,
+    content hash, length, language code), and the rejected and dropped rows spooled to
+    local JSONL as they stream in."""
 
-    rows = np.nonzero(keep & ~dropped)[0]
-    rows = rows[np.argsort(keys[rows], kind="stable")]
-    index = pa.table({
-        "key": pa.array(keys[rows]),
-        "source": pc.take(pa.array(names, pa.string()), pa.array(src[rows])),
-        "split": pa.array(np.where(final_val[rows], "val", "train")),
-        "shard": pc.take(pa.array(PARTITIONS, pa.string()), pa.array(split[rows])),
-        "num_tokens": pa.array(t.column("num_tokens").to_numpy()[rows]),
-    })
-    _write_index(out, index)
-    del t, hash_of, hashes
+    def __init__(self, sources: list[SourceConfig], files: list[dict]) -> None:
+        self.names = [s.name for s in sources]
+        self.files = files
+        self.parts: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.langs: list[str] = []  # language code -> name
+        self.tmp = tempfile.mkdtemp(prefix="ift-prepare-")
+        self.spools: dict[tuple[str, str], Any] = {}
 
-    written: dict[str, list[str]] = {"rejected": [], "dropped": []}
-    dropped_keys = np.sort(keys[keep & dropped])
-    side = _read_shards(out, ["key", "id", "reason", "raw", "source", "split"],
-                        ("rejected", "dropped"))
-    side = side.take(pc.sort_indices(side, [("key", "ascending")]))
-    for name in names:
-        for part, folder in (("rejected", "rejects"), ("dropped", "dropped")):
-            r = side.filter((pc.field("source") == name) & (pc.field("split") == part))
-            if r.num_rows == 0:
-                continue
+    def add(self, b: pa.Table) -> None:
+        split = b.column("split").to_numpy()
+        valid = split != REJECTED
+        lang = b.column("lang").filter(pa.array(valid))
+        self.langs.extend(x for x in pc.unique(lang).to_pylist() if x not in self.langs)
+        codes = pc.index_in(lang, value_set=pa.array(self.langs, pa.string())).to_numpy(
+            zero_copy_only=False)
+        self.parts["key"].append(b.column("key").to_numpy()[valid])
+        self.parts["src"].append(b.column("src").to_numpy()[valid].astype(np.int16))
+        self.parts["split"].append(split[valid])
+        self.parts["hash"].append(_fixed_bytes(b.column("hash").filter(pa.array(valid)), 32))
+        self.parts["num_tokens"].append(b.column("num_tokens").to_numpy()[valid])
+        self.parts["lang"].append(np.asarray(codes, dtype=np.int16))
+        self.parts["rejected_src"].append(b.column("src").to_numpy()[~valid].astype(np.int16))
+        side = b.filter(pa.array(split >= DROPPED))
+        for r in side.to_pylist():
+            part = "dropped" if r["split"] == DROPPED else "rejected"
+            name = self.names[r["src"]]
+            fh = self.spools.get((part, name))
+            if fh is None:
+                fh = self.spools[part, name] = open(
+                    os.path.join(self.tmp, f"{part}-{len(self.spools)}.jsonl"), "w+",
+                    encoding="utf-8")
+            f = self.files[r["key"] >> 36]
+            entry = {"key": r["key"], "source": name, "file": f["path"],
+                     ("line" if f.get("line_based") else "index"): r["key"] & _LINE_MASK}
+            if part == "dropped":
+                entry["id"] = r["id"]
+            entry["reason"] = r["reason"]
+            if part == "rejected":
+                entry["raw"] = r["raw"]
+            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def _cat(self, name: str, dtype) -> np.ndarray:
+        parts = self.parts.get(name) or []
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    def settle(self, out: str, d) -> tuple[dict, dict, dict]:
+        """Counts and languages per source; duplicates dropped across sources (the first in
+        config order wins); val capped; the kept rows' index, rejects/ and dropped/ written."""
+        keys, src = self._cat("key", np.int64), self._cat("src", np.int16)
+        split, hashes = self._cat("split", np.int8), self._cat("hash", "S32")
+        num_tokens, lang = self._cat("num_tokens", np.int32), self._cat("lang", np.int16)
+        rejected_src = self._cat("rejected_src", np.int16)
+        self.parts.clear()
+        keep = mix.dedupe_first(hashes, keys) if d.dedupe else np.ones(len(keys), dtype=bool)
+        dropped = split == DROPPED
+        final_val = np.zeros(len(keys), dtype=bool)
+        stats: dict[str, dict[str, int]] = {}
+        langs: dict[str, dict[str, int]] = {}
+        for si, name in enumerate(self.names):
+            m = src == si
+            n_rej = int((rejected_src == si).sum())
+            stats[name] = {
+                "rows_read": int(m.sum()) + n_rej,
+                "rows_rejected": n_rej,
+                "rows_duplicate": int((m & ~keep).sum()),
+                "rows_kept": int((m & keep).sum()),
+                "rows_dropped": int((m & keep & dropped).sum()),
+            }
+            codes, counts = np.unique(lang[m], return_counts=True)
+            langs[name] = {self.langs[c]: int(n) for c, n in zip(codes, counts)}
+            cand = np.nonzero(m & keep & (split == VAL))[0]
+            scores = mix.split_scores([h.decode() for h in hashes[cand]], d.seed)
+            final_val[cand] = mix.assign_val(scores, d.val_ratio, d.val_max_rows)
+
+        rows = np.nonzero(keep & ~dropped)[0]
+        rows = rows[np.argsort(keys[rows], kind="stable")]
+        _write_index(out, pa.table({
+            "key": pa.array(keys[rows]),
+            "source": pc.take(pa.array(self.names, pa.string()), pa.array(src[rows])),
+            "split": pa.array(np.where(final_val[rows], "val", "train")),
+            "shard": pc.take(pa.array(PARTITIONS, pa.string()), pa.array(split[rows])),
+            "num_tokens": pa.array(num_tokens[rows]),
+        }))
+        kept_dropped = np.sort(keys[keep & dropped])
+        written: dict[str, list[str]] = {"rejected": [], "dropped": []}
+        for (part, name), fh in sorted(self.spools.items()):
+            fh.seek(0)
+            entries = sorted((json.loads(line) for line in fh), key=lambda e: e["key"])
             if part == "dropped":  # a dropped duplicate is counted as a duplicate, not here
-                k = r.column("key").to_numpy()
-                r = r.filter(pa.array(np.isin(k, dropped_keys)))
-            lines = []
-            for row in r.to_pylist():
-                f = files[row["key"] >> 36]
-                pos = "line" if f.get("line_based") else "index"
-                entry = {"source": name, "file": f["path"], pos: row["key"] & _LINE_MASK}
-                if part == "dropped":
-                    entry["id"] = row["id"]
-                entry["reason"] = row["reason"]
-                if part == "rejected":
-                    entry["raw"] = row["raw"]
-                lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
-            if lines:
-                storage.write_bytes(storage.join(out, folder, f"{name}.jsonl"),
-                                    "".join(lines).encode("utf-8"))
+                entries = [e for e in entries if _contains(kept_dropped, e["key"])]
+            for e in entries:
+                del e["key"]
+            if entries:
+                folder = "rejects" if part == "rejected" else "dropped"
+                storage.write_bytes(storage.join(out, folder, f"{name}.jsonl"), "".join(
+                    json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8"))
                 written[part].append(name)
-        for part in ("rejected", "dropped"):
-            sub = storage.join(out, SOURCES_DIR, f"source={name}", f"split={part}")
-            if storage.exists(sub):
-                storage.rmtree(sub)
-        if not storage.is_remote(out):  # an empty source folder would look like a source
-            folder = storage.join(out, SOURCES_DIR, f"source={name}")
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
-    return stats, langs, written
+        return stats, langs, written
+
+    def close(self) -> None:
+        for fh in self.spools.values():
+            fh.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _contains(sorted_keys: np.ndarray, key: int) -> bool:
+    i = np.searchsorted(sorted_keys, key)
+    return bool(i < len(sorted_keys) and sorted_keys[i] == key)
 
 
 _LINE_MASK = (1 << 36) - 1
@@ -640,61 +768,65 @@ def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | Non
         from ift.raycluster import init_ray
 
         init_ray(address)
+    _configure_data_context()
     index = load_index(prepared)
     known = set(pc.unique(index.column("source")).to_pylist())
     unknown = sorted(set(sources) - known)
     if unknown:
         raise ConfigError(f"unknown source(s) {unknown} in mixture; {prepared} has {sorted(known)}")
+    result: dict[str, Any] = {"rows_sampled": {}, "rows_val": {}}
+    draw_keys, draw_counts, draw_val, lengths = [], [], [], {"train": [], "val": []}
+    items = []
+    for name, (weight, count) in sources.items():
+        t = index.filter(pc.field("source") == name)
+        k = t.column("key").to_numpy()  # the index is sorted by key
+        n_tok = t.column("num_tokens").to_numpy()
+        val = np.asarray(t.column("split").to_numpy(zero_copy_only=False)) == "val"
+        c = np.ones(len(k), dtype=np.int64)
+        c[~val] = mix.multiplicities(int((~val).sum()), weight=weight, count=count, seed=seed,
+                                     salt=name)
+        result["rows_sampled"][name] = int(c[~val].sum())
+        result["rows_val"][name] = int(val.sum())
+        draw_keys.append(k)
+        draw_counts.append(c)
+        draw_val.append(val)
+        lengths["train"].append(np.repeat(n_tok[~val], c[~val]))
+        lengths["val"].append(n_tok[val])
+        # The shards that hold drawn rows (val candidates past the val cap train).
+        shards = np.asarray(t.column("shard").to_numpy(zero_copy_only=False), dtype=object)
+        for shard in sorted(set(shards[c > 0])):
+            folder = storage.join(prepared, SOURCES_DIR, f"source={name}", f"split={shard}")
+            items.extend({"file": storage.arrow_fs(f)[1], "source": name}
+                         for f in sorted(storage.walk_files(folder)) if f.endswith(".parquet"))
+    for i, item in enumerate(items):
+        item["item"] = i
+    keys = np.concatenate(draw_keys) if draw_keys else np.zeros(0, np.int64)
+    order = np.argsort(keys, kind="stable")
+    draws_ref = ray.put((keys[order], np.concatenate(draw_counts or [np.zeros(0, np.int64)])[order],
+                         np.concatenate(draw_val or [np.zeros(0, bool)])[order]))
+
     fs, out_root = storage.arrow_fs(out)
-    result: dict[str, Any] = {"splits": {}, "rows_sampled": {}, "rows_val": {},
-                              "padding_waste": {}}
+    totals = {split: {"rows": 0, "tokens": 0, "trainable": 0, "samples": 0}
+              for split in ("train", "val")}
+    if items:
+        mixed = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _mix_udf, batch_size=1, batch_format="numpy",
+            fn_kwargs={"draws_ref": [draws_ref], "pack_len": max_seq_len if pack else 0,
+                       "seed": seed, "dest": {"fs": fs, "root": out_root,
+                                              "shard_rows": shard_rows}})
+        for b in mixed.iter_batches(batch_format="pyarrow", batch_size=None):
+            for r in b.to_pylist():
+                for k in ("rows", "tokens", "trainable", "samples"):
+                    totals[r["split"]][k] += r[k]
+    result["splits"] = {}
     for split in ("train", "val"):
-        all_keys, all_counts, lengths = [], [], []
-        dirs = []
-        for name, (weight, count) in sources.items():
-            t = index.filter((pc.field("source") == name) & (pc.field("split") == split))
-            if t.num_rows == 0:
-                continue
-            k = t.column("key").to_numpy()  # the index is sorted by key
-            n_tok = t.column("num_tokens").to_numpy()
-            if split == "train":
-                c = mix.multiplicities(len(k), weight=weight, count=count, seed=seed, salt=name)
-                result["rows_sampled"][name] = int(c.sum())
-            else:
-                c = np.ones(len(k), dtype=np.int64)
-                result["rows_val"][name] = int(len(k))
-            all_keys.append(k)
-            all_counts.append(c)
-            lengths.append(np.repeat(n_tok, c))
-            # The shards holding drawn rows (val candidates past the val cap train).
-            shards = np.asarray(t.column("shard").to_numpy(zero_copy_only=False), dtype=object)
-            for shard in sorted(set(shards[c > 0])):
-                sub = storage.join(prepared, SOURCES_DIR, f"source={name}", f"split={shard}")
-                dirs.append(storage.arrow_fs(sub)[1])
-        keys = np.concatenate(all_keys) if all_keys else np.zeros(0, np.int64)
-        counts = np.concatenate(all_counts) if all_counts else np.zeros(0, np.int64)
-        lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-        order = np.argsort(keys, kind="stable")
-        draws_ref = ray.put((keys[order], counts[order]))
-        dest = f"{out_root}/{split}"
-        if dirs:
-            ds = ray.data.read_parquet(
-                dirs, filesystem=fs,
-                columns=["key", "id", "input_ids", "labels", "num_tokens", "num_trainable"],
-                include_paths=True,
-            )
-            ds = ds.map_batches(_with_source, batch_format="pyarrow", batch_size=None)
-            ds.map_batches(
-                _mix_udf, batch_format="pyarrow", batch_size=4096,
-                fn_kwargs={"draws_ref": [draws_ref], "pack_len": max_seq_len if pack else 0,
-                           "seed": seed},
-            ).write_parquet(dest, filesystem=fs, min_rows_per_file=shard_rows)
-        result["splits"][split] = _split_stats(out, split, lens, max_seq_len, pack)
+        lens = np.concatenate(lengths[split]) if lengths[split] else np.zeros(0, np.int64)
+        result["splits"][split] = _split_stats(totals[split], lens, max_seq_len)
         if split == "train":
+            rows, tokens = totals["train"]["rows"], totals["train"]["tokens"]
             result["padding_waste"] = {
                 "unpacked": _waste(lens, max_seq_len),
-                "packed": (1.0 - result["splits"][split]["tokens"]
-                           / max(1, result["splits"][split]["rows"] * max_seq_len)) if pack else None,
+                "packed": (1.0 - tokens / max(1, rows * max_seq_len)) if pack else None,
             }
     return result
 
@@ -764,33 +896,19 @@ def remix(prepared: str, out: str, *, weights: dict[str, float | None] | None = 
     return manifest
 
 
-def _with_source(table: pa.Table) -> pa.Table:
-    """The source name from the hive path (source=NAME/split=...)."""
-    paths = pc.dictionary_encode(table.column("path")).combine_chunks()  # one path per file
-    names = pa.array([p.split("source=", 1)[1].split("/", 1)[0]
-                      for p in paths.dictionary.to_pylist()], pa.string())
-    source = pc.take(names, paths.indices)
-    return table.drop_columns(["path"]).append_column("source", source)
-
-
 def _waste(lengths: np.ndarray, max_seq_len: int) -> float:
     if len(lengths) == 0:
         return 0.0
     return float(1.0 - lengths.sum() / (len(lengths) * max_seq_len))
 
 
-def _split_stats(out: str, split: str, sample_lengths: np.ndarray, max_seq_len: int,
-                 packed: bool) -> dict:
-    cols = ["num_tokens", "num_trainable"] + (["num_samples"] if packed else [])
-    t = _dataset(storage.join(out, split), cols)
-    tokens = int(pc.sum(t.column("num_tokens")).as_py() or 0) if t.num_rows else 0
-    trainable = int(pc.sum(t.column("num_trainable")).as_py() or 0) if t.num_rows else 0
+def _split_stats(totals: dict, sample_lengths: np.ndarray, max_seq_len: int) -> dict:
     lens = sample_lengths
     return {
-        "rows": t.num_rows,
+        "rows": int(totals["rows"]),
         "samples": int(len(lens)),
-        "tokens": tokens,
-        "trainable_tokens": trainable,
+        "tokens": int(totals["tokens"]),
+        "trainable_tokens": int(totals["trainable"]),
         "length": {
             "mean": float(lens.mean()) if len(lens) else 0.0,
             "p50": float(np.percentile(lens, 50)) if len(lens) else 0.0,
