@@ -11,6 +11,11 @@ that process tree every 0.2 s (the driver, and for ift the Ray processes it star
             messages) and ChatML rendering + tokenization + masking
             (ift.data.tokenize.tokenize_records), then `.to_parquet(...)`.
 
+Same rendering, tokenizer call and masks in both arms. The baseline's map function returns
+Python lists, as a `datasets` map function does; ift's ingest builds its Arrow columns from
+flat arrays (ift.data.tokenize.tokenize_arrays; a unit test checks that both give the same
+rows) and runs with the cyclic garbage collector off while a task tokenizes.
+
 Both arms use the same tokenizer (a tiny byte-level BPE trained on the generated rows with
 ift.models.train_tokenizer), template (chatml) and max_seq_len. rows/s = rows read / wall
 seconds of the measured call (in the subprocess, after imports). Results go to

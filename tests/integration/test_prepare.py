@@ -182,9 +182,9 @@ def test_remix_by_tags_is_a_complete_prepared_dir(prepared, tmp_path):
 def test_remix_of_a_dataset_prepared_before_the_index(prepared, tmp_path):
     """Older prepared dirs have no sources/_index.parquet: their shards hold exactly the kept
     rows, and re-mixing reads the index off them."""
-    from ift.data.pipeline import INDEX_FILE, load_index, remix
-
     import pyarrow.parquet as pq
+
+    from ift.data.pipeline import INDEX_FILE, load_index, remix
 
     _, out, manifest = prepared
     old = tmp_path / "old"
