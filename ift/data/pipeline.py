@@ -185,21 +185,22 @@ class _ShardWriter:
     def write(self, split: str, table: pa.Table) -> None:
         import pyarrow.parquet as pq
 
-        if table.num_rows == 0:
-            return
-        w = self.open.get(split)
-        if w is not None and w[2] >= self.cap:
-            self._close(split)
-            w = [None, None, 0, w[3] + 1]
-        if w is None or w[0] is None:
-            n = 0 if w is None else w[3]
-            folder = f"{self.dir}/split={split}"
-            self.fs.create_dir(folder, recursive=True)
-            stream = self.fs.open_output_stream(f"{folder}/part-{self.task:06d}-{n:03d}.parquet")
-            w = [pq.ParquetWriter(stream, SHARD_SCHEMA), stream, 0, n]
-            self.open[split] = w
-        w[0].write_table(table)
-        w[2] += table.num_rows
+        while table.num_rows:
+            w = self.open.get(split)
+            if w is not None and w[2] >= self.cap:
+                self._close(split)
+                w = self.open[split] = [None, None, 0, w[3] + 1]
+            if w is None or w[0] is None:
+                n = 0 if w is None else w[3]
+                folder = f"{self.dir}/split={split}"
+                self.fs.create_dir(folder, recursive=True)
+                stream = self.fs.open_output_stream(
+                    f"{folder}/part-{self.task:06d}-{n:03d}.parquet")
+                w = self.open[split] = [pq.ParquetWriter(stream, SHARD_SCHEMA), stream, 0, n]
+            part = table.slice(0, self.cap - w[2])
+            w[0].write_table(part)
+            w[2] += part.num_rows
+            table = table.slice(part.num_rows)
 
     def _close(self, split: str) -> None:
         w = self.open[split]

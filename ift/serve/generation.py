@@ -363,9 +363,12 @@ class TextStream:
     waits for the next token.
     """
 
-    def __init__(self, tokenizer, stop: list[str] | None = None):
+    def __init__(self, tokenizer, stop: list[str] | None = None, *, deltas: bool = True):
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
+        # Nobody reads the deltas and no stop string is watched: decode once, in flush()
+        # (decoding the whole text at every token costs about 1 ms per 32 tokens).
+        self.lazy = not deltas and not self.stop
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already returned
         self.stopped = False
@@ -379,6 +382,8 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token)
+        if self.lazy:
+            return ""
         self.pending += 1
         text = self._decode()
         # A UTF-8 character spans at most 4 byte tokens; past that the bytes are invalid

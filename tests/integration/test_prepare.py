@@ -206,9 +206,15 @@ def test_remix_of_a_dataset_prepared_before_the_index(prepared, tmp_path):
 def test_packing(ray_cluster, tiny_model, sample_data_dir, tmp_path, prepared):
     _, _, unpacked = prepared
     out = tmp_path / "packed"
-    cfg = sample_config(sample_data_dir, tiny_model, out, "data.pack=true")
+    cfg = sample_config(sample_data_dir, tiny_model, out, "data.pack=true", "data.shard_rows=40")
     manifest = prepare(cfg)
     rows = load_split(str(out), "train")
+    # shard_rows caps every file the two passes write.
+    import pyarrow.parquet as pq
+
+    sizes = [pq.ParquetFile(f).metadata.num_rows for f in out.glob("**/part-*.parquet")]
+    assert sizes and max(sizes) <= 40
+    assert len(list((out / "train").glob("*.parquet"))) > 1
     assert manifest["packed"] and rows
     assert sum(r["num_samples"] for r in rows) == manifest["splits"]["train"]["samples"]
     assert manifest["splits"]["train"]["samples"] == unpacked["splits"]["train"]["rows"]

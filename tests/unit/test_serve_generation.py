@@ -161,3 +161,20 @@ def test_token_chooser_sampling_is_seeded_and_respects_top_k():
     biased = torch.arange(50, dtype=torch.float).unsqueeze(0)
     chooser = TokenChooser(SamplingParams(temperature=1.0, top_k=2, seed=0))
     assert {chooser.choose(ids, biased.clone()) for _ in range(30)} <= {48, 49}
+
+
+def test_text_stream_without_deltas_decodes_once_at_the_end():
+    class CountingTokenizer(CharTokenizer):
+        calls = 0
+
+        def decode(self, ids, **kw):
+            CountingTokenizer.calls += 1
+            return super().decode(ids, **kw)
+
+    s = TextStream(CountingTokenizer(), [], deltas=False)
+    assert [s.push(ord(c)) for c in "hello"] == [""] * 5
+    assert s.flush() == "hello" and s.text == "hello"
+    assert CountingTokenizer.calls == 1
+    # A stop string still has to be watched token by token.
+    s = TextStream(CharTokenizer(), ["lo"], deltas=False)
+    assert feed(s, "hello world") == "hel" and s.stopped
