@@ -576,24 +576,6 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
     return manifest
 
 
-_PARTITIONING_SCHEMA = pa.schema([("source", pa.string()), ("split", pa.string())])
-
-
-def _read_shards(prepared: str, columns: list[str], splits: tuple[str, ...] = PARTITIONS
-                 ) -> pa.Table:
-    """Columns of the per-source shards (plus `source` and `split` from their folders)."""
-    import pyarrow.dataset as pads
-
-    fs, root = storage.arrow_fs(storage.join(prepared, SOURCES_DIR))
-    part = pads.partitioning(_PARTITIONING_SCHEMA, flavor="hive")
-    try:
-        ds = pads.dataset(root, filesystem=fs, format="parquet", partitioning=part)
-    except (FileNotFoundError, OSError):
-        schema = pa.unify_schemas([SHARD_SCHEMA, _PARTITIONING_SCHEMA])
-        return pa.table({c: pa.array([], schema.field(c).type) for c in columns})
-    return ds.to_table(columns=columns, filter=pc.field("split").isin(list(splits)))
-
-
 class _Rows:
     """The driver's view of the ingest: a few bytes per row read (key, source, split code,
     content hash, length, language code), and the rejected and dropped rows spooled to
@@ -712,12 +694,6 @@ def _contains(sorted_keys: np.ndarray, key: int) -> bool:
 _LINE_MASK = (1 << 36) - 1
 
 
-def _codes(column: pa.ChunkedArray, values: list[str]) -> np.ndarray:
-    """The position of each string of `column` in `values`, as an int64 array."""
-    return pc.index_in(column, value_set=pa.array(values, pa.string())).to_numpy(
-        zero_copy_only=False).astype(np.int64)
-
-
 def _fixed_bytes(column: pa.ChunkedArray, width: int) -> np.ndarray:
     """Fixed-width strings as a numpy bytes array, without a Python object per row."""
     if len(column) == 0:
@@ -745,7 +721,17 @@ def load_index(prepared: str) -> pa.Table:
     if storage.exists(path):
         fs, root = storage.arrow_fs(path)
         return pq.read_table(root, filesystem=fs)
-    t = _read_shards(prepared, ["key", "source", "split", "num_tokens"], ("train", "val"))
+    import pyarrow.dataset as pads
+
+    fs, root = storage.arrow_fs(storage.join(prepared, SOURCES_DIR))
+    part = pads.partitioning(pa.schema([("source", pa.string()), ("split", pa.string())]),
+                             flavor="hive")
+    try:
+        t = pads.dataset(root, filesystem=fs, format="parquet", partitioning=part).to_table(
+            columns=["key", "source", "split", "num_tokens"])
+    except (FileNotFoundError, OSError):  # nothing kept
+        t = pa.table({"key": pa.array([], pa.int64()), "source": pa.array([], pa.string()),
+                      "split": pa.array([], pa.string()), "num_tokens": pa.array([], pa.int32())})
     t = t.append_column("shard", t.column("split"))
     return t.take(pc.sort_indices(t, [("key", "ascending")]))
 
