@@ -207,7 +207,7 @@ def main() -> int:
                 for i in range(8)]
     levels = [1, 8, 32]
     rounds = 1 if args.quick else 3
-    per_level = (lambda c: max(4, c)) if args.quick else (lambda c: max(16, 2 * c))
+    per_level = (lambda c: max(4, c)) if args.quick else (lambda c: max(48, 2 * c))
     cpus = os.cpu_count() or 2
     result: dict = {"machine": {"cpus": cpus, "python": platform.python_version(),
                                 "platform": platform.platform(),
@@ -231,7 +231,7 @@ def main() -> int:
             "base_model": model, "port": sport, "adapter_root": adapter_root,
             "max_adapters_per_replica": 8, "max_batch_size": 32, "max_ongoing_requests": 64,
             "max_queued_requests": 256, "batch_wait_timeout_s": 0.005,
-            # One CPU stays with the HTTP proxy and ingress; the replica's torch uses the
+            # One CPU stays with the HTTP proxy; the ingress replica's torch uses the
             # rest. Two intra-op threads on an oversubscribed 2-CPU machine were measured
             # ~15x slower per decode step than one (threads wait on each other).
             "cpus_per_replica": float(max(1, cpus - 1)), "max_tokens_limit": 512}})

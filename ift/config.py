@@ -411,9 +411,11 @@ class ServeConfig:
     gpus_per_replica: float = 0.0
     """GPUs reserved by each replica."""
     max_ongoing_requests: int = 32
-    """Requests a replica handles at once."""
+    """Generation requests a replica runs at once (its engine batches up to
+    max_batch_size of them per step)."""
     max_queued_requests: int = 64
-    """Requests waiting per deployment handle before new ones get 503."""
+    """Generation requests a replica queues beyond those before new ones get a 503 with a
+    JSON body; -1: no bound."""
     request_timeout_s: float = 120.0
     """Per-request timeout."""
     max_tokens_limit: int = 512

@@ -14,8 +14,9 @@ Commands
     Sampling: temperature (0 = greedy), top_p, top_k, max_tokens (at most
     `serve.max_tokens_limit`), stop, repetition_penalty, no_repeat_ngram_size, seed; a value
     out of range is a 400 naming the parameter. With `serve.api_key_env: NAME`, requests
-    need `Authorization: Bearer $NAME`. Over `max_ongoing_requests` + `max_queued_requests`
-    a request gets 503 with a JSON body; past `request_timeout_s`, 504.
+    need `Authorization: Bearer $NAME`. A replica runs `max_ongoing_requests` generation
+    requests at once and queues `max_queued_requests` more (-1: no bound); past that a
+    request gets 503 with a JSON body and `Retry-After`; past `request_timeout_s`, 504.
 
 `ift merge --base B --adapter A --out DIR`
     Writes a plain HF model dir (safetensors + tokenizer + ift_lineage.json) and logs it
@@ -44,9 +45,16 @@ Example config::
 How a replica serves many adapters
 ----------------------------------
 
-Each base-model replica holds one copy of the base weights. Adapters load on first use
-into an LRU cache (`@serve.multiplexed`, so Serve routes a request to a replica that
-already holds its adapter). The replica's engine (`engine.py`) batches whatever requests
+The base model's deployment is the HTTP ingress itself: a request for the base model is
+answered on the replica Serve's proxy hands it to, one hop, with no second deployment in
+between. Each replica holds one copy of the base weights. Adapters load on first use into
+an LRU cache (`@serve.multiplexed`). With one replica every adapter request is answered
+there; with more (or autoscaling), a replica that does not hold the requested adapter
+passes the request through a handle with the adapter as multiplexed model id, so Serve
+routes it to a replica that already holds it. Merged models have their own deployments,
+reached through handles. Admission is the replica's own (`admission.py`) rather than
+Serve's `max_queued_requests`, whose refusal is a plain-text 503 from the proxy; Serve's
+cap per replica is set above it, with room for the light routes. The replica's engine (`engine.py`) batches whatever requests
 are waiting, for any mix of adapters, into one forward pass per decode step: a batch
 with several adapters uses stacked LoRA weights and batched matmuls (`multilora.py`), a
 batch with one adapter uses PEFT's own computation. No request ever switches a shared

@@ -2,15 +2,17 @@
 
 Deployments:
 
-- `Ingress` (FastAPI): the HTTP routes. It checks auth, parses and validates requests
-  (4xx with a message for anything malformed), resolves the `model` field to a target and
-  forwards to a model deployment through a handle. Handle back-pressure becomes 503 with a
-  JSON body; a request over `request_timeout_s` becomes 504.
-- `LLMServer` for the base model: holds the base weights and loads LoRA adapters on
-  demand (local or s3://) into an LRU of `max_adapters_per_replica` through Serve model
-  multiplexing, so requests for an adapter go to a replica that already holds it. Its
-  engine batches requests for any mix of adapters into one forward pass (engine.py).
-- one `LLMServer` per merged model, served under its own id.
+- the ingress, named `llm-<base id>`: a FastAPI deployment that is also the base model's
+  replica. It checks auth, parses and validates requests (4xx with a message for anything
+  malformed) and answers base-model requests itself, one hop from Serve's HTTP proxy. It
+  loads LoRA adapters on demand (local or s3://) into an LRU of `max_adapters_per_replica`
+  through Serve model multiplexing; with more than one replica, a request for an adapter
+  this replica does not hold goes through a handle to a replica that does. Its engine
+  batches requests for any mix of adapters into one forward pass (engine.py).
+- one `LLMServer` per merged model, served under its own id through a handle.
+
+Every model replica admits generation requests itself (admission.py): an overload is a
+503 with a JSON body, a request over `request_timeout_s` a 504.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET
 /v1/models, GET /health, GET / (a small chat page).
@@ -57,7 +59,8 @@ from ift.serve.generation import (
 log = logging.getLogger(__name__)
 
 APP_NAME = "ift"
-INGRESS_MAX_ONGOING = 4096  # the ingress only forwards; model deployments hold the limits
+UNBOUNDED_ONGOING = 4096  # Serve's per-replica cap when serve.max_queued_requests is -1
+LIGHT_REQUESTS = 32  # room over the admission limits for /health, /v1/models and the page
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,18 +152,30 @@ class AdapterRef:
                 pass
 
 
-def llm_server_class(max_adapters: int):
-    """The model deployment class; the LRU size is fixed when the class is made."""
+def _error_event(e: Exception) -> dict[str, Any]:
+    if isinstance(e, RequestError):
+        return {"type": "error", "status": e.status, "message": e.message, "param": e.param}
+    log.exception("request failed")  # adapter download/load failures, a dead engine
+    return {"type": "error", "status": 500, "message": f"{type(e).__name__}: {e}"}
+
+
+def model_server_class(max_adapters: int):
+    """What every model replica does: hold one model's engine, load adapters on demand into
+    an LRU of `max_adapters` (Serve model multiplexing), admit generation requests and
+    answer them as events. The LRU size is fixed when the class is made."""
     from ray import serve
 
-    @serve.deployment
-    class LLMServer:
+    from ift.serve.admission import Admission
+
+    class ModelServer:
         def __init__(self, model_path: str, engine_args: dict[str, Any],
-                     catalog_args: dict[str, Any] | None = None):
+                     catalog_args: dict[str, Any] | None, limits: dict[str, int]):
             from ift.serve.engine import Engine
 
             self.engine = Engine(model_path, **engine_args)
             self.catalog = Catalog(**catalog_args) if catalog_args else None
+            self.admission = Admission(limits["max_ongoing_requests"],
+                                       limits["max_queued_requests"])
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
         async def get_adapter(self, model_id: str) -> AdapterRef:
@@ -176,7 +191,10 @@ def llm_server_class(max_adapters: int):
             return AdapterRef(self.engine, model_id)
 
         async def _prepare(self, req: dict[str, Any]) -> tuple[list[int], SamplingParams, str | None]:
-            adapter = serve.get_multiplexed_model_id() or None
+            # A request answered on the replica it reached names its adapter; one routed
+            # here through a handle carries it as the multiplexed model id.
+            adapter = req["adapter"] if "adapter" in req else serve.get_multiplexed_model_id()
+            adapter = adapter or None
             if adapter is not None:
                 await self.get_adapter(adapter)
             params = SamplingParams.from_dict(req["params"])
@@ -189,48 +207,83 @@ def llm_server_class(max_adapters: int):
         async def generate(self, req: dict[str, Any]):
             """Events for one request: start, deltas, then end (or one error event)."""
             try:
-                ids, params, adapter = await self._prepare(req)
-                events = self.engine.stream(ids, params, adapter)
-            except RequestError as e:
-                yield {"type": "error", "status": e.status, "message": e.message, "param": e.param}
-                return
-            except Exception as e:  # noqa: BLE001 - adapter download/load failures
-                log.exception("request preparation failed")
-                yield {"type": "error", "status": 500, "message": f"{type(e).__name__}: {e}"}
-                return
-            yield {"type": "start", "prompt_tokens": len(ids)}
-            async for ev in events:
-                yield ev
+                async with self.admission.slot():
+                    try:
+                        ids, params, adapter = await self._prepare(req)
+                        events = self.engine.stream(ids, params, adapter)
+                    except Exception as e:  # noqa: BLE001 - sent as an event
+                        yield _error_event(e)
+                        return
+                    yield {"type": "start", "prompt_tokens": len(ids)}
+                    async for ev in events:
+                        yield ev
+            except RequestError as e:  # overloaded: no slot
+                yield _error_event(e)
 
         async def complete(self, req: dict[str, Any]) -> dict[str, Any]:
             """The whole result in one message: {type: end, text, ...} or an error event."""
             try:
-                ids, params, adapter = await self._prepare(req)
-                return await self.engine.complete(ids, params, adapter)
-            except RequestError as e:
-                return {"type": "error", "status": e.status, "message": e.message,
-                        "param": e.param}
-            except Exception as e:  # noqa: BLE001 - adapter download/load failures
-                log.exception("request failed")
-                return {"type": "error", "status": 500, "message": f"{type(e).__name__}: {e}"}
+                async with self.admission.slot():
+                    ids, params, adapter = await self._prepare(req)
+                    return await self.engine.complete(ids, params, adapter)
+            except Exception as e:  # noqa: BLE001 - sent as an event
+                return _error_event(e)
 
         def info(self) -> dict[str, Any]:
-            return {"model_path": self.engine.model_path,
-                    "adapters": self.engine.loaded_adapters(), "steps": self.engine.steps}
+            return {"replica": serve.get_replica_context().replica_id.unique_id,
+                    "model_path": self.engine.model_path,
+                    "adapters": self.engine.loaded_adapters(), "steps": self.engine.steps,
+                    "adapter_loads": self.engine.adapter_loads,
+                    "running": self.admission.running, "waiting": self.admission.waiting}
 
         def check_health(self) -> None:
             if not self.engine.alive():
                 raise RuntimeError("the decode engine has stopped")
 
-        def __del__(self):
+        def _stop_engine(self) -> None:
             engine = getattr(self, "engine", None)
             if engine is not None:
                 engine.shutdown(timeout=5)
 
+    return ModelServer
+
+
+def llm_server_class(max_adapters: int):
+    """A model deployment reached through handles (merged models)."""
+    from ray import serve
+
+    @serve.deployment
+    class LLMServer(model_server_class(max_adapters)):
+        def __del__(self):
+            self._stop_engine()
+
     return LLMServer
 
 
-def ingress_class():
+class _LocalStream:
+    """A replica's own event stream with the `cancel()` of a handle's response generator."""
+
+    def __init__(self, agen):
+        self._agen = agen
+        self._closing = None
+
+    def __anext__(self):
+        return self._agen.__anext__()
+
+    def cancel(self) -> None:
+        if self._closing is None:  # releases the admission slot and the engine request
+            self._closing = asyncio.get_running_loop().create_task(self._agen.aclose())
+
+
+def ingress_class(max_adapters: int):
+    """The HTTP ingress, which is also the base model's replica.
+
+    Base-model requests, and adapter requests on a replica that holds the adapter (or when
+    the deployment has one replica), are answered where they arrive: one hop from the HTTP
+    proxy. Other adapter requests go through a handle with the adapter as multiplexed model
+    id, so Serve routes them to a replica that already holds it; merged models go to their
+    own deployments.
+    """
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -259,18 +312,34 @@ def ingress_class():
                 503: "overloaded_error", 504: "timeout_error"}.get(
                     status, "invalid_request_error" if status < 500 else "server_error")
 
+    def _overloaded(message: str = "server overloaded: too many requests queued; retry later"):
+        return _json_error(503, message, "overloaded_error", headers={"Retry-After": "1"})
+
+    def _event_error(ev: dict[str, Any]):
+        """The HTTP answer to an error event from a model replica."""
+        if ev["status"] == 503:
+            return _overloaded(ev["message"])
+        return _json_error(ev["status"], ev["message"], _status_type(ev["status"]),
+                           ev.get("param"))
+
     @serve.deployment
     @serve.ingress(api)
-    class Ingress:
-        def __init__(self, base, merged: dict[str, Any], catalog_args: dict[str, Any],
-                     settings: dict[str, Any]):
-            self.base = base
+    class Ingress(model_server_class(max_adapters)):
+        def __init__(self, model_path: str, engine_args: dict[str, Any],
+                     catalog_args: dict[str, Any], limits: dict[str, int],
+                     merged: dict[str, Any], settings: dict[str, Any]):
+            super().__init__(model_path, engine_args, catalog_args, limits)
             self.merged = merged
-            self.catalog = Catalog(**catalog_args)
             self.max_tokens_limit = int(settings["max_tokens_limit"])
             self.timeout = float(settings["request_timeout_s"])
             self.key_digest = settings.get("api_key_sha256", "")
+            self.route_adapters = bool(settings.get("route_adapters", False))
             self.created = int(time.time())
+            self._self_handle = None
+
+        async def __del__(self):
+            self._stop_engine()
+            await super().__del__()  # the ASGI app's lifespan shutdown
 
         # ------------------------------------------------------------------ helpers
 
@@ -286,11 +355,16 @@ def ingress_class():
                                headers={"WWW-Authenticate": "Bearer"})
 
         def _handle(self, target):
+            """The handle that answers a target, or None to answer it on this replica."""
             if target.kind == "merged":
                 return self.merged[target.model_id]
-            if target.kind == "adapter":
-                return self.base.options(multiplexed_model_id=target.model_id)
-            return self.base
+            if (target.kind != "adapter" or not self.route_adapters
+                    or self.engine.has_adapter(target.model_id)):
+                return None
+            if self._self_handle is None:
+                ctx = serve.get_replica_context()
+                self._self_handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+            return self._self_handle.options(multiplexed_model_id=target.model_id)
 
         async def _parse(self, request: Request, kind: str):
             raw = await request.body()
@@ -329,12 +403,15 @@ def ingress_class():
             rows = await asyncio.to_thread(self.catalog.list_models, self.created)
             # The last lineage stage: which app and deployment serve each id, at which URL.
             url = str(request.base_url).rstrip("/") + "/v1"
+            ctx = serve.get_replica_context()
             for row in rows:
-                merged = row["metadata"]["type"] == "merged"
-                handle = self.merged.get(row["id"]) if merged else self.base
-                row["metadata"]["serving"] = {
-                    "url": url, "app": getattr(handle, "app_name", None),
-                    "deployment": getattr(handle, "deployment_name", None)}
+                handle = self.merged.get(row["id"])
+                if handle is None:  # the base and its adapters: this deployment
+                    where = {"app": ctx.app_name, "deployment": ctx.deployment}
+                else:
+                    where = {"app": getattr(handle, "app_name", None),
+                             "deployment": getattr(handle, "deployment_name", None)}
+                row["metadata"]["serving"] = {"url": url, **where}
             return {"object": "list", "data": rows}
 
         @api.post("/v1/chat/completions")
@@ -356,38 +433,41 @@ def ingress_class():
             payload = {"kind": kind, "messages": greq.messages, "prompt": greq.prompt,
                        "params": greq.params.to_dict()}
             handle = self._handle(target)
+            if handle is None:
+                payload["adapter"] = target.model_id if target.kind == "adapter" else None
             deadline = time.monotonic() + self.timeout
             if greq.stream:
                 return await self._stream(handle, payload, greq, kind, deadline)
-            resp = handle.complete.remote(payload)
+            resp = self.complete(payload) if handle is None else handle.complete.remote(payload)
             try:
-                out = await asyncio.wait_for(resp, self.timeout)
+                out = await asyncio.wait_for(resp, self.timeout)  # cancels a local request
             except BackPressureError:
-                return _json_error(503, "server overloaded: too many requests queued; retry "
-                                   "later", "overloaded_error", headers={"Retry-After": "1"})
+                return _overloaded()
             except asyncio.TimeoutError:
-                resp.cancel()
+                if handle is not None:
+                    resp.cancel()
                 return _json_error(504, f"request timed out after {self.timeout:g}s",
                                    "timeout_error")
             except Exception as e:  # noqa: BLE001 - a replica failure, not a bad request
                 log.exception("generation failed")
                 return _json_error(500, f"generation failed: {type(e).__name__}", "server_error")
             if out["type"] == "error":
-                return _json_error(out["status"], out["message"], _status_type(out["status"]),
-                                   out.get("param"))
+                return _event_error(out)
             rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
             build = chat_response if kind == "chat" else completion_response
             return build(rid, greq.model, out["text"], out["finish_reason"],
                          out["prompt_tokens"], out["completion_tokens"])
 
         async def _stream(self, handle, payload, greq, kind: str, deadline: float):
-            gen = handle.options(stream=True).generate.remote(payload)
+            if handle is None:
+                gen = _LocalStream(self.generate(payload))
+            else:
+                gen = handle.options(stream=True).generate.remote(payload)
             try:
                 first = await asyncio.wait_for(gen.__anext__(), max(0.0, deadline - time.monotonic()))
             except BackPressureError:
                 gen.cancel()
-                return _json_error(503, "server overloaded: too many requests queued; retry "
-                                   "later", "overloaded_error", headers={"Retry-After": "1"})
+                return _overloaded()
             except asyncio.TimeoutError:
                 gen.cancel()
                 return _json_error(504, f"request timed out after {self.timeout:g}s",
@@ -399,8 +479,7 @@ def ingress_class():
                 log.exception("generation failed")
                 return _json_error(500, f"generation failed: {type(e).__name__}", "server_error")
             if first["type"] == "error":
-                return _json_error(first["status"], first["message"],
-                                   _status_type(first["status"]), first.get("param"))
+                return _event_error(first)
             prompt_tokens = first.get("prompt_tokens", 0)
             timeout = self.timeout
 
@@ -466,12 +545,18 @@ def _index_html() -> str:
 
 def _scaling(cfg: Config) -> dict[str, Any]:
     s = cfg.serve
+    # Replicas admit generation requests themselves (admission.py), so an overload is a
+    # 503 with a JSON body; Serve's own cap only leaves room for those and the light routes.
+    if s.max_queued_requests < 0:
+        cap = UNBOUNDED_ONGOING
+    else:
+        cap = s.max_ongoing_requests + s.max_queued_requests + LIGHT_REQUESTS
     opts: dict[str, Any] = {
-        "max_ongoing_requests": s.max_ongoing_requests,
-        "max_queued_requests": s.max_queued_requests,
+        "max_ongoing_requests": cap,
+        "max_queued_requests": -1,
         "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
         "graceful_shutdown_wait_loop_s": 1.0,
-        "graceful_shutdown_timeout_s": min(60.0, s.request_timeout_s),
+        "graceful_shutdown_timeout_s": min(60.0, s.request_timeout_s + 5),
         "health_check_period_s": 5.0,
         "health_check_timeout_s": 30.0,
     }
@@ -490,22 +575,22 @@ def build_app(cfg: Config):
     cat = catalog_kwargs(cfg)
     Catalog(**cat)  # id clashes and bad adapter ids fail here, before anything starts
     eng = engine_kwargs(cfg)
+    limits = {"max_ongoing_requests": s.max_ongoing_requests,
+              "max_queued_requests": s.max_queued_requests}
     LLMServer = llm_server_class(s.max_adapters_per_replica)
-    base = LLMServer.options(name=_deployment_name("llm", s.base_model_id),
-                             **_scaling(cfg)).bind(cat["base_path"], eng, cat)
     merged = {
         mid: LLMServer.options(name=_deployment_name("merged", mid), **_scaling(cfg)).bind(
-            path, eng, None)
+            path, eng, None, limits)
         for mid, path in cat["merged"].items()
     }
     settings = {"max_tokens_limit": s.max_tokens_limit, "request_timeout_s": s.request_timeout_s,
-                "api_key_sha256": api_key_digest(cfg)}
-    Ingress = ingress_class()
-    return Ingress.options(
-        name="ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
-        max_queued_requests=-1, ray_actor_options={"num_cpus": 0},
-        graceful_shutdown_timeout_s=min(60.0, s.request_timeout_s + 5),
-    ).bind(base, merged, cat, settings)
+                "api_key_sha256": api_key_digest(cfg),
+                # One fixed replica holds every adapter it is asked for; with more, adapter
+                # requests go where the adapter already is.
+                "route_adapters": bool(s.autoscaling) or s.num_replicas > 1}
+    Ingress = ingress_class(s.max_adapters_per_replica)
+    return Ingress.options(name=_deployment_name("llm", s.base_model_id), **_scaling(cfg)).bind(
+        cat["base_path"], eng, cat, limits, merged, settings)
 
 
 def vllm_llm_configs(cfg: Config) -> list[dict[str, Any]]:

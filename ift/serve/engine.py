@@ -77,7 +77,8 @@ class Engine:
         self.model.eval()
         self.peft = None  # the PeftModel wrapping self.model once an adapter is loaded
         self.stacked = None  # StackedLoRA over self.peft when its adapters qualify
-        self._tuner_layers: list | None = None  # PEFT tuner layers, for base-only batches
+        self._lora_slots: list | None = None  # (parent, name, LoRA layer) in the model tree
+        self._detached = False  # LoRA layers swapped out for their base layers
         self._joinable: bool | None = None  # known after the first prefill
         cfg = self.model.config
         ctx = max_context or getattr(cfg, "max_position_embeddings", None) or getattr(
@@ -95,6 +96,7 @@ class Engine:
         self._stopping = False
         self._error: BaseException | None = None
         self.steps = 0
+        self.adapter_loads = 0  # adapters read from disk (an LRU that thrashes shows here)
         self._thread = threading.Thread(target=self._run, name="ift-engine", daemon=True)
         self._thread.start()
 
@@ -249,7 +251,11 @@ class Engine:
         self._queue.put(("release", key))
 
     def loaded_adapters(self) -> list[str]:
-        return sorted(k for k in self._adapters if k not in self._evicted)
+        return sorted(k for k in list(self._adapters) if k not in self._evicted)
+
+    def has_adapter(self, key: str) -> bool:
+        """Whether `key` is loaded and not evicted (safe from any thread)."""
+        return key in self._adapters and key not in self._evicted
 
     def alive(self) -> bool:
         return self._thread.is_alive() and self._error is None
@@ -357,6 +363,7 @@ class Engine:
                 return
 
     def _load(self, key: str, path: str) -> None:
+        self._attach_lora()
         if key in self._adapters:
             self._evicted.discard(key)
             return
@@ -382,6 +389,7 @@ class Engine:
         else:
             self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
         self._adapters[key] = name
+        self.adapter_loads += 1
         self._collect_adapters()
         self._restack()
 
@@ -394,19 +402,45 @@ class Engine:
             name = self._adapters.pop(key)
             self._evicted.discard(key)
             self._refs.pop(key, None)
+            self._attach_lora()
             self.peft.delete_adapter(name)
             self._restack()
 
-    def _lora_layers(self) -> list:
-        """The PEFT tuner layers of the model (rebuilt when adapters change)."""
-        if self._tuner_layers is None:
+    def _detach_lora(self) -> None:
+        """Put each LoRA layer's base layer in its place in the model tree, so base-only
+        batches run the plain transformers model, with no PEFT wrapper around every linear
+        layer (32 base tokens on the tiny llama with two adapters loaded: 19.1 -> 16.4 ms,
+        the same as with none). Stays so until a batch needs an adapter or PEFT changes
+        adapters."""
+        if self._detached:
+            return
+        if self._lora_slots is None:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            self._tuner_layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
-        return self._tuner_layers
+            self._lora_slots = []
+            for name, module in self.model.named_modules():
+                if isinstance(module, BaseTunerLayer):
+                    parent, _, attr = name.rpartition(".")
+                    self._lora_slots.append((self.model.get_submodule(parent), attr, module))
+            # Nested tuner layers: only the outermost is swapped.
+            inner = {id(m.get_base_layer()) for _, _, m in self._lora_slots}
+            self._lora_slots = [s for s in self._lora_slots if id(s[2]) not in inner]
+        for parent, attr, layer in self._lora_slots:
+            setattr(parent, attr, layer.get_base_layer())
+        self._detached = True
+
+    def _attach_lora(self) -> None:
+        """Put the LoRA layers back: before any adapter runs and before PEFT loads, deletes
+        or stacks adapters (it finds its layers by walking the model tree)."""
+        if not self._detached:
+            return
+        for parent, attr, layer in self._lora_slots:
+            setattr(parent, attr, layer)
+        self._detached = False
 
     def _restack(self) -> None:
-        self._tuner_layers = None
+        self._attach_lora()
+        self._lora_slots = None
         from ift.serve import multilora
 
         if self.peft is None or not multilora.supported(self.peft):
@@ -435,20 +469,13 @@ class Engine:
         if self.peft is None:
             out = self.model(**kwargs)
         elif all(r.adapter is None for r in rows):
-            # Base rows only: every LoRA layer calls its base layer alone. Setting the flag
-            # directly is much cheaper than PEFT's disable_adapter() or a mixed batch of
-            # `__base__` rows (measured 25 vs 100 vs 44 ms for 32 tokens on the tiny llama).
-            layers = self._lora_layers()
-            for layer in layers:
-                layer._disable_adapters = True
-            try:
-                # The wrapped transformers model itself: PeftModel's forward adds nothing
-                # with every adapter off, and costs ~7% of a tiny model's decode step.
-                out = self.peft.base_model.model(**kwargs)
-            finally:
-                for layer in layers:
-                    layer._disable_adapters = False
+            # Base rows only: the plain model, LoRA layers out of the tree. Cheaper than
+            # PEFT's disable_adapter(), a mixed batch of `__base__` rows, or LoRA layers
+            # told to skip their adapters (all measured on the tiny llama).
+            self._detach_lora()
+            out = self.model(**kwargs)
         elif self.stacked is not None and len({r.adapter for r in rows} - {None}) >= 2:
+            self._attach_lora()
             # Several adapters in the batch: one gather-and-bmm per LoRA layer.
             slots = torch.tensor([0 if r.adapter is None else
                                   self.stacked.slots[self._adapters[r.adapter]] for r in rows],
@@ -457,6 +484,7 @@ class Engine:
                 out = self.peft(**kwargs)
         else:
             # One adapter (or none): PEFT's own computation, exactly PeftModel's output.
+            self._attach_lora()
             names = [self._adapters[r.adapter] if r.adapter is not None else BASE for r in rows]
             out = self.peft(**kwargs, adapter_names=names)
         return out.logits[:, -1, :]

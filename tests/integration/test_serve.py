@@ -5,7 +5,8 @@ CLI and the chat page in headless Chromium.
 Serve starts once for the module with three applications on one loopback port:
 - "/"      the main app: base + adapters (a local root and one on S3) + a merged model;
 - "/tight" auth on, one request at a time and a queue of one: for 401s and 503s;
-- "/slow"  a 0.05 s request timeout: for 504s.
+- "/slow"  a 0.05 s request timeout: for 504s;
+- "/multi" two replicas holding one adapter each: adapter requests routed to the holder.
 """
 
 from __future__ import annotations
@@ -79,11 +80,15 @@ def server(ray_cluster, s3_server, tiny_model, tmp_path_factory):
         "max_ongoing_requests": 1, "max_queued_requests": 1}})
     slow_cfg = build_config({"serve": {
         **common, "max_tokens_limit": 512, "request_timeout_s": 0.05, "cpus_per_replica": 0.25}})
+    multi_cfg = build_config({"serve": {
+        **common, "adapter_root": str(adapter_root), "num_replicas": 2, "cpus_per_replica": 0.2,
+        "max_adapters_per_replica": 1}})
     url = start(main_cfg)
     tight = start(tight_cfg, name="tight", route_prefix="/tight")
     slow = start(slow_cfg, name="slow", route_prefix="/slow")
-    yield {"url": url, "tight": tight, "slow": slow, "tiny": tiny_model, "a": a, "b": b, "c": c,
-           "merged": merged, "s3_c": s3_c}
+    multi = start(multi_cfg, name="multi", route_prefix="/multi")
+    yield {"url": url, "tight": tight, "slow": slow, "multi": multi, "tiny": tiny_model, "a": a,
+           "b": b, "c": c, "merged": merged, "s3_c": s3_c}
     serve.shutdown()
     os.environ.pop(KEY_ENV, None)
 
@@ -237,6 +242,43 @@ def test_two_adapters_on_one_replica_concurrently_each_get_their_own(server):
         futs = [ex.submit(chat, url, m, prompts[i]) for m, i in jobs]
         got = [f.result().json()["choices"][0]["message"]["content"] for f in futs]
     assert got == [alone[j] for j in jobs]
+
+
+def _stream_text(url: str, model: str) -> str:
+    body = {"model": model, "messages": USER, **GREEDY, "stream": True}
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=120) as r:
+        assert r.status_code == 200, r.text
+        lines = [ln[6:] for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return "".join(json.loads(x)["choices"][0]["delta"].get("content") or "" for x in lines[:-1])
+
+
+def test_adapter_requests_go_to_the_replica_that_holds_the_adapter(server):
+    """Two replicas, an LRU of one adapter each. HTTP requests land on either replica; one
+    that lacks the adapter hands the request to the replica holding it, so each adapter is
+    read from disk once. Answered wherever they land, the two adapters would evict each
+    other on almost every request."""
+    from ray import serve
+
+    multi = server["multi"]
+    want = {m: chat(server["url"], m).json()["choices"][0]["message"]["content"]
+            for m in ("a", "runs/b")}
+    for _ in range(6):
+        for m in ("a", "runs/b"):
+            r = chat(multi, m)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == want[m]
+    assert _stream_text(multi, "a") == want["a"] and _stream_text(multi, "runs/b") == want["runs/b"]
+    handle = serve.get_deployment_handle("llm-base", "multi")
+    infos: dict = {}
+    for _ in range(60):  # the handle spreads calls over both replicas
+        info = handle.info.remote().result(timeout_s=60)
+        infos[info["replica"]] = info
+        if len(infos) == 2:
+            break
+    assert len(infos) == 2
+    assert sorted(a for i in infos.values() for a in i["adapters"]) == ["a", "runs/b"]
+    assert sum(i["adapter_loads"] for i in infos.values()) == 2, infos
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,14 +28,19 @@ def test_vllm_switch_maps_the_serve_section_to_llm_configs():
 
 
 def test_scaling_and_resources_come_from_the_config():
-    from ift.serve.app import _scaling
+    from ift.serve.app import LIGHT_REQUESTS, UNBOUNDED_ONGOING, _scaling
 
     cfg = build_config({"serve": {"num_replicas": 3, "cpus_per_replica": 2, "gpus_per_replica": 1,
                                   "max_ongoing_requests": 7, "max_queued_requests": 9}})
     opts = _scaling(cfg)
     assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
     assert opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0}
-    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (7, 9)
+    # The replica admits 7 + 9 generation requests itself (a JSON 503 past that); Serve's
+    # cap leaves room for those and the light routes, and never queues at the proxy.
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (
+        7 + 9 + LIGHT_REQUESTS, -1)
+    unbounded = _scaling(build_config({"serve": {"max_queued_requests": -1}}))
+    assert unbounded["max_ongoing_requests"] == UNBOUNDED_ONGOING
     auto = _scaling(build_config({"serve": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}}))
     assert auto["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in auto
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import time
 
 import pytest
 from train_support import random_lora_adapter as make_adapter
@@ -149,6 +150,49 @@ def test_released_adapter_is_deleted_only_when_unused(tiny_model, adapters):
         # A request for an adapter that is not loaded fails cleanly.
         with pytest.raises(RequestError):
             eng.generate(ids, GREEDY, "never-loaded")
+    finally:
+        eng.shutdown()
+
+
+def test_base_batches_run_the_plain_model_and_peft_still_finds_its_layers(tiny_model, adapters):
+    """Base-only batches take the LoRA layers out of the model tree; adapter batches and
+    PEFT's own loads and deletes must see them again, whatever ran last."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ift.serve.engine import Engine
+
+    def lora_names(eng) -> set[str]:
+        return {k for m in eng.peft.modules() if isinstance(m, BaseTunerLayer)
+                for k in m.lora_A}
+
+    eng = Engine(tiny_model, max_batch_size=4)
+    try:
+        ids = eng.completion_prompt_ids("The weather today")
+        plain = eng.generate(ids, GREEDY)["text"]
+        eng.load_adapter("a", adapters["a"]).result()
+        eng.load_adapter("b", adapters["b"]).result()
+        with_a = eng.generate(ids, GREEDY, "a")["text"]
+        with_b = eng.generate(ids, GREEDY, "b")["text"]
+        assert len({plain, with_a, with_b}) == 3
+        assert eng.generate(ids, GREEDY)["text"] == plain
+        assert not any(isinstance(m, BaseTunerLayer) for m in eng.model.modules())
+        # "b" is deleted once the next batch, a base one with the LoRA layers out, is over.
+        eng.release_adapter("b")
+        assert eng.generate(ids, GREEDY)["text"] == plain
+        assert eng.loaded_adapters() == ["a"]
+        deadline = time.monotonic() + 60  # the engine thread deletes it just after the batch
+        while "b" in eng._adapters and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "b" not in eng._adapters
+        assert eng.generate(ids, GREEDY, "a")["text"] == with_a
+        assert lora_names(eng) == {eng._adapters["a"]}  # gone from every layer
+        # Loading right after a base batch: PEFT wraps each layer once, not twice.
+        assert eng.generate(ids, GREEDY)["text"] == plain
+        eng.load_adapter("b", adapters["b"]).result()
+        assert eng.generate(ids, GREEDY, "b")["text"] == with_b
+        assert not any(isinstance(m.base_layer, BaseTunerLayer)
+                       for m in eng.model.modules() if isinstance(m, BaseTunerLayer))
+        assert eng.generate(ids, GREEDY)["text"] == plain
     finally:
         eng.shutdown()
 
