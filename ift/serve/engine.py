@@ -79,6 +79,7 @@ class Engine:
         self.stacked = None  # StackedLoRA over self.peft when its adapters qualify
         self._lora_slots: list | None = None  # (parent, name, LoRA layer) in the model tree
         self._detached = False  # LoRA layers swapped out for their base layers
+        self._active: str | None = None  # PEFT's active adapter, when this engine set it
         self._joinable: bool | None = None  # known after the first prefill
         cfg = self.model.config
         ctx = max_context or getattr(cfg, "max_position_embeddings", None) or getattr(
@@ -441,6 +442,7 @@ class Engine:
     def _restack(self) -> None:
         self._attach_lora()
         self._lora_slots = None
+        self._active = None  # loading or deleting may change PEFT's active adapter
         from ift.serve import multilora
 
         if self.peft is None or not multilora.supported(self.peft):
@@ -482,8 +484,18 @@ class Engine:
                                  dtype=torch.long, device=ids.device)
             with self.stacked.rows(slots):
                 out = self.peft(**kwargs)
+        elif len({r.adapter for r in rows}) == 1:
+            # Every row wants the same adapter: make it PEFT's active one (only this thread
+            # runs the model) and run PEFT's plain LoRA forward, exactly PeftModel's output
+            # and much cheaper than a mixed batch (64 -> 26 ms for 32 tokens, tiny llama).
+            self._attach_lora()
+            name = self._adapters[rows[0].adapter]
+            if self._active != name:
+                self.peft.base_model.set_adapter(name, inference_mode=True)
+                self._active = name
+            out = self.peft.base_model.model(**kwargs)
         else:
-            # One adapter (or none): PEFT's own computation, exactly PeftModel's output.
+            # One adapter and base rows: PEFT's mixed batch, exactly PeftModel's output.
             self._attach_lora()
             names = [self._adapters[r.adapter] if r.adapter is not None else BASE for r in rows]
             out = self.peft(**kwargs, adapter_names=names)
