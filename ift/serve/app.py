@@ -658,15 +658,17 @@ def serve_cmd(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     init_ray(getattr(args, "address", None))
-    url = start(cfg)
-    print(f"ift serve: {url}/v1 (chat page at {url}/)", flush=True)
     stop = threading.Event()
 
     def _on_signal(signum, frame):
         stop.set()
 
+    # After ray.init (which installs its own SIGTERM handler) and before the server is up:
+    # a signal that arrives once clients can connect always drains.
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    url = start(cfg)
+    print(f"ift serve: {url}/v1 (chat page at {url}/)", flush=True)
     while not stop.wait(1.0):
         pass
     print("ift serve: shutting down (in-flight requests finish first)", flush=True)
