@@ -479,6 +479,7 @@ def ingress_class(max_adapters: int):
                 log.exception("generation failed")
                 return _json_error(500, f"generation failed: {type(e).__name__}", "server_error")
             if first["type"] == "error":
+                gen.cancel()  # a local stream holds its admission slot until closed
                 return _event_error(first)
             prompt_tokens = first.get("prompt_tokens", 0)
             timeout = self.timeout

@@ -385,6 +385,23 @@ def test_overload_gets_503_json_and_the_server_recovers(server):
     assert after.status_code == 200
 
 
+def test_prompt_over_the_context_is_a_400_and_leaves_the_replica_free(server):
+    """Found only on the replica (the context is the model's): streamed or not, a 400 that
+    names `messages`; the "/tight" replica (one running, one queued) then still answers."""
+    tight = server["tight"]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    long = [{"role": "user", "content": "word " * 5000}]
+    for stream in (False, True, False, True):
+        r = requests.post(tight + "/v1/chat/completions", headers=headers, timeout=120,
+                          json={"model": "base", "messages": long, "stream": stream, **GREEDY})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "messages" and "context" in err["message"]
+    ok = requests.post(tight + "/v1/chat/completions", headers=headers, timeout=120,
+                       json={"model": "base", "messages": USER, **GREEDY})
+    assert ok.status_code == 200, ok.text
+
+
 def test_request_timeout_is_504_and_ends_a_stream(server):
     slow = server["slow"]
     body = {"model": "base", "messages": USER, "temperature": 0, "max_tokens": 512}
