@@ -165,7 +165,7 @@ def model_server_class(max_adapters: int):
     answer them as events. The LRU size is fixed when the class is made."""
     from ray import serve
 
-    from ift.serve.admission import Admission
+    from ift.serve.admission import Admission, Overloaded
 
     class ModelServer:
         def __init__(self, model_path: str, engine_args: dict[str, Any],
@@ -217,7 +217,7 @@ def model_server_class(max_adapters: int):
                     yield {"type": "start", "prompt_tokens": len(ids)}
                     async for ev in events:
                         yield ev
-            except RequestError as e:  # overloaded: no slot
+            except Overloaded as e:  # no slot
                 yield _error_event(e)
 
         async def complete(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +288,6 @@ def ingress_class(max_adapters: int):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from ray import serve
-    from ray.serve.exceptions import BackPressureError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     api = FastAPI(title="ift", docs_url=None, redoc_url=None)
@@ -312,15 +311,11 @@ def ingress_class(max_adapters: int):
                 503: "overloaded_error", 504: "timeout_error"}.get(
                     status, "invalid_request_error" if status < 500 else "server_error")
 
-    def _overloaded(message: str = "server overloaded: too many requests queued; retry later"):
-        return _json_error(503, message, "overloaded_error", headers={"Retry-After": "1"})
-
     def _event_error(ev: dict[str, Any]):
-        """The HTTP answer to an error event from a model replica."""
-        if ev["status"] == 503:
-            return _overloaded(ev["message"])
+        """The HTTP answer to an error event from a model replica (503: overloaded)."""
+        headers = {"Retry-After": "1"} if ev["status"] == 503 else None
         return _json_error(ev["status"], ev["message"], _status_type(ev["status"]),
-                           ev.get("param"))
+                           ev.get("param"), headers=headers)
 
     @serve.deployment
     @serve.ingress(api)
@@ -441,8 +436,6 @@ def ingress_class(max_adapters: int):
             resp = self.complete(payload) if handle is None else handle.complete.remote(payload)
             try:
                 out = await asyncio.wait_for(resp, self.timeout)  # cancels a local request
-            except BackPressureError:
-                return _overloaded()
             except asyncio.TimeoutError:
                 if handle is not None:
                     resp.cancel()
@@ -465,9 +458,6 @@ def ingress_class(max_adapters: int):
                 gen = handle.options(stream=True).generate.remote(payload)
             try:
                 first = await asyncio.wait_for(gen.__anext__(), max(0.0, deadline - time.monotonic()))
-            except BackPressureError:
-                gen.cancel()
-                return _overloaded()
             except asyncio.TimeoutError:
                 gen.cancel()
                 return _json_error(504, f"request timed out after {self.timeout:g}s",
