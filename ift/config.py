@@ -64,8 +64,9 @@ class SourceConfig:
         if self.path.startswith("@sample/"):
             # The bundled sample data (ift/sample_data) wherever ift is installed or, in a
             # Ray job, unpacked with the working dir.
-            self.path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data",
-                                     self.path[len("@sample/"):])
+            from ift.artifacts import SAMPLE_DATA_DIR
+
+            self.path = os.path.join(SAMPLE_DATA_DIR, self.path[len("@sample/"):])
         if self.weight is not None and self.count is not None:
             raise ConfigError(
                 f"data.sources[{self.path}]: give weight or count, not both "

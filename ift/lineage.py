@@ -38,13 +38,8 @@ import urllib.request
 from typing import Any
 
 from ift import storage
+from ift.artifacts import ADAPTER_CONFIG, CONFIG_FILE, FINAL_DIR, LINEAGE_FILE, MANIFEST_FILE, RUN_FILE
 
-LINEAGE_FILE = "ift_lineage.json"  # the name ift.serve.adapters reads
-MANIFEST_FILE = "manifest.json"
-RUN_FILE = "run.json"
-RUN_CONFIG_FILE = "config.yaml"
-FINAL_DIR = "final"
-ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 
 STAGE_LABELS = {
@@ -124,7 +119,7 @@ def training_record(*, manifest: dict[str, Any], prepared: str, run_dir: str, ru
         "tracking_uri": tracking_uri or None,
         "run_name": run_name,
         "run_dir": run_dir,
-        "config": config_path or (storage.join(run_dir, RUN_CONFIG_FILE) if run_dir else None),
+        "config": config_path or (storage.join(run_dir, CONFIG_FILE) if run_dir else None),
         "method": method,
         "base_model": base_model,
         "data_manifest_hash": manifest.get("hash"),
@@ -267,7 +262,7 @@ def run_record(run_dir: str) -> dict[str, Any] | None:
     try:
         import yaml
 
-        cfg = yaml.safe_load(storage.read_text(storage.join(run_dir, RUN_CONFIG_FILE)))
+        cfg = yaml.safe_load(storage.read_text(storage.join(run_dir, CONFIG_FILE)))
         base_model = ((cfg or {}).get("model") or {}).get("name_or_path")
     except Exception:  # noqa: BLE001 - the config is optional here
         pass
@@ -280,7 +275,7 @@ def run_record(run_dir: str) -> dict[str, Any] | None:
         run_name=info.get("run_name") or "", method=method, base_model=base_model,
         mlflow_run_id=info.get("mlflow_run_id") or "",
         tracking_uri=info.get("tracking_uri") or "",
-        config_path=storage.join(run_dir, RUN_CONFIG_FILE),
+        config_path=storage.join(run_dir, CONFIG_FILE),
         artifact="model" if method in ("full", "freeze") else "adapter",
         created=info.get("started"))
 

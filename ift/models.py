@@ -19,14 +19,13 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ift import storage
+from ift.artifacts import IM_END, IM_START, SAMPLE_DATA_DIR
 from ift.config import ConfigError
 
 # Imported lazily where heavy (torch, transformers) so `import ift.models` stays cheap for
 # callers that only need the constants.
 
 EOS = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 PAD = "<pad>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END, PAD]
 
@@ -41,8 +40,6 @@ PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-SAMPLE_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
 
 # Used only when no data is given and the bundled sample folder is empty: enough English
 # and Chinese for the BPE trainer to learn common merges. Unseen characters still encode,

@@ -63,7 +63,6 @@ tracking:
   experiment: ift-quickstart
 """
 
-SAMPLE_PREFIX = "@sample/"
 STEPS = 8
 
 
@@ -79,7 +78,7 @@ def _done(t0: float, what: str = "done") -> None:
 def quickstart_config(workdir: str, overrides: list[str] | None = None) -> Config:
     """The embedded config with paths under `workdir` and the bundled data resolved."""
     from ift.config import apply_override
-    from ift.models import SAMPLE_DATA_DIR
+    from ift.artifacts import SAMPLE_DATA_DIR, SAMPLE_PREFIX
 
     raw: dict[str, Any] = yaml.safe_load(QUICKSTART_YAML)
     raw["storage"]["root"] = workdir

@@ -44,11 +44,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ift import storage
+from ift.artifacts import MANIFEST_FILE
 from ift.config import Config, ConfigError, SourceConfig
 from ift.data import mix
 from ift.data.record import ConvertError, conversation_hash
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 MANIFEST_VERSION = 2  # 2: sources/_index.parquet; shards may hold duplicates
 SOURCES_DIR = "sources"
 INDEX_FILE = "_index.parquet"  # the "_" keeps it out of hive-partitioned dataset reads

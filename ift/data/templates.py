@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ift.artifacts import IM_END, IM_START
 from ift.data.record import ROLES
 
 BUILTIN = ("chatml", "alpaca", "human_assistant")
@@ -41,8 +42,6 @@ ALPACA_PREAMBLE_WITH_INPUT = (
     "further context. Write a response that appropriately completes the request."
 )
 
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 
 # A segment inside this package also carries its exchange number: an exchange starts at a
 # user message and holds the replies and tool turns after it; -1 is the preamble (bos,

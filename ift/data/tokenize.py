@@ -29,7 +29,7 @@ from ift.data.templates import (
     tokenizer_traits,
 )
 
-IGNORE_INDEX = -100
+from ift.artifacts import IGNORE_INDEX  # noqa: E402,F401
 TRUNCATION = ("right", "left")
 
 

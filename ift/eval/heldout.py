@@ -28,7 +28,7 @@ from ift.config import ConfigError
 from ift.data.cot_templates import parse_final_answer
 from ift.eval.metrics import extract_options
 
-IGNORE_INDEX = -100
+from ift.artifacts import IGNORE_INDEX  # noqa: E402,F401
 
 
 @dataclass

@@ -27,12 +27,12 @@ from typing import Any
 import yaml
 
 from ift import storage
+from ift.artifacts import ADAPTER_CONFIG, FINAL_DIR, RUN_FILE
 from ift.config import Config, ConfigError, build_config, load_config
 from ift.eval import heldout, metrics
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
-FINAL_DIR = "final"
 METRIC_PREFIX = "heldout/"
 
 
@@ -46,7 +46,7 @@ def _log(msg: str) -> None:
 
 
 def is_adapter(path: str) -> bool:
-    return storage.exists(storage.join(path, "adapter_config.json"))
+    return storage.exists(storage.join(path, ADAPTER_CONFIG))
 
 
 def load_for_eval(model_dir: str, cfg: Config, device: str = "cpu"):
@@ -63,7 +63,7 @@ def load_for_eval(model_dir: str, cfg: Config, device: str = "cpu"):
     if is_adapter(local):
         from peft import PeftModel
 
-        with open(os.path.join(local, "adapter_config.json"), encoding="utf-8") as f:
+        with open(os.path.join(local, ADAPTER_CONFIG), encoding="utf-8") as f:
             adapter_cfg = json.load(f)
         base = cfg.model.name_or_path or adapter_cfg.get("base_model_name_or_path") or ""
         if not base:
@@ -375,7 +375,7 @@ def data_path(cfg: Config, path: str) -> str:
 def read_run(run_dir: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(run.json, the run's config as a dict or None) of a training run directory."""
     info: dict[str, Any] = {}
-    path = storage.join(run_dir, "run.json")
+    path = storage.join(run_dir, RUN_FILE)
     if storage.exists(path):
         try:
             info = json.loads(storage.read_text(path))

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ift import storage
+from ift.artifacts import ADAPTER_CONFIG, LINEAGE_FILE
 from ift.serve.generation import RequestError
 
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_NAME_LEN = 512
-LINEAGE_FILE = "ift_lineage.json"
-ADAPTER_CONFIG = "adapter_config.json"
 LINEAGE_KEYS = ("mlflow_run_id", "data_manifest_hash", "method", "base_model")
 
 

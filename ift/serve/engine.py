@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ift.artifacts import ADAPTER_CONFIG
 from ift.serve.generation import RequestError, SamplingParams, TextStream, TokenChooser
 
 log = logging.getLogger(__name__)
@@ -368,7 +369,7 @@ class Engine:
         if key in self._adapters:
             self._evicted.discard(key)
             return
-        acfg_path = os.path.join(path, "adapter_config.json")
+        acfg_path = os.path.join(path, ADAPTER_CONFIG)
         if not os.path.exists(acfg_path):
             raise RequestError(f"adapter {key!r}: no adapter_config.json in {path}", "model", 404)
         with open(acfg_path, encoding="utf-8") as f:

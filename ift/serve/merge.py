@@ -17,7 +17,8 @@ from typing import Any
 
 from ift import storage
 from ift.lineage import absolute, merged_record
-from ift.serve.adapters import LINEAGE_FILE, read_lineage
+from ift.artifacts import ADAPTER_CONFIG, LINEAGE_FILE
+from ift.serve.adapters import read_lineage
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -41,7 +42,7 @@ def merge(base: str, adapter: str, out: str, *, dtype: str = "auto",
     from ift.models import load_model, load_tokenizer
 
     adapter_local = storage.local_copy(adapter)
-    if not os.path.exists(os.path.join(adapter_local, "adapter_config.json")):
+    if not os.path.exists(os.path.join(adapter_local, ADAPTER_CONFIG)):
         raise FileNotFoundError(f"{adapter}: no adapter_config.json (not a PEFT adapter dir)")
     pcfg = PeftConfig.from_pretrained(adapter_local)
     if pcfg.is_prompt_learning:

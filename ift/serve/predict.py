@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from ift import storage
+from ift.artifacts import MANIFEST_FILE
 from ift.config import Config, ConfigError, load_config
 from ift.eval.heldout import iter_prepared_rows, iter_raw_records, split_last_turn
 
@@ -75,7 +76,7 @@ def load_items(data: str, split: str, max_rows: int = 0) -> list[dict[str, Any]]
     """Rows to predict on, in input order, from a prepared dir or raw files."""
     if not data:
         raise ConfigError("predict.data is required (a prepared dataset dir or source files)")
-    if storage.exists(storage.join(data, "manifest.json")):
+    if storage.exists(storage.join(data, MANIFEST_FILE)):
         return prepared_items(data, split, max_rows)
     return raw_items(data, max_rows)
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ift import storage
+from ift.artifacts import ADAPTER_CONFIG, FINAL_DIR
 from ift.train.methods import is_adapter, unwrap
 
 STATE_FILE = "training_state.pt"
@@ -46,8 +47,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 INDEX_FILE = "checkpoint.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-FINAL_DIR = "final"
 
 
 class CheckpointError(RuntimeError):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from ift.artifacts import IGNORE_INDEX  # noqa: E402,F401
 
 
 def collate(

@@ -29,12 +29,11 @@ from typing import Any
 import yaml
 
 from ift import storage
+from ift.artifacts import CONFIG_FILE, RUN_FILE
 from ift.config import Config, ConfigError, load_config
 from ift.train import methods
 from ift.train.loop import Plan, make_plan, read_metrics, train_loop_per_worker
 
-RUN_FILE = "run.json"
-CONFIG_FILE = "config.yaml"
 LOSS_PNG = "loss_curve.png"
 
 

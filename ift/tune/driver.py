@@ -34,6 +34,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ift import storage
+from ift.artifacts import RUN_FILE
 from ift.config import Config, ConfigError, load_config
 from ift.tune import space
 from ift.tune.trial import RUNS_DIR, TRIAL_FILE, placement_groups, run_trial
@@ -348,7 +349,7 @@ def _close_stopped(cfg: Config, trials: list[dict[str, Any]]) -> None:
     for t in trials:
         if t["status"] not in ("stopped", "error"):
             continue
-        info = _read_json(storage.join(sweep_dir_of(cfg), RUNS_DIR, t["name"], "run.json"))
+        info = _read_json(storage.join(sweep_dir_of(cfg), RUNS_DIR, t["name"], RUN_FILE))
         run_id = info.get("mlflow_run_id")
         if not run_id:
             continue

@@ -28,6 +28,7 @@ import tempfile
 from typing import Any
 
 from ift import storage
+from ift.artifacts import RUN_FILE
 from ift.eval.metrics import mean_spread
 from ift.tune import space
 
@@ -71,7 +72,7 @@ def trial_rows(sweep_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for p in sweep["points"]:
         run_dir = storage.join(sweep_dir, RUNS_DIR, p["name"])
         trial = storage.read_json(storage.join(run_dir, TRIAL_FILE))
-        run = storage.read_json(storage.join(run_dir, "run.json"))
+        run = storage.read_json(storage.join(run_dir, RUN_FILE))
         ev = (storage.read_json(storage.join(run_dir, "eval.json")).get("metrics")
               or trial.get("eval") or {})
         history = _history(run_dir)

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from ift import storage
+from ift.artifacts import RUN_FILE
 from ift.tune import space
 
 TRIAL_FILE = "trial.json"
@@ -125,7 +126,7 @@ def child_run(cfg, run_dir: str, point: dict[str, Any], sweep: dict[str, Any],
     parent = sweep.get("parent_run_id") or ""
     if not cfg.tracking.enabled or not parent:
         return ""
-    run_file = storage.join(run_dir, "run.json")
+    run_file = storage.join(run_dir, RUN_FILE)
     info = storage.read_json(run_file)
     tags = {"ift.tune.sweep": sweep["name"], "ift.tune.trial": point["name"],
             "ift.tune.group": space.group_key(point), "ift.tune.seed": point["seed"]}
