@@ -38,7 +38,14 @@ import urllib.request
 from typing import Any
 
 from ift import storage
-from ift.artifacts import ADAPTER_CONFIG, CONFIG_FILE, FINAL_DIR, LINEAGE_FILE, MANIFEST_FILE, RUN_FILE
+from ift.artifacts import (
+    ADAPTER_CONFIG,
+    CONFIG_FILE,
+    FINAL_DIR,
+    LINEAGE_FILE,
+    MANIFEST_FILE,
+    RUN_FILE,
+)
 
 MODEL_CONFIG = "config.json"
 

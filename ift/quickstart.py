@@ -77,8 +77,8 @@ def _done(t0: float, what: str = "done") -> None:
 
 def quickstart_config(workdir: str, overrides: list[str] | None = None) -> Config:
     """The embedded config with paths under `workdir` and the bundled data resolved."""
-    from ift.config import apply_override
     from ift.artifacts import SAMPLE_DATA_DIR, SAMPLE_PREFIX
+    from ift.config import apply_override
 
     raw: dict[str, Any] = yaml.safe_load(QUICKSTART_YAML)
     raw["storage"]["root"] = workdir
@@ -143,7 +143,7 @@ def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None
 
     # 3. Train LoRA with 2 workers.
     t0 = _step(3, f"LoRA on {cfg.train.num_workers} Ray Train workers")
-    from ift.train.checkpoint import FINAL_DIR
+    from ift.artifacts import FINAL_DIR
     from ift.train.driver import run_dir_of, train
 
     run_dir = run_dir_of(cfg)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ift.artifacts import IGNORE_INDEX  # noqa: E402,F401
+from ift.artifacts import IGNORE_INDEX
 
 
 def pack(rows: list[dict], max_seq_len: int) -> list[dict]:

@@ -423,3 +423,144 @@ def _tokenizer_segments(system: str, messages: list[dict], tokenizer,
         _grows(prev, prompt, tokenizer, "the generation prompt is added")
         segs.append((prompt[len(prev):], False, exchanges[-1] if exchanges else 0))
     return [s for s in segs if s[0]]
+
+
+# ---------------------------------------------------------------------------------------
+# The prompt format a model is trained with (recorded beside it, see ift.artifacts)
+# ---------------------------------------------------------------------------------------
+
+
+def _jinja_str(text: str) -> str:
+    """A jinja string literal of text."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def builtin_jinja(name: str, traits: TokenizerTraits) -> str:
+    """A jinja chat template that renders what the built-in template `name` renders for a
+    conversation without meta (the prompt part with add_generation_prompt, and whole
+    conversations). ift's own ChatML jinja where that is the same text."""
+    from ift.models import CHATML_TEMPLATE
+
+    q = _jinja_str
+    bos = q(traits.bos)
+    # A leading system message is the system prompt; an empty one renders nothing.
+    head = ("{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = messages[0]['content'] -%}{%- set msgs = messages[1:] -%}"
+            "{%- else -%}{%- set system = '' -%}{%- set msgs = messages -%}{%- endif -%}"
+            "{{- " + bos + " -}}")
+    if name == "chatml":
+        if not traits.bos and traits.im_end_is_token:
+            return CHATML_TEMPLATE
+        end = q(IM_END if traits.im_end_is_token else IM_END + _need_eos(traits, "chatml"))
+        return (head
+                + "{%- if system -%}{{- '" + IM_START + "system\\n' + system + " + end
+                + " + '\\n' -}}{%- endif -%}"
+                "{%- for m in msgs -%}{{- '" + IM_START + "' + m['role'] + '\\n' + m['content'] + "
+                + end + " + '\\n' -}}{%- endfor -%}"
+                "{%- if add_generation_prompt -%}{{- '" + IM_START + "assistant\\n' -}}{%- endif -%}")
+    if name == "alpaca":
+        eos = q(_need_eos(traits, "alpaca"))
+        return (head
+                + "{{- (system if system else " + q(ALPACA_PREAMBLE) + ") + '\\n\\n' -}}"
+                "{%- for m in msgs -%}"
+                "{%- if m['role'] == 'assistant' -%}"
+                "{{- '### Response:\\n' + m['content'] + " + eos + " -}}"
+                "{%- if not loop.last or add_generation_prompt -%}{{- '\\n\\n' -}}{%- endif -%}"
+                "{%- else -%}"
+                "{{- '### ' + {'user': 'Instruction', 'tool': 'Tool result', 'system': 'System'}"
+                "[m['role']] + ':\\n' + m['content'] + '\\n\\n' -}}"
+                "{%- endif -%}{%- endfor -%}"
+                "{%- if add_generation_prompt -%}{{- '### Response:\\n' -}}{%- endif -%}")
+    if name == "human_assistant":
+        eos = q(_need_eos(traits, "human_assistant"))
+        return (head
+                + "{%- if system -%}{{- system + '\\n\\n' -}}{%- endif -%}"
+                "{%- for m in msgs -%}"
+                "{%- if m['role'] == 'assistant' -%}"
+                "{{- 'Assistant: ' + m['content'] + " + eos + " -}}"
+                "{%- if not loop.last or add_generation_prompt -%}{{- '\\n' -}}{%- endif -%}"
+                "{%- else -%}"
+                "{{- {'user': 'Human', 'tool': 'Tool', 'system': 'System'}[m['role']] + ': ' "
+                "+ m['content'] + '\\n' -}}"
+                "{%- endif -%}{%- endfor -%}"
+                "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}")
+    raise ValueError(f"template {name!r} is not built in (allowed: {', '.join(BUILTIN)})")
+
+
+def _single_token_id(tokenizer, text: str) -> int | None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def _tokenizer_end_marker(tokenizer) -> str | None:
+    """The end-of-turn marker the tokenizer's own template puts after a reply, when it is
+    one token (None: the template has none, or it is several tokens)."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    prompt = _apply(tokenizer, probe[:1], True)
+    reply = _apply(tokenizer, probe, False)[len(prompt):].rstrip()
+    at = reply.rfind("a")
+    marker = reply[at + 1:].strip() if at >= 0 else ""
+    if marker and _single_token_id(tokenizer, marker) is not None:
+        return marker
+    return None
+
+
+def prompt_format(template: str, tokenizer):
+    """The PromptFormat of data rendered with `template` (any name resolve_template takes)
+    and `tokenizer`: the resolved name, its jinja, its end-of-turn token(s), its system
+    prompt policy."""
+    from ift.artifacts import PromptFormat
+
+    name = resolve_template(template, tokenizer)
+    traits = tokenizer_traits(tokenizer)
+    eos = traits.eos
+    if name == "tokenizer":
+        own = tokenizer.chat_template
+        jinja = own["default"] if isinstance(own, dict) else own
+        ends = [_tokenizer_end_marker(tokenizer), eos]
+        policy, default_system = "template", ""
+    else:
+        jinja = builtin_jinja(name, traits)
+        ends = [IM_END if name == "chatml" and traits.im_end_is_token else None, eos]
+        policy = "replaces_preamble" if name == "alpaca" else "optional"
+        default_system = ALPACA_PREAMBLE if name == "alpaca" else ""
+    tokens, ids = [], []
+    for t in ends:
+        tid = _single_token_id(tokenizer, t) if t else None
+        if t and tid is not None and t not in tokens:
+            tokens.append(t)
+            ids.append(tid)
+    return PromptFormat(template=name, chat_template=jinja, stop_tokens=tokens,
+                        stop_token_ids=ids, system_policy=policy, default_system=default_system)
+
+
+def choose_prompt_format(recorded, override: str, tokenizer, where: str, log=None):
+    """The prompt format to generate with: the one recorded at `where` (a model or adapter
+    dir), unless `override` (a template name; "auto" or "" is none) names another, which
+    then wins with a warning. Without a record, the override (or "auto") for this tokenizer."""
+    import logging
+
+    log = log or logging.getLogger("ift.prompt_format")
+    explicit = bool(override) and override != "auto"
+    if recorded is None:
+        return prompt_format(override or "auto", tokenizer)
+    if not explicit:
+        return recorded
+    chosen = prompt_format(override, tokenizer)
+    if (chosen.template, chosen.chat_template) != (recorded.template, recorded.chat_template):
+        log.warning("template %r overrides the prompt format %s was trained with (%r); "
+                    "its replies may not follow the training format", override, where,
+                    recorded.template)
+    return chosen
+
+
+def format_prompt(messages: list[dict], tokenizer, fmt, system: str = "", *,
+                  meta: dict | None = None) -> str:
+    """render_prompt with a PromptFormat: its template, and for "tokenizer" its own jinja
+    (which may differ from the tokenizer's current one)."""
+    if fmt.template == "tokenizer" and tokenizer.chat_template != fmt.chat_template:
+        import copy
+
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = fmt.chat_template
+    return render_prompt(messages, tokenizer, fmt.template, system, meta=meta)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ift.artifacts import IGNORE_INDEX
 from ift.data.templates import (
     Segment,
     TemplateError,
@@ -29,7 +30,6 @@ from ift.data.templates import (
     tokenizer_traits,
 )
 
-from ift.artifacts import IGNORE_INDEX  # noqa: E402,F401
 TRUNCATION = ("right", "left")
 
 

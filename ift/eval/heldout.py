@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ift import storage
+from ift.artifacts import IGNORE_INDEX
 from ift.config import ConfigError
 from ift.data.cot_templates import parse_final_answer
 from ift.eval.metrics import extract_options
-
-from ift.artifacts import IGNORE_INDEX  # noqa: E402,F401
 
 
 @dataclass

@@ -91,7 +91,7 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def _eos_ids(model, tokenizer, stop_ids: list[int] | None = None) -> list[int]:
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -101,9 +101,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
         ids.update(int(e) for e in eos)
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != getattr(tokenizer, "unk_token_id", None):
-        ids.add(im_end)
+    ids.update(int(t) for t in stop_ids or [])  # the prompt format's end-of-turn tokens
     return sorted(ids)
 
 
@@ -151,8 +149,10 @@ def token_loss(model, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
 
 
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-             batch_size: int, device: str = "cpu") -> list[dict[str, Any]]:
-    """Greedy continuations of prompt token lists, batched with left padding.
+             batch_size: int, device: str = "cpu",
+             stop_ids: list[int] | None = None) -> list[dict[str, Any]]:
+    """Greedy continuations of prompt token lists, batched with left padding, ending at eos
+    or at one of `stop_ids` (the prompt format's end-of-turn tokens).
 
     Prompts are grouped by length (less padding) and results returned in input order, each
     {text, tokens, finish_reason}. A prompt longer than the model's positions minus
@@ -163,7 +163,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
-    eos = _eos_ids(model, tokenizer)
+    eos = _eos_ids(model, tokenizer, stop_ids)
     limit = _max_positions(model)
     keep = max(1, limit - max_new_tokens) if limit else None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -202,18 +202,24 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
 # ---------------------------------------------------------------------------------------
 
 
-def _template(cfg: Config, prepared: str | None, tokenizer) -> str:
-    """The chat template the model was trained with: the prepared manifest's, else the
-    config's (resolved for this tokenizer)."""
-    from ift.data.templates import resolve_template
+def _prompt_format(cfg: Config, model_dir: str, prepared: str | None, tokenizer):
+    """The prompt format the model was trained with: recorded beside it, else the prepared
+    manifest's template, else the config's (for this tokenizer). A data.template that
+    differs from the record overrides it, with a warning."""
+    import logging
 
-    if prepared and heldout.is_prepared(prepared):
+    from ift.artifacts import read_prompt_format
+    from ift.data.templates import choose_prompt_format, prompt_format
+
+    recorded = read_prompt_format(model_dir)
+    if recorded is None and prepared and heldout.is_prepared(prepared):
         from ift.data.pipeline import read_manifest
 
         name = read_manifest(prepared).get("template")
         if name:
-            return name
-    return resolve_template(cfg.data.template, tokenizer)
+            recorded = prompt_format(name, tokenizer)
+    return choose_prompt_format(recorded, cfg.data.template, tokenizer, model_dir,
+                                logging.getLogger("ift.eval"))
 
 
 def _check_tokenizer(prepared: str, tokenizer, model_dir: str) -> None:
@@ -248,6 +254,7 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
     e = cfg.eval
+    fmt = _prompt_format(cfg, model_dir, prepared, tokenizer)
 
     if heldout.is_prepared(data):
         _check_tokenizer(data, tokenizer, model_dir)
@@ -257,7 +264,7 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
         source = {"kind": "prepared", "split": "val"}
     else:
         records = heldout.raw_records(data, seed=cfg.data.seed)
-        template = _template(cfg, prepared, tokenizer)
+        template = fmt.template
         items = heldout.items_from_records(records[: e.max_samples], tokenizer, template)
         limit = _max_positions(model) or cfg.data.max_seq_len
         rows = heldout.loss_rows_from_records(records, tokenizer, template,
@@ -271,7 +278,7 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
     loss, loss_tokens = token_loss(model, rows, pad_id, max(1, e.batch_size), device)
     outs = generate(model, tokenizer, [it.prompt_ids for it in items],
                     max_new_tokens=e.max_new_tokens, batch_size=max(1, e.batch_size),
-                    device=device)
+                    device=device, stop_ids=fmt.stop_token_ids)
     samples = []
     for it, out in zip(items, outs):
         scored = metrics.score_sample(out["text"], it.reference, it.gold, it.options)

@@ -199,7 +199,7 @@ def model_server_class(max_adapters: int):
                 await self.get_adapter(adapter)
             params = SamplingParams.from_dict(req["params"])
             if req["kind"] == "chat":
-                ids = self.engine.chat_prompt_ids(req["messages"])
+                ids = self.engine.chat_prompt_ids(req["messages"], adapter)
             else:
                 ids = self.engine.completion_prompt_ids(req["prompt"])
             return ids, self.engine.check_length(ids, params), adapter

@@ -92,7 +92,7 @@ def local_reply(model_path: str, adapter: str, temperature: float, max_tokens: i
         name = "adapter"
 
     def reply(history: Messages) -> Iterator[str]:
-        ids = engine.chat_prompt_ids(history)
+        ids = engine.chat_prompt_ids(history, name)
         params = engine.check_length(ids, SamplingParams(max_tokens=max_tokens,
                                                          temperature=temperature))
         q: queue.Queue = queue.Queue()

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ift.artifacts import ADAPTER_CONFIG
+from ift.artifacts import ADAPTER_CONFIG, PromptFormat, read_prompt_format
 from ift.serve.generation import RequestError, SamplingParams, TextStream, TokenChooser
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,13 @@ class Engine:
         ctx = max_context or getattr(cfg, "max_position_embeddings", None) or getattr(
             cfg, "n_positions", None) or self.tokenizer.model_max_length
         self.max_context = int(min(ctx, 1_000_000))
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        # The prompt format the model was trained with (recorded in a merged model's dir),
+        # or `template` for this tokenizer; each adapter brings its own (see _load).
+        self.prompt_format = self._choose_format(model_path)
+        self._formats: dict[str, PromptFormat] = {}
+        self.eos_ids = _eos_ids(self.model, self.tokenizer) | set(self.prompt_format.stop_token_ids)
+        """Tokens that end a base-model reply: eos and the template's end-of-turn tokens."""
+        self._stops: dict[str, set[int]] = {}  # the same per adapter
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
         self._adapters: dict[str, str] = {}  # loaded: public key -> PEFT adapter name
@@ -106,12 +112,28 @@ class Engine:
     # Prompts
     # -----------------------------------------------------------------------------------
 
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation rendered with the chat template, ready to generate."""
-        try:
-            from ift.data.templates import render_prompt
+    def _choose_format(self, path: str, fallback: PromptFormat | None = None) -> PromptFormat:
+        """The format recorded at path (or `fallback` when there is none), unless an
+        explicit template overrides it (with a warning)."""
+        from ift.data.templates import choose_prompt_format
 
-            text = render_prompt(messages, self.tokenizer, template=self.template)
+        recorded = read_prompt_format(path)
+        if recorded is None and fallback is not None:
+            return fallback
+        return choose_prompt_format(recorded, self.template, self.tokenizer, path, log)
+
+    def format_of(self, adapter: str | None = None) -> PromptFormat:
+        """The prompt format of the base model, or of a loaded adapter."""
+        return self._formats.get(adapter, self.prompt_format) if adapter else self.prompt_format
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]],
+                        adapter: str | None = None) -> list[int]:
+        """Token ids of a conversation rendered in the prompt format of the model (or of
+        the loaded adapter), ready to generate."""
+        try:
+            from ift.data.templates import format_prompt
+
+            text = format_prompt(messages, self.tokenizer, self.format_of(adapter))
         except (ValueError, KeyError) as e:
             raise RequestError(f"messages cannot be rendered: {e}", "messages") from e
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -391,6 +413,9 @@ class Engine:
         else:
             self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
         self._adapters[key] = name
+        fmt = self._choose_format(path, fallback=self.prompt_format)
+        self._formats[key] = fmt
+        self._stops[key] = _eos_ids(self.model, self.tokenizer) | set(fmt.stop_token_ids)
         self.adapter_loads += 1
         self._collect_adapters()
         self._restack()
@@ -402,6 +427,8 @@ class Engine:
             if self._refs.get(key, 0) > 0 or len(self._adapters) <= 1:
                 continue
             name = self._adapters.pop(key)
+            self._formats.pop(key, None)
+            self._stops.pop(key, None)
             self._evicted.discard(key)
             self._refs.pop(key, None)
             self._attach_lora()
@@ -596,7 +623,7 @@ class Engine:
                 tok = chooser.choose(batch.history(i), scores[i:i + 1])
             batch.counts[i] += 1
             reason = None
-            if tok in self.eos_ids:
+            if tok in self._stops.get(r.adapter, self.eos_ids):
                 reason = "stop"
                 delta = text.flush()
             else:

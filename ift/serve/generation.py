@@ -8,6 +8,7 @@ message and never 500 for a bad request.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import time
@@ -355,16 +356,68 @@ class TokenChooser:
         return int(torch.multinomial(probs[0], 1, generator=self.generator)[0])
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's characters for bytes: printable Latin-1 bytes stand for themselves,
+    the other bytes, in order, for the characters from U+0100 on."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out = {chr(b): b for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            out[chr(0x100 + extra)] = b
+            extra += 1
+    return out
+
+
+_BYTE_ALPHABET = _byte_alphabet()
+
+
+class TokenBytes:
+    """The UTF-8 bytes each token stands for, as far as a character split across tokens
+    needs: byte-level BPE tokens map through the byte alphabet, sentencepiece's byte
+    fallback tokens (`<0xE4>`) are their byte, special tokens (skipped in decoding) are
+    empty, any other token is its text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = type(decoder).__name__ == "ByteLevel"
+        self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+    def __call__(self, ids: list[int]) -> bytes:
+        out = bytearray()
+        for i, tok in zip(ids, self.tokenizer.convert_ids_to_tokens(ids)):
+            if i in self.special or tok is None:
+                continue
+            if self.byte_level and all(c in _BYTE_ALPHABET for c in tok):
+                out.extend(_BYTE_ALPHABET[c] for c in tok)
+            elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+                out.append(int(tok[3:5], 16))
+            else:
+                out.extend(tok.replace("\u2581", " ").encode("utf-8"))
+        return bytes(out)
+
+    def incomplete_tail(self, ids: list[int]) -> bool:
+        """Whether the tokens end inside a UTF-8 character that later bytes may complete
+        (a character is at most 4 bytes and a token at least 1, so the last 4 tell)."""
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        dec.decode(self(ids[-4:]), final=False)
+        return bool(dec.getstate()[0])
+
+
 class TextStream:
     """Turns generated token ids into text deltas, holding back what a stop string may begin.
 
     `push(token)` returns the text that is now final; `stopped` says a stop string was seen
-    (the text is cut before it). A trailing incomplete UTF-8 sequence (decoded as U+FFFD)
-    waits for the next token.
+    (the text is cut before it). While the tokens end inside a character (its UTF-8 bytes
+    split across tokens, decoded as U+FFFD), nothing is released: the character comes out
+    whole once its last byte arrives. Bytes that can never form a character are released
+    as U+FFFD.
     """
 
     def __init__(self, tokenizer, stop: list[str] | None = None, *, deltas: bool = True):
         self.tokenizer = tokenizer
+        self.bytes = TokenBytes(tokenizer)
         self.stop = [s for s in (stop or []) if s]
         # Nobody reads the deltas and no stop string is watched: decode once, in flush()
         # (decoding the whole text at every token costs about 1 ms per 32 tokens).
@@ -373,7 +426,6 @@ class TextStream:
         self.sent = 0  # characters of the decoded text already returned
         self.stopped = False
         self.text = ""
-        self.pending = 0  # tokens pushed since text was last released
 
     def _decode(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
@@ -384,13 +436,9 @@ class TextStream:
         self.ids.append(token)
         if self.lazy:
             return ""
-        self.pending += 1
         text = self._decode()
-        # A UTF-8 character spans at most 4 byte tokens; past that the bytes are invalid
-        # for good and are sent as U+FFFD rather than held forever.
-        if text.endswith("\ufffd") and self.pending < 4:
+        if text.endswith("\ufffd") and self.bytes.incomplete_tail(self.ids):
             return ""
-        self.pending = 0
         self.text = text
         for s in self.stop:
             at = text.find(s, max(0, self.sent - len(s) + 1))

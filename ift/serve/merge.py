@@ -16,8 +16,8 @@ import tempfile
 from typing import Any
 
 from ift import storage
+from ift.artifacts import ADAPTER_CONFIG, LINEAGE_FILE, read_prompt_format, write_prompt_format
 from ift.lineage import absolute, merged_record
-from ift.artifacts import ADAPTER_CONFIG, LINEAGE_FILE
 from ift.serve.adapters import read_lineage
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -34,7 +34,9 @@ def merge(base: str, adapter: str, out: str, *, dtype: str = "auto",
     """Merge `adapter` into `base` and write the model to `out` (local or s3://).
 
     Returns the lineage written beside it. The tokenizer is the adapter's own when it
-    was saved with one (training may add tokens), else the base model's.
+    was saved with one (training may add tokens), else the base model's. The adapter's
+    prompt format goes with it: its record, and its jinja as the tokenizer's chat_template,
+    so plain transformers or any other server builds the prompt the model was trained on.
     """
     from peft import PeftConfig, PeftModel
 
@@ -54,6 +56,9 @@ def merge(base: str, adapter: str, out: str, *, dtype: str = "auto",
     merged = peft_model.merge_and_unload()
     tok_src = adapter_local if _has_tokenizer(adapter_local) else base
     tokenizer = load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
+    fmt = read_prompt_format(adapter_local)
+    if fmt is not None:
+        tokenizer.chat_template = fmt.chat_template
 
     # Local paths recorded absolute, so the chain resolves from anywhere; a hub id stays.
     lineage = merged_record(read_lineage(adapter),
@@ -64,6 +69,8 @@ def merge(base: str, adapter: str, out: str, *, dtype: str = "auto",
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if fmt is not None:
+            write_prompt_format(tmp, fmt)
         with open(os.path.join(tmp, LINEAGE_FILE), "w", encoding="utf-8") as f:
             json.dump(lineage, f, indent=2, sort_keys=True)
         if not storage.is_remote(out) and os.path.isdir(out):

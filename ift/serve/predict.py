@@ -115,7 +115,7 @@ class Predictor:
             msgs = batch["messages"][i]
             if msgs:
                 messages = json.loads(msgs)
-                ids = self.engine.chat_prompt_ids(messages)
+                ids = self.engine.chat_prompt_ids(messages, self.adapter)
                 inputs.append(messages)
             else:
                 ids = [int(t) for t in batch["prompt_ids"][i]]

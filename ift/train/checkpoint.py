@@ -39,7 +39,12 @@ import torch
 from torch import nn
 
 from ift import storage
-from ift.artifacts import ADAPTER_CONFIG, FINAL_DIR
+from ift.artifacts import (
+    FINAL_DIR,
+    LINEAGE_FILE,
+    PromptFormat,
+    write_prompt_format,
+)
 from ift.train.methods import is_adapter, unwrap
 
 STATE_FILE = "training_state.pt"
@@ -196,10 +201,14 @@ def adalora_state(model: nn.Module) -> dict[str, Any]:
 
 def save(out_dir: str, *, model: nn.Module, method: str, state: dict[str, Any],
          optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
-         model_state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write a complete checkpoint into out_dir (rank 0). `checkpoint.json` goes last."""
+         model_state: dict[str, torch.Tensor] | None = None,
+         prompt_format: dict[str, Any] | None = None) -> None:
+    """Write a complete checkpoint into out_dir (rank 0), with the run's prompt format
+    when given. `checkpoint.json` goes last."""
     os.makedirs(out_dir, exist_ok=True)
     save_model(model, out_dir, method, model_state)
+    if prompt_format is not None:
+        write_prompt_format(out_dir, PromptFormat.from_dict(prompt_format))
     torch.save(optimizer_state, os.path.join(out_dir, OPTIMIZER_FILE))
     torch.save(scheduler_state, os.path.join(out_dir, SCHEDULER_FILE))
     torch.save(state, os.path.join(out_dir, STATE_FILE))
@@ -336,16 +345,24 @@ def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def save_final(run_dir: str, *, model: nn.Module, method: str, tokenizer=None,
                model_state: dict[str, torch.Tensor] | None = None,
-               lineage: dict[str, Any] | None = None) -> str:
-    """Write <run_dir>/final/: adapter (PEFT format) or HF model, plus the tokenizer and
-    the lineage record (ift_lineage.json, stamped with the time final/ is written). All of
-    it is in place before the _COMPLETE marker, so a complete final/ has its lineage."""
-    from ift.lineage import LINEAGE_FILE
+               lineage: dict[str, Any] | None = None,
+               prompt_format: dict[str, Any] | None = None) -> str:
+    """Write <run_dir>/final/: adapter (PEFT format) or HF model, plus the tokenizer, the
+    lineage record (ift_lineage.json, stamped with the time final/ is written) and the
+    prompt format (ift_prompt_format.json; the tokenizer's chat_template is its jinja). All
+    of it is in place before the _COMPLETE marker, so a complete final/ has its lineage."""
+    import copy
 
     dest = storage.join(run_dir, FINAL_DIR)
+    fmt = PromptFormat.from_dict(prompt_format) if prompt_format is not None else None
     with tempfile.TemporaryDirectory(prefix="ift-final-") as tmp:
         save_model(model, tmp, method, model_state)
+        if fmt is not None:
+            write_prompt_format(tmp, fmt)
         if tokenizer is not None:
+            if fmt is not None:
+                tokenizer = copy.copy(tokenizer)
+                tokenizer.chat_template = fmt.chat_template
             tokenizer.save_pretrained(tmp)
         if lineage is not None:
             record = {**lineage, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ift.artifacts import IGNORE_INDEX  # noqa: E402,F401
+from ift.artifacts import IGNORE_INDEX
 
 
 def collate(

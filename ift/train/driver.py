@@ -310,6 +310,19 @@ def lineage_record(cfg: Config, manifest: dict[str, Any], prepared: str, run_dir
         artifact="adapter" if methods.is_adapter(cfg.peft.method) else "model")
 
 
+def prompt_format_record(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The prompt format every adapter and final model of the run records
+    (ift.artifacts.PromptFormat): the template the prepared data was rendered with."""
+    from ift.data.templates import prompt_format
+    from ift.models import load_tokenizer
+
+    tok_path = cfg.model.name_or_path
+    tokenizer = load_tokenizer(storage.local_copy(tok_path) if storage.is_remote(tok_path)
+                               else tok_path, trust_remote_code=cfg.model.trust_remote_code,
+                               revision=cfg.model.revision)
+    return prompt_format(manifest.get("template") or cfg.data.template, tokenizer).to_dict()
+
+
 def _storage_hint(run_dir: str) -> str:
     """For a run directory on S3: the endpoint it was written through, and how to go on."""
     if not storage.is_remote(run_dir):
@@ -413,7 +426,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "plan": asdict(plan), "run_dir": run_dir,
                            "run_id": run_id, "tracking_uri": tracking_uri,
-                           "lineage": record},
+                           "lineage": record,
+                           "prompt_format": prompt_format_record(cfg, manifest)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -466,7 +480,7 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
 def _finish(cfg: Config, run_dir: str, run_id: str, plan: Plan, seconds: float,
             result) -> dict[str, Any]:
     from ift import tracking
-    from ift.train.checkpoint import FINAL_DIR
+    from ift.artifacts import FINAL_DIR
 
     history = read_metrics(run_dir)
     final_dir = storage.join(run_dir, FINAL_DIR)

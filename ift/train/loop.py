@@ -677,7 +677,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if want_ckpt:
                 _report_checkpoint(model, optimizer, scheduler, cfg, plan, step, rank, world,
                                    metrics, metrics_log, run_dir, tokenizer, final,
-                                   lineage=config.get("lineage"))
+                                   lineage=config.get("lineage"),
+                                   prompt_format=config.get("prompt_format"))
                 last_report = time.time()
             elif due or "eval_loss" in metrics:
                 ray.train.report(metrics)
@@ -757,7 +758,8 @@ def check_resumable(state: dict[str, Any], plan: Plan, cfg: Config, where: str) 
 def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, step: int,
                        rank: int, world: int, metrics: dict[str, Any],
                        metrics_log: MetricsLog | None, run_dir: str, tokenizer,
-                       final: bool, lineage: dict[str, Any] | None = None) -> None:
+                       final: bool, lineage: dict[str, Any] | None = None,
+                       prompt_format: dict[str, Any] | None = None) -> None:
     import ray.train
     import torch.distributed as dist
 
@@ -795,11 +797,11 @@ def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, ste
         if final:
             checkpoint.save_final(run_dir, model=model, method=cfg.peft.method,
                                   tokenizer=tokenizer, model_state=model_state,
-                                  lineage=lineage)
+                                  lineage=lineage, prompt_format=prompt_format)
         with tempfile.TemporaryDirectory(prefix="ift-ckpt-") as tmp:
             checkpoint.save(tmp, model=model, method=cfg.peft.method, state=state,
                             optimizer_state=opt_state, scheduler_state=scheduler.state_dict(),
-                            model_state=model_state)
+                            model_state=model_state, prompt_format=prompt_format)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=name)
     else:

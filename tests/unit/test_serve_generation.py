@@ -178,3 +178,46 @@ def test_text_stream_without_deltas_decodes_once_at_the_end():
     # A stop string still has to be watched token by token.
     s = TextStream(CharTokenizer(), ["lo"], deltas=False)
     assert feed(s, "hello world") == "hel" and s.stopped
+
+
+# Characters the tiny byte-level tokenizer splits into several tokens (rare CJK, emoji),
+# with ones it has merges for: runs of split characters are what once leaked U+FFFD.
+SPLIT_TEXTS = ["餮测天🚀习", "你好，世界！🙂🚀 emoji 👩‍💻 done", "龘鬱饕餮魑魅魍魉", "蓝色的天空🌈🎉𝄞"]
+
+
+def test_text_stream_never_sends_a_split_character_as_u_fffd(tiny_model):
+    """Chinese and emoji whose UTF-8 bytes span several byte-level BPE tokens: every delta
+    is whole characters and the deltas add up to the text. (The earlier rule, hold at most
+    3 tokens, sent '🚀\\ufffd' for the first text and lost the '习'.)"""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rng = random.Random(0)
+    pool = "".join(SPLIT_TEXTS)
+    texts = SPLIT_TEXTS + ["".join(rng.choice(pool) for _ in range(rng.randint(2, 9)))
+                           for _ in range(300)]
+    split = 0
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        split += sum("\ufffd" in tok.decode([i]) for i in ids)
+        for stop in ([], ["天空"]):
+            s = TextStream(tok, stop)
+            deltas = [s.push(i) for i in ids] + [s.flush()]
+            assert not any("\ufffd" in d for d in deltas), (text, deltas)
+            want = text.split(stop[0])[0] if stop and stop[0] in text else text
+            assert "".join(deltas) == want, (text, deltas)
+    assert split > 100  # the texts do split characters across tokens
+
+
+def test_text_stream_sends_bytes_that_never_form_a_character(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    # A lead byte of a 3-byte character followed by plain text: invalid for good.
+    cont = tok.convert_tokens_to_ids("ä")  # byte 0xE4 in the byte-level alphabet
+    a = tok("a", add_special_tokens=False)["input_ids"]
+    s = TextStream(tok, [])
+    assert s.push(cont) == ""  # may still become a character
+    assert s.push(a[0]) == "\ufffda"
