@@ -113,6 +113,26 @@ def test_lora_two_workers_end_to_end(two_workers, tiny_model):
     assert {"final", "metrics.jsonl", "config.yaml", "loss_curve.png"} <= artifacts
 
 
+def test_adapters_record_the_prompt_format_of_the_training_data(two_workers, prepared,
+                                                                 tiny_model):
+    """final/ and every checkpoint's adapter hold ift_prompt_format.json: the template the
+    prepared data was rendered with, as jinja too (also the saved tokenizer's template)."""
+    from transformers import AutoTokenizer
+
+    from ift.artifacts import read_prompt_format
+    from ift.data.pipeline import read_manifest
+    from ift.data.templates import prompt_format
+
+    _, _, run_dir = two_workers
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    want = prompt_format(read_manifest(prepared)["template"], tok)
+    final = os.path.join(run_dir, "final")
+    assert read_prompt_format(final) == want
+    assert read_prompt_format(os.path.join(run_dir, "checkpoint_0000006")) == want
+    assert AutoTokenizer.from_pretrained(final).chat_template == want.chat_template
+    assert want.stop_tokens[0] == "<|im_end|>"
+
+
 def test_one_worker_with_accumulation_matches_two_workers(two_workers, one_worker_s3):
     """Same global batch (4 × 2 workers × 1 = 4 × 1 worker × 2), seed and rows per step:
     the loss curves agree up to float summation order (all-reduce vs local accumulation).
