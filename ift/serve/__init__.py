@@ -20,7 +20,13 @@ Commands
 
 `ift merge --base B --adapter A --out DIR`
     Writes a plain HF model dir (safetensors + tokenizer + ift_lineage.json) and logs it
-    to MLflow, nested under the adapter's training run.
+    to MLflow, nested under the adapter's training run. The adapter's prompt format
+    (ift_prompt_format.json) goes with it, and its jinja is the tokenizer's chat_template.
+
+Prompts: chat requests are rendered in the prompt format recorded in the model's or the
+adapter's dir (`ift.artifacts.read_prompt_format`; `data.template` when there is none, or
+when it is set to another template, with a warning), and replies end at the format's
+end-of-turn tokens.
 
 `ift predict -c predict.yaml`
     Ray Data batch generation over a prepared dataset's val split or raw files, in input
