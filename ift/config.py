@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ift.artifacts import SAMPLE_DATA_DIR, SAMPLE_PREFIX
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid. The message names the key."""
@@ -61,12 +63,10 @@ class SourceConfig:
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("data.sources[].path is required")
-        if self.path.startswith("@sample/"):
+        if self.path.startswith(SAMPLE_PREFIX):
             # The bundled sample data (ift/sample_data) wherever ift is installed or, in a
             # Ray job, unpacked with the working dir.
-            from ift.artifacts import SAMPLE_DATA_DIR
-
-            self.path = os.path.join(SAMPLE_DATA_DIR, self.path[len("@sample/"):])
+            self.path = os.path.join(SAMPLE_DATA_DIR, self.path[len(SAMPLE_PREFIX):])
         if self.weight is not None and self.count is not None:
             raise ConfigError(
                 f"data.sources[{self.path}]: give weight or count, not both "

@@ -24,6 +24,8 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ift.artifacts import SAMPLE_DATA_DIR
+
 # =======================================================================================
 # Arithmetic word problems
 # =======================================================================================
@@ -1071,8 +1073,7 @@ def write_sample_data(out_dir: str, seed: int = 0) -> list[str]:
 
 def sample_data_dir() -> str:
     """The bundled sample data folder inside the installed package."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "sample_data")
+    return SAMPLE_DATA_DIR
 
 
 if __name__ == "__main__":
