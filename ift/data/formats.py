@@ -56,8 +56,8 @@ def _text(r: dict[str, Any], fld: str, columns: dict[str, str], *, required: boo
         return ""
     if isinstance(v, str):
         return v
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return str(v)  # numeric answers ("output": 42) are unambiguous text
+    # Numbers are rejected like every other non-text value: 42 and 42.0 and 1e3 would each
+    # become some text, and which one the file meant is not known.
     raise ConvertError(f"field {_name(fld, columns)} is a {_type(v)}, expected text")
 
 
@@ -310,8 +310,6 @@ def _turn_list(
             content = "\n".join(_part_text(p, i) for p in content)
         elif content is None:
             content = ""
-        elif isinstance(content, (int, float)) and not isinstance(content, bool):
-            content = str(content)
         elif not isinstance(content, str):
             raise ConvertError(f"turn {i}: content is a {_type(content)}, expected text")
         is_call = speaker.strip().lower() in _TOOL_CALL_SPEAKERS

@@ -74,7 +74,8 @@ def test_alpaca():
         ("user", "And the plural?"), ("assistant", "Les chats dorment."),
     ]
     assert out[3]["lang"] == "zh"
-    assert turns(out[4])[1] == ("assistant", "8")
+    # A number is not text: rejected naming the field, as docs/data.md says.
+    assert out[4] == "convert: field 'output' is a number, expected text"
     assert out[5] == "convert: missing field 'output'"
     assert out[6] == "convert: field 'output' is a list (preference data?), expected text"
     assert out[7] == "convert: history item 1 is not a [query, response] pair of texts"
@@ -379,3 +380,25 @@ def test_shared_data_converts_every_row(shared_data):
     assert formats.get("llama-factory/glaive_toolcall_en_demo.json") in (None, "sharegpt")
     assert formats.get("alpaca-cot/gsm8k_train.tsv") in (None, "flan_cot_tsv")
     assert formats.get("llama-factory/alpaca_en_demo.json") in (None, "alpaca")
+
+
+# ---------------------------------------------------------------------------------------
+# non-text values
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,raw,reason", [
+    ("alpaca", {"instruction": 42, "output": "x"}, "field 'instruction' is a number, expected text"),
+    ("alpaca", {"instruction": "x", "output": 4.5}, "field 'output' is a number, expected text"),
+    ("alpaca", {"instruction": "x", "output": True}, "field 'output' is a boolean, expected text"),
+    ("alpaca", {"q": "x", "a": 7}, "field 'output' (column 'a') is a number, expected text"),
+    ("openai", {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant",
+                                                                   "content": 5}]},
+     "turn 2: content is a number, expected text"),
+    ("flan_cot_tsv", {"question": "q", "answer": 3}, "field 'answer' is a number, expected text"),
+])
+def test_non_text_values_are_rejected_naming_the_field(fmt, raw, reason):
+    columns = {"instruction": "q", "output": "a"} if "q" in raw else None
+    with pytest.raises(ConvertError) as e:
+        convert(fmt, raw, id="x", source="s", columns=columns)
+    assert str(e.value) == reason
