@@ -75,3 +75,10 @@ def test_debug_shows_the_traceback(broken):
     proc = run_ift("--debug", "config", "-c", str(broken / "syntax.yaml"), cwd=broken)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
     assert "ConfigError" in proc.stderr
+
+
+def test_lineage_of_a_missing_path_is_one_line(broken):
+    # lineage keeps its own exit status 1 for chains it cannot follow (a path or a server).
+    proc = run_ift("lineage", str(broken / "nothing"), "--no-mlflow", cwd=broken)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"ift lineage: {broken}/nothing")
