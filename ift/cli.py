@@ -10,7 +10,10 @@ import argparse
 import importlib
 import sys
 
-from ift.config import ConfigError
+from ift.config import ConfigError, InputError
+
+# Errors that mean the input is wrong, not ift: one line on stderr, exit status 2.
+BAD_INPUT = (ConfigError, InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +32,8 @@ def _add(sub, name: str, target: str, help: str, extra=None):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ift", description="Instruction fine-tuning on Ray.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of a bad-input error too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     data = sub.add_parser("data", help="prepare and inspect instruction data")
@@ -184,12 +189,37 @@ def main(argv: list[str] | None = None) -> int:
         fn = getattr(importlib.import_module(module), func)
         rc = fn(args)
     except ConfigError as e:
-        print(f"ift: config error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"ift {command_name(args)}: config error: {e}", file=sys.stderr)
+        return 2
+    except BAD_INPUT as e:
+        if args.debug:
+            raise
+        print(f"ift {command_name(args)}: {bad_input_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ift: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """"data prepare", "train", "tune report", ... as typed."""
+    words = [getattr(args, k, None) for k in ("command", "data_command", "model_command")]
+    name = " ".join(w for w in words if w)
+    return "tune report" if name == "tune-report" else name
+
+
+def bad_input_message(e: BaseException) -> str:
+    """One line for a bad-input error: the message, with the file an OSError names. An
+    error raised in a Ray task is reported by its cause."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
 
 
 if __name__ == "__main__":

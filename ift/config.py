@@ -28,6 +28,20 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid. The message names the key."""
 
 
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error on one line: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+class InputError(ValueError):
+    """An input file, directory or argument cannot be used. The message names the file
+    (with the line, row or field where there is one) and what is wrong with it; the CLI
+    prints it as one line, without a traceback."""
+
+
 # ---------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------
@@ -130,6 +144,9 @@ class DataConfig:
     """CPUs reserved by each Ray Data task."""
     batch_size: int = 1024
     """Rows per Ray Data batch during conversion and tokenization."""
+    keep_reasoning: bool = True
+    """Keep assistant reasoning (LLaMA-Factory `reasoning` parts) as a `<think>...</think>`
+    block before the reply, trained with it; false drops the reasoning and keeps the reply."""
 
     def __post_init__(self) -> None:
         self.sources = [
@@ -434,6 +451,10 @@ class ServeConfig:
     """vllm backend: GPU type each replica needs (e.g. A10G, L4, H100); empty: any GPU."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """vllm backend: extra vLLM engine arguments (tensor_parallel_size, max_model_len, ...)."""
+    show_model_paths: bool = False
+    """GET /v1/models: show every caller each model's server paths (`root`, `metadata.path`
+    and the paths of its lineage record). Off: only callers holding the bearer key of
+    `api_key_env` see them; anonymous callers get ids, method, base, hashes and run ids."""
 
     def __post_init__(self) -> None:
         _check_choice("serve.backend", self.backend, ("transformers", "vllm"))
@@ -573,7 +594,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         try:
             raw = yaml.safe_load(read_text(path)) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides or []:

@@ -20,7 +20,7 @@ from typing import Any
 
 from ift import storage
 from ift.artifacts import IM_END, IM_START, SAMPLE_DATA_DIR
-from ift.config import ConfigError
+from ift.config import ConfigError, InputError
 
 # Imported lazily where heavy (torch, transformers) so `import ift.models` stays cheap for
 # callers that only need the constants.
@@ -86,7 +86,7 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(v)
 
 
-def _iter_file(path: str) -> Iterator[str]:
+def _iter_file(path: str, skipped: list[str] | None = None) -> Iterator[str]:
     name = path.lower()
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -117,27 +117,34 @@ def _iter_file(path: str) -> Iterator[str]:
             if not line.strip():
                 continue
             try:
-                yield from _strings(json.loads(line))
+                value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                reason = f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                if skipped is None:
+                    raise InputError(reason) from None
+                skipped.append(reason)  # skipped and counted, as `ift data prepare` does
+                continue
+            yield from _strings(value)
         return
     # Anything else (txt, md, ...) is plain text.
     if text:
         yield text
 
 
-def iter_texts(paths: list[str]) -> Iterator[str]:
+def iter_texts(paths: list[str], skipped: list[str] | None = None) -> Iterator[str]:
     """Every string value in JSON/JSONL/TSV/CSV/parquet files (or plain text files).
 
     Paths may be files, folders or globs, local or s3://. The format is only used to find
     the strings; no schema is assumed, so any instruction data set trains a tokenizer.
+    A JSON line that does not parse is appended to `skipped` as "FILE:LINE: reason" (or
+    raises InputError when `skipped` is None).
     """
     for p in paths:
         files = storage.expand(p)
         if not files or (len(files) == 1 and not storage.exists(files[0])):
             raise FileNotFoundError(f"tokenizer data: {p} names no file")
         for f in files:
-            yield from _iter_file(f)
+            yield from _iter_file(f, skipped)
 
 
 def _capped(texts: Iterable[str], max_chars: int | None) -> Iterator[str]:
@@ -199,6 +206,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency:
     return fast
 
 
+def check_model_path(name_or_path: str, what: str = "model") -> str:
+    """`name_or_path` unchanged, or InputError when it is written as a local path (absolute,
+    ./, ../ or ~) and no such directory exists; hub ids and s3:// paths pass as they are."""
+    p = str(name_or_path)
+    local = os.path.isabs(p) or p.startswith(("./", "../", "~"))
+    if local and not storage.is_remote(p) and not os.path.isdir(os.path.expanduser(p)):
+        state = "is a file, not a model directory" if os.path.exists(p) else "does not exist"
+        raise InputError(f"{what} {p}: {state}")
+    return name_or_path
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False,
                    revision: str | None = None):
     """AutoTokenizer with a pad token and right padding (what training expects).
@@ -207,6 +225,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False,
     """
     from transformers import AutoTokenizer
 
+    check_model_path(name_or_path, "tokenizer")
     path = storage.local_copy(name_or_path) if storage.is_remote(name_or_path) else name_or_path
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
                                         revision=revision)
@@ -385,7 +404,9 @@ def init_tiny(out_dir: str, arch: str = "llama", data: list[str] | None = None,
     _check_shape(arch, hidden_size, heads)  # before the (slower) tokenizer training
 
     paths = list(data) if data else _default_data()
-    texts: Iterable[str] = _capped(iter_texts(paths), max_chars) if paths else FALLBACK_TEXTS
+    skipped: list[str] = []
+    texts: Iterable[str] = (_capped(iter_texts(paths, skipped), max_chars) if paths
+                            else FALLBACK_TEXTS)
     tok = train_tokenizer(texts, vocab_size=vocab_size)
     tok.model_max_length = max_positions
     n_vocab = len(tok)
@@ -419,6 +440,8 @@ def init_tiny(out_dir: str, arch: str = "llama", data: list[str] | None = None,
         "heads": heads,
         "max_positions": max_positions,
         "data": paths if paths else "builtin",
+        "skipped_lines": len(skipped),
+        "skipped": skipped[:20],
         "num_parameters": sum(p.numel() for p in model.parameters()),
         # As loaded back: some tokenizer classes rebuild parts of the pipeline on load.
         "tokenizer_sha256": tokenizer_identity(load_tokenizer(local))["sha256"],
@@ -442,6 +465,9 @@ def init_tiny_cmd(args) -> int:
         f"wrote {meta['arch']} ({meta['num_parameters']:,} parameters, vocab "
         f"{meta['vocab_size']}, seed {meta['seed']}) to {out}"
     )
+    if meta.get("skipped_lines"):
+        print(f"skipped {meta['skipped_lines']} line(s) that are not valid JSON, e.g. "
+              f"{meta['skipped'][0]} (the first 20 are listed in ift_tiny.json)")
     return 0
 
 
@@ -499,6 +525,7 @@ def load_model(cfg, *, device: str = "cpu", quantization: dict[str, Any] | None 
     path = cfg.name_or_path
     if not path:
         raise ConfigError("model.name_or_path is required")
+    check_model_path(path)
     if storage.is_remote(path):
         path = storage.local_copy(path)
     kwargs: dict[str, Any] = {

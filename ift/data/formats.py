@@ -56,8 +56,8 @@ def _text(r: dict[str, Any], fld: str, columns: dict[str, str], *, required: boo
         return ""
     if isinstance(v, str):
         return v
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return str(v)  # numeric answers ("output": 42) are unambiguous text
+    # Numbers are rejected like every other non-text value: 42 and 42.0 and 1e3 would each
+    # become some text, and which one the file meant is not known.
     raise ConvertError(f"field {_name(fld, columns)} is a {_type(v)}, expected text")
 
 
@@ -253,19 +253,60 @@ _ROLES = {
 _TOOL_CALL_SPEAKERS = ("function_call",)
 
 
-def _part_text(part: Any, turn: int) -> str:
+_TEXT_PARTS = ("text", "input_text", "output_text")
+# LLaMA-Factory's v1 messages add these part types (their text under "value").
+_V1_PARTS = ("reasoning", "tool_call")
+
+
+def _part_value(part: Any, turn: int, j: int) -> tuple[str, Any]:
+    """(type, payload) of one content part: OpenAI's {type: text, text} or LLaMA-Factory
+    v1's {type: text|reasoning|tool_call, value}."""
     if isinstance(part, str):
-        return part
+        return "text", part
     if not isinstance(part, dict):
-        raise ConvertError(f"turn {turn}: content part is a {_type(part)}, expected an object")
+        raise ConvertError(f"turn {turn}: content part {j} is a {_type(part)}, expected an "
+                           "object")
     kind = part.get("type", "text")
-    if kind not in ("text", "input_text", "output_text"):
+    if kind not in _TEXT_PARTS + _V1_PARTS:
         raise ConvertError(f"turn {turn}: content part of type {kind!r} is not supported "
                            "(text only)")
-    text = part.get("text")
-    if not isinstance(text, str):
-        raise ConvertError(f"turn {turn}: text part has no text")
-    return text
+    key = "text" if "text" in part else "value"
+    if key not in part:
+        raise ConvertError(f"turn {turn}: content part {j} ({kind}) has neither 'text' nor "
+                           f"'value' (keys: {', '.join(map(str, part)) or 'none'})")
+    value = part[key]
+    if kind == "tool_call":
+        return kind, value  # an object, or JSON text; checked by _tool_calls_text
+    if not isinstance(value, str):
+        raise ConvertError(f"turn {turn}: content part {j} ({kind}) {key!r} is a "
+                           f"{_type(value)}, expected text")
+    return kind, value
+
+
+def _parts(parts: list, turn: int, role: str) -> tuple[str, str, list]:
+    """(text, reasoning, tool calls) of a list of content parts."""
+    texts: list[str] = []
+    thoughts: list[str] = []
+    calls: list = []
+    for j, part in enumerate(parts):
+        kind, value = _part_value(part, turn, j)
+        if kind in _TEXT_PARTS:
+            texts.append(value)
+            continue
+        if role != "assistant":
+            raise ConvertError(f"turn {turn}: a {role} turn holds a {kind} part (only "
+                               "assistant turns may)")
+        if kind == "reasoning":
+            thoughts.append(value)
+        else:
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise ConvertError(f"turn {turn}: tool_call part {j} is not valid JSON: "
+                                       f"{e.msg} at column {e.colno}") from None
+            calls.extend(value if isinstance(value, list) else [value])
+    return "\n".join(texts), "\n".join(thoughts), calls
 
 
 def _tool_calls_text(calls: Any, turn: int) -> str:
@@ -306,22 +347,24 @@ def _turn_list(
             raise ConvertError(f"turn {i}: unknown speaker {speaker!r} "
                                f"(expected one of {', '.join(_ROLES)})")
         content = t["value"] if "value" in t else t.get("content")
+        reasoning, part_calls = "", []
         if isinstance(content, list):
-            content = "\n".join(_part_text(p, i) for p in content)
+            content, reasoning, part_calls = _parts(content, i, role)
         elif content is None:
             content = ""
-        elif isinstance(content, (int, float)) and not isinstance(content, bool):
-            content = str(content)
         elif not isinstance(content, str):
             raise ConvertError(f"turn {i}: content is a {_type(content)}, expected text")
         is_call = speaker.strip().lower() in _TOOL_CALL_SPEAKERS
-        if role == "assistant" and t.get("tool_calls"):
-            call_text = _tool_calls_text(t["tool_calls"], i)
+        if role == "assistant" and (t.get("tool_calls") or part_calls):
+            call_text = _tool_calls_text(t.get("tool_calls") or part_calls, i)
             content = f"{content}\n{call_text}" if content.strip() else call_text
             is_call = True
         if is_call:
             calls.append(len(messages))
-        messages.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if reasoning.strip():
+            message["reasoning"] = reasoning
+        messages.append(message)
     return messages, calls
 
 

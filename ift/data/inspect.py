@@ -74,7 +74,7 @@ def inspect_cmd(args) -> int:
         manifest = read_manifest(args.dir)
     except PrepareError as e:
         print(f"ift data inspect: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(summary(manifest))
     tok_name = args.tokenizer or manifest["tokenizer"]["name_or_path"]
     tokenizer = load_tokenizer(storage.local_copy(tok_name))

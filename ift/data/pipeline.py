@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -45,7 +46,7 @@ import pyarrow.compute as pc
 
 from ift import storage
 from ift.artifacts import MANIFEST_FILE
-from ift.config import Config, ConfigError, SourceConfig
+from ift.config import Config, ConfigError, InputError, SourceConfig
 from ift.data import mix
 from ift.data.record import ConvertError, conversation_hash
 
@@ -69,7 +70,7 @@ META_SCHEMA = pa.schema([
 ])
 
 
-class PrepareError(ValueError):
+class PrepareError(InputError):
     """Bad data-preparation input; the message names the file, source or key."""
 
 
@@ -87,6 +88,7 @@ class RowOptions:
     columns: dict[str, str]
     task: str
     system: str | None
+    keep_reasoning: bool = True
 
 
 def clean_rows(task, opts: RowOptions) -> Iterator[tuple[int, int, dict | None, str | None, str]]:
@@ -94,6 +96,7 @@ def clean_rows(task, opts: RowOptions) -> Iterator[tuple[int, int, dict | None, 
     from ift.data.formats import convert
     from ift.data.quality import detect_lang, substitute_placeholders, validate
     from ift.data.readers import iter_raw
+    from ift.data.record import drop_reasoning
 
     for line, raw, error, raw_text in iter_raw(task):
         key = int(mix.make_key(task.file_index, line))
@@ -114,6 +117,8 @@ def clean_rows(task, opts: RowOptions) -> Iterator[tuple[int, int, dict | None, 
         except ConvertError as e:
             yield key, line, None, str(e), raw_text
             continue
+        if not opts.keep_reasoning:
+            rec = drop_reasoning(rec)
         if opts.placeholders:
             rec = substitute_placeholders(rec, opts.placeholders)
         reason = validate(rec)
@@ -488,7 +493,8 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
     items = [
         {**dataclasses.asdict(t), "task_index": i, "options": json.dumps(dataclasses.asdict(RowOptions(
             seed=d.seed, placeholders=d.placeholders, columns=sources[t.source_index].columns,
-            task=sources[t.source_index].task, system=sources[t.source_index].system)))}
+            task=sources[t.source_index].task, system=sources[t.source_index].system,
+            keep_reasoning=d.keep_reasoning)))}
         for i, t in enumerate(tasks)
     ]
     remote = {"num_cpus": d.num_cpus_per_task}
@@ -940,8 +946,8 @@ def prepare_cmd(args) -> int:
     try:
         manifest = prepare(cfg, fresh=getattr(args, "fresh", False), address=args.address)
     except PrepareError as e:
-        print(f"ift data prepare: {e}", flush=True)
-        return 1
+        print(f"ift data prepare: {e}", file=sys.stderr, flush=True)
+        return 2
     from ift.data.inspect import summary
 
     print(summary(manifest))

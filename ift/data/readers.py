@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ift import storage
+from ift.config import InputError
 from ift.data.formats import split_human_assistant
 
 _BOM = b"\xef\xbb\xbf"
@@ -69,7 +70,7 @@ def _container(path: str, fmt: str, head: bytes) -> str:
     return "json_list" if head.lstrip(_BOM + b" \t\r\n")[:1] == b"[" else "jsonl"
 
 
-class _NeedMoreHead(ValueError):
+class _NeedMoreHead(InputError):
     """The head ends before its first record does; read more of the file."""
 
 
@@ -144,12 +145,12 @@ def detect_format(path: str, head: bytes) -> str:
     records = _first_records(path, head)
     if not records:
         if len(head.strip()) == 0:
-            raise ValueError(f"{path}: empty file, cannot detect its format")
+            raise InputError(f"{path}: empty file, cannot detect its format")
         raise _NeedMoreHead(f"{path}: no complete JSON record in the first {len(head)} bytes")
     seen: list[str] = []
     for rec in records:
         if not isinstance(rec, dict):
-            raise ValueError(
+            raise InputError(
                 f"{path}: first records are {type(rec).__name__}, not JSON objects; "
                 "set the source's format explicitly"
             )
@@ -157,7 +158,7 @@ def detect_format(path: str, head: bytes) -> str:
         if fmt:
             return fmt
         seen.extend(k for k in rec if k not in seen)
-    raise ValueError(
+    raise InputError(
         f"{path}: cannot detect the format from keys {seen}; expected conversations (sharegpt), "
         "messages (openai), chat with turn_N (moss), instruction/output (alpaca); "
         "set format and columns on the source"
@@ -172,7 +173,7 @@ def _detect_with_growing_head(path: str, size: int) -> str:
             return detect_format(path, head)
         except _NeedMoreHead:
             if n >= size:
-                raise ValueError(
+                raise InputError(
                     f"{path}: no JSON record parses at the start of the file (is it valid JSON "
                     "or JSONL?); cannot detect its format") from None
             n = min(size, n * 4)
@@ -188,7 +189,7 @@ def _scan_line_file(path: str, size: int, chunk_bytes: int) -> tuple[list[tuple[
     while off < size:
         block = storage.read_range(path, off, min(size, off + _BLOCK_BYTES))
         if not block:
-            raise ValueError(f"{path}: file shrank while reading (at byte {off} of {size})")
+            raise InputError(f"{path}: file shrank while reading (at byte {off} of {size})")
         h.update(block)
         counted = 0
         search_from = max(0, next_min_end - 1 - off)
@@ -212,7 +213,7 @@ def _sha256(path: str, size: int) -> str:
     while off < size:
         block = storage.read_range(path, off, min(size, off + _BLOCK_BYTES))
         if not block:
-            raise ValueError(f"{path}: file shrank while reading (at byte {off} of {size})")
+            raise InputError(f"{path}: file shrank while reading (at byte {off} of {size})")
         h.update(block)
         off += len(block)
     return h.hexdigest()
@@ -344,11 +345,11 @@ def _iter_json_list(task: ReadTask, data: bytes) -> Iterator[Row]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(
+        raise InputError(
             f"{task.file}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}"
         ) from None
     if not isinstance(items, list):
-        raise ValueError(f"{task.file}: expected a JSON list of objects, found a {_json_type(items)}")
+        raise InputError(f"{task.file}: expected a JSON list of objects, found a {_json_type(items)}")
     for idx, item in enumerate(items):
         raw_text = json.dumps(item, ensure_ascii=False)
         if isinstance(item, dict):
@@ -365,7 +366,7 @@ def _iter_csv(task: ReadTask, data: bytes) -> Iterator[Row]:
     except StopIteration:
         return
     except csv.Error as e:
-        raise ValueError(f"{task.file}: unreadable CSV header: {e}") from None
+        raise InputError(f"{task.file}: unreadable CSV header: {e}") from None
     idx = 0
     while True:
         try:
@@ -374,7 +375,7 @@ def _iter_csv(task: ReadTask, data: bytes) -> Iterator[Row]:
             return
         except csv.Error as e:
             # The reader cannot resynchronise after a broken quote; report and stop.
-            raise ValueError(f"{task.file}: CSV error at line {reader.line_num}: {e}") from None
+            raise InputError(f"{task.file}: CSV error at line {reader.line_num}: {e}") from None
         if not fields or all(not f.strip() for f in fields):
             continue
         raw_text = ",".join(fields)

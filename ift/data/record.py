@@ -1,6 +1,10 @@
 """The unified conversation record every source format becomes.
 
-    {id, source, lang, task, system, messages: [{role, content}], meta}
+    {id, source, lang, task, system, messages: [{role, content, reasoning?}], meta}
+
+An assistant message may carry `reasoning` (its thinking before the reply, e.g.
+LLaMA-Factory's `reasoning` parts); templates render it as a think block (THINK_START ...
+THINK_END) in front of the reply, trained with it.
 
 `meta` holds format-specific extras (tools, original keys) as a JSON-serialisable dict.
 Records are plain dicts so that Ray Data and pyarrow carry them without conversion.
@@ -36,9 +40,24 @@ def make_record(
         "lang": lang,
         "task": task,
         "system": system or "",
-        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "messages": [_message(m) for m in messages],
         "meta": meta or {},
     }
+
+
+def _message(m: dict[str, Any]) -> dict[str, str]:
+    out = {"role": m["role"], "content": m["content"]}
+    if m.get("reasoning"):
+        out["reasoning"] = m["reasoning"]  # an assistant's reasoning before its reply
+    return out
+
+
+def drop_reasoning(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without its assistant turns' reasoning (data.keep_reasoning: false)."""
+    if not any("reasoning" in m for m in record["messages"]):
+        return record
+    return {**record, "messages": [{"role": m["role"], "content": m["content"]}
+                                   for m in record["messages"]]}
 
 
 def normalize_text(text: str) -> str:
@@ -53,6 +72,8 @@ def conversation_hash(record: dict[str, Any]) -> str:
     for m in record["messages"]:
         h.update(b"\x1e" + m["role"].encode() + b"\x1f")
         h.update(normalize_text(m["content"]).encode("utf-8"))
+        if m.get("reasoning"):
+            h.update(b"\x1d" + normalize_text(m["reasoning"]).encode("utf-8"))
     return h.hexdigest()
 
 

@@ -17,6 +17,9 @@ Templates:
   the conversation; the differences between consecutive renderings are the segments.
 - `auto`: `tokenizer` when the tokenizer has a chat template, else `chatml`.
 
+An assistant message's `reasoning` becomes a `<think>...</think>` block in front of its
+reply, in every template, trainable with the reply (`with_reasoning`).
+
 Built-ins are plain string formatting (fast). All rendered text may contain special
 tokens (bos, eos, markers): tokenize it with `add_special_tokens=False`.
 """
@@ -42,6 +45,17 @@ ALPACA_PREAMBLE_WITH_INPUT = (
     "further context. Write a response that appropriately completes the request."
 )
 
+# An assistant message's `reasoning` is written before its reply as a think block, the
+# way reasoning models (Qwen3, DeepSeek-R1) write it; it is trained with the reply.
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+
+def with_reasoning(content: str, reasoning: str | None) -> str:
+    """The assistant text the model learns: the think block, then the reply."""
+    if not reasoning:
+        return content
+    return f"{THINK_START}\n{reasoning.strip()}\n{THINK_END}\n\n{content}"
 
 # A segment inside this package also carries its exchange number: an exchange starts at a
 # user message and holds the replies and tool turns after it; -1 is the preamble (bos,
@@ -195,6 +209,8 @@ def split_system(record: dict, *, allow_empty: bool = False) -> tuple[str, list[
         content = m.get("content")
         if not isinstance(content, str):
             raise ValueError(f"record {rid}: messages[{i}].content must be a string")
+        if role == "assistant":
+            content = with_reasoning(content, m.get("reasoning"))
         out.append({"role": role, "content": content})
     system = record.get("system") or ""
     if out and out[0]["role"] == "system":

@@ -5,7 +5,8 @@ accuracy, ROUGE-L, and their aggregation over samples.
   `ift.data.cot_templates.parse_final_answer`, which knows every answer phrasing the
   project's CoT templates write ("So the answer is X.", "Answer: X", "Final answer: X", ...)
   and common ones seen in the wild; an output that is nothing but a short answer ("72")
-  counts as that answer. Both sides are compared after `normalize_answer` ("(C)" == "C",
+  counts as that answer when it parses as one (a number or an option letter; "xq lorem"
+  does not). Both sides are compared after `normalize_answer` ("(C)" == "C",
   "1,234.50" == "1234.5").
 * Multiple-choice accuracy applies when the prompt lists options ("(A) 300", "B) 992",
   "C. 1120", one per line or inline): the prediction is the letter the output names, or
@@ -30,15 +31,18 @@ from ift.data.cot_templates import normalize_answer, parse_final_answer
 # Exact match
 # ---------------------------------------------------------------------------------------
 
-# An output with no answer phrase still states an answer when it is this short.
+# An output with no answer phrase still states an answer when it is this short and
+# parses as a number or an option letter.
 _BARE_ANSWER_CHARS = 40
+_BARE_ANSWER = re.compile(r"^(?:[-+]?\d+(?:\.\d+)?|[A-H])$")
 
 
 def final_answer(output: str) -> str | None:
     """The normalized final answer an output states, or None.
 
     An answer phrase wins (the last one, as models restate things); otherwise an output of
-    one short line is taken as the answer itself.
+    one short line is taken as the answer itself when it normalizes to a number or an
+    option letter ("72", "$1,234.50", "(C)"); other text states no answer.
     """
     if not output:
         return None
@@ -47,7 +51,8 @@ def final_answer(output: str) -> str | None:
         return parsed
     text = output.strip()
     if text and "\n" not in text and len(text) <= _BARE_ANSWER_CHARS:
-        return normalize_answer(text) or None
+        norm = normalize_answer(text)
+        return norm if _BARE_ANSWER.match(norm) else None
     return None
 
 

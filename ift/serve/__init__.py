@@ -17,6 +17,11 @@ Commands
     need `Authorization: Bearer $NAME`. A replica runs `max_ongoing_requests` generation
     requests at once and queues `max_queued_requests` more (-1: no bound); past that a
     request gets 503 with a JSON body and `Retry-After`; past `request_timeout_s`, 504.
+    Malformed bodies (lone surrogates, deep nesting) are 400s naming the field; a 500 names
+    a request id, never the exception, which the server logs under that id. Anonymous
+    callers of /v1/models get no server paths (`ift.serve.adapters.public_entry`) unless
+    `serve.show_model_paths`; bearer-key holders always see them. /openapi.json describes
+    the request bodies (`ift.serve.openapi`).
 
 `ift merge --base B --adapter A --out DIR`
     Writes a plain HF model dir (safetensors + tokenizer + ift_lineage.json) and logs it

@@ -198,6 +198,26 @@ def read_lineage(path: str) -> dict[str, Any]:
     return out
 
 
+# What an anonymous caller of /v1/models sees of a model's metadata: no server paths.
+PUBLIC_METADATA = ("type", "artifact", "method", "mlflow_run_id", "run_name",
+                   "data_manifest_hash", "created", "serving")
+
+
+def public_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """A /v1/models entry without server paths: no `root`; `metadata` keeps the
+    PUBLIC_METADATA keys, `base` (the served base id of an adapter) and the hash of each
+    data source (`sources: [{name, hash}]`)."""
+    meta = row.get("metadata") or {}
+    public = {k: meta[k] for k in PUBLIC_METADATA if k in meta}
+    if meta.get("type") == "adapter":
+        public["base"] = row.get("parent")
+    sources = meta.get("sources")
+    if isinstance(sources, list):
+        public["sources"] = [{"name": s.get("name"), "hash": s.get("hash")}
+                             for s in sources if isinstance(s, dict)]
+    return {**{k: v for k, v in row.items() if k != "root"}, "metadata": public}
+
+
 def _entry(model_id: str, kind: str, path: str, parent: str | None, created: int) -> dict[str, Any]:
     meta = {"type": kind, "path": path}
     if kind != "base":

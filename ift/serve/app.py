@@ -39,7 +39,8 @@ from typing import Any
 from fastapi import Request
 
 from ift.config import Config, ConfigError, load_config
-from ift.serve.adapters import Catalog
+from ift.serve import openapi
+from ift.serve.adapters import Catalog, public_entry
 from ift.serve.generation import (
     SSE_DONE,
     RequestError,
@@ -49,6 +50,7 @@ from ift.serve.generation import (
     completion_chunk,
     completion_response,
     error_body,
+    internal_error,
     new_id,
     parse_chat_request,
     parse_completion_request,
@@ -155,8 +157,8 @@ class AdapterRef:
 def _error_event(e: Exception) -> dict[str, Any]:
     if isinstance(e, RequestError):
         return {"type": "error", "status": e.status, "message": e.message, "param": e.param}
-    log.exception("request failed")  # adapter download/load failures, a dead engine
-    return {"type": "error", "status": 500, "message": f"{type(e).__name__}: {e}"}
+    # adapter download/load failures, a dead engine
+    return {"type": "error", "status": 500, "message": internal_error("request failed")}
 
 
 def model_server_class(max_adapters: int):
@@ -306,6 +308,14 @@ def ingress_class(max_adapters: int):
         return JSONResponse(error_body(message, type, param, code), status_code=status,
                             headers=headers)
 
+    def _internal_error(what: str):
+        """A JSON 500 naming the request id under which the failure is logged."""
+        return _json_error(500, internal_error(what), "server_error")
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request, exc):  # anything a route did not answer itself
+        return _internal_error(f"{request.method} {request.url.path} failed")
+
     def _status_type(status: int) -> str:
         return {401: "authentication_error", 404: "invalid_request_error",
                 503: "overloaded_error", 504: "timeout_error"}.get(
@@ -329,6 +339,9 @@ def ingress_class(max_adapters: int):
             self.timeout = float(settings["request_timeout_s"])
             self.key_digest = settings.get("api_key_sha256", "")
             self.route_adapters = bool(settings.get("route_adapters", False))
+            # Callers of /v1/models see server paths when they hold the key, or when the
+            # config says everyone may.
+            self.show_paths = bool(self.key_digest) or bool(settings.get("show_model_paths"))
             self.created = int(time.time())
             self._self_handle = None
 
@@ -372,6 +385,10 @@ def ingress_class(max_adapters: int):
             except json.JSONDecodeError as e:
                 raise RequestError(f"request body is not valid JSON: {e.msg} at line "
                                    f"{e.lineno} column {e.colno}") from e
+            except RecursionError:
+                raise RequestError("request body is nested too deeply") from None
+            except ValueError as e:  # e.g. an integer of more digits than Python converts
+                raise RequestError(f"request body is not valid JSON: {e}") from None
             parse = parse_chat_request if kind == "chat" else parse_completion_request
             greq = parse(body, self.max_tokens_limit)
             if self.catalog.is_static(greq.model):
@@ -407,13 +424,17 @@ def ingress_class(max_adapters: int):
                     where = {"app": getattr(handle, "app_name", None),
                              "deployment": getattr(handle, "deployment_name", None)}
                 row["metadata"]["serving"] = {"url": url, **where}
+            if not self.show_paths:
+                rows = [public_entry(row) for row in rows]
             return {"object": "list", "data": rows}
 
-        @api.post("/v1/chat/completions")
+        @api.post("/v1/chat/completions",
+                  openapi_extra=openapi.request_body(openapi.CHAT_REQUEST))
         async def chat_completions(self, request: Request):
             return await self._generate(request, "chat")
 
-        @api.post("/v1/completions")
+        @api.post("/v1/completions",
+                  openapi_extra=openapi.request_body(openapi.COMPLETION_REQUEST))
         async def completions(self, request: Request):
             return await self._generate(request, "completion")
 
@@ -441,9 +462,8 @@ def ingress_class(max_adapters: int):
                     resp.cancel()
                 return _json_error(504, f"request timed out after {self.timeout:g}s",
                                    "timeout_error")
-            except Exception as e:  # noqa: BLE001 - a replica failure, not a bad request
-                log.exception("generation failed")
-                return _json_error(500, f"generation failed: {type(e).__name__}", "server_error")
+            except Exception:  # noqa: BLE001 - a replica failure, not a bad request
+                return _internal_error("generation failed")
             if out["type"] == "error":
                 return _event_error(out)
             rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
@@ -464,10 +484,9 @@ def ingress_class(max_adapters: int):
                                    "timeout_error")
             except StopAsyncIteration:
                 return _json_error(500, "generation ended early", "server_error")
-            except Exception as e:  # noqa: BLE001
+            except Exception:  # noqa: BLE001
                 gen.cancel()
-                log.exception("generation failed")
-                return _json_error(500, f"generation failed: {type(e).__name__}", "server_error")
+                return _internal_error("generation failed")
             if first["type"] == "error":
                 gen.cancel()  # a local stream holds its admission slot until closed
                 return _event_error(first)
@@ -510,10 +529,8 @@ def ingress_class(max_adapters: int):
                         elif ev["type"] == "error":
                             yield sse(error_body(ev["message"], _status_type(ev["status"])))
                             break
-                except Exception as e:  # noqa: BLE001 - the stream is already 200
-                    log.exception("stream failed")
-                    yield sse(error_body(f"generation failed: {type(e).__name__}",
-                                         "server_error"))
+                except Exception:  # noqa: BLE001 - the stream is already 200
+                    yield sse(error_body(internal_error("stream failed"), "server_error"))
                 finally:
                     gen.cancel()
                 yield SSE_DONE
@@ -558,13 +575,25 @@ def _scaling(cfg: Config) -> dict[str, Any]:
     return opts
 
 
+def preflight(cfg: Config) -> dict[str, Any]:
+    """The catalog arguments, once id clashes, bad adapter ids and missing local model
+    directories have failed here, before anything starts."""
+    from ift.models import check_model_path
+
+    cat = catalog_kwargs(cfg)
+    Catalog(**cat)
+    check_model_path(cat["base_path"], "serve.base_model")
+    for mid, path in cat["merged"].items():
+        check_model_path(path, f"serve.merged_models.{mid}")
+    return cat
+
+
 def build_app(cfg: Config):
     """The Serve application for a config (transformers backend, or vLLM when asked)."""
     if cfg.serve.backend == "vllm":
         return build_vllm_app(cfg)
     s = cfg.serve
-    cat = catalog_kwargs(cfg)
-    Catalog(**cat)  # id clashes and bad adapter ids fail here, before anything starts
+    cat = preflight(cfg)
     eng = engine_kwargs(cfg)
     limits = {"max_ongoing_requests": s.max_ongoing_requests,
               "max_queued_requests": s.max_queued_requests}
@@ -576,6 +605,7 @@ def build_app(cfg: Config):
     }
     settings = {"max_tokens_limit": s.max_tokens_limit, "request_timeout_s": s.request_timeout_s,
                 "api_key_sha256": api_key_digest(cfg),
+                "show_model_paths": s.show_model_paths,
                 # One fixed replica holds every adapter it is asked for; with more, adapter
                 # requests go where the adapter already is.
                 "route_adapters": bool(s.autoscaling) or s.num_replicas > 1}
@@ -648,6 +678,8 @@ def serve_cmd(args) -> int:
     from ift.raycluster import init_ray
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.serve.backend != "vllm":
+        preflight(cfg)  # before Ray starts
     init_ray(getattr(args, "address", None))
     stop = threading.Event()
 

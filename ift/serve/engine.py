@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ift.artifacts import ADAPTER_CONFIG, PromptFormat, read_prompt_format
-from ift.serve.generation import RequestError, SamplingParams, TextStream, TokenChooser
+from ift.serve.generation import (
+    RequestError,
+    SamplingParams,
+    TextStream,
+    TokenChooser,
+    internal_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -331,9 +337,9 @@ class Engine:
                 self._collect_adapters()
         except BaseException as e:  # noqa: BLE001 - report to every waiting request
             self._error = e
-            log.exception("engine thread failed")
+            message = internal_error("engine thread failed")  # logged with the traceback
             for r in self._waiting:
-                r.sink({"type": "error", "status": 500, "message": f"engine failed: {e!r}"})
+                r.sink({"type": "error", "status": 500, "message": message})
             self._waiting = []
         finally:
             while True:  # requests still queued when the engine stops
@@ -546,11 +552,10 @@ class Engine:
                 if not running.rows:
                     break
                 self._step(running)
-        except Exception as e:  # noqa: BLE001 - one bad batch must not kill the engine
-            log.exception("batch failed")
+        except Exception:  # noqa: BLE001 - one bad batch must not kill the engine
+            message = internal_error("batch failed")  # logged with the traceback
             for r in admitted:
-                self._finish(r, {"type": "error", "status": 500,
-                                 "message": f"generation failed: {e!r}"})
+                self._finish(r, {"type": "error", "status": 500, "message": message})
 
     def _admit(self, room: int) -> list[_Request]:
         """Up to `room` live waiting requests, oldest first."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import math
 import time
 import uuid
@@ -41,6 +42,15 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
                code: str | None = None) -> dict[str, Any]:
     """The OpenAI error shape, which the official client turns into its exceptions."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def internal_error(what: str) -> str:
+    """The client's message for an unexpected failure (call it in an `except` block): a new
+    request id, under which the failure and its traceback are logged on the server. It
+    never names the exception, so no 5xx body carries internals."""
+    rid = new_id("req")
+    logging.getLogger("ift.serve").exception("%s (request id %s)", what, rid)
+    return f"internal server error (request id {rid}); the server log has the details"
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,6 +153,7 @@ def parse_sampling(body: dict[str, Any], max_tokens_limit: int) -> SamplingParam
         if not s or len(s) > MAX_STOP_LEN:
             raise RequestError(
                 f"stop strings must be 1 to {MAX_STOP_LEN} characters, got {s!r}", "stop")
+        _unicode_text(s, "stop")
     for k in ("presence_penalty", "frequency_penalty"):
         v = _number(body, k, 0.0, -2.0, 2.0)
         if v != 0.0:
@@ -202,7 +213,7 @@ def _model(body: dict) -> str:
     m = body["model"]
     if not isinstance(m, str) or not m.strip():
         raise RequestError(f"model must be a non-empty string, got {m!r}", "model")
-    return m
+    return _unicode_text(m, "model")
 
 
 def _stream(body: dict) -> tuple[bool, bool]:
@@ -223,9 +234,20 @@ def _stream(body: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
+def _unicode_text(text: str, param: str) -> str:
+    """`text` when it is valid Unicode; a lone surrogate ("\\ud800" in the JSON) cannot be
+    encoded, tokenized or logged, so it is a 400 naming where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param} holds a lone surrogate (U+{ord(text[e.start]):04X}) at "
+                           f"character {e.start}; send valid Unicode text", param) from None
+    return text
+
+
 def _content(content: Any, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _unicode_text(content, f"{where}.content")
     if isinstance(content, list):  # [{type: text, text: ...}] parts
         out = []
         for j, part in enumerate(content):
@@ -234,7 +256,7 @@ def _content(content: Any, where: str) -> str:
                 raise RequestError(
                     f"{where}.content[{j}]: only text parts ({{type: text, text: ...}}) "
                     "are supported", f"{where}.content")
-            out.append(part["text"])
+            out.append(_unicode_text(part["text"], f"{where}.content[{j}].text"))
         return "".join(out)
     raise RequestError(f"{where}.content must be a string or a list of text parts",
                        f"{where}.content")
@@ -287,6 +309,7 @@ def parse_completion_request(body: Any, max_tokens_limit: int) -> GenerationRequ
         raise RequestError("prompt must be a string (or a list of one string)", "prompt")
     if not prompt:
         raise RequestError("prompt must not be empty", "prompt")
+    _unicode_text(prompt, "prompt")
     if body.get("suffix"):
         raise RequestError("suffix is not supported", "suffix")
     params = parse_sampling(body, max_tokens_limit)
@@ -350,9 +373,15 @@ class TokenChooser:
             scores = p(ids, scores)
         if self.params.greedy:
             return int(torch.argmax(scores, dim=-1)[0])
+        processed = scores
         for w in self.warpers:
             scores = w(ids, scores)
         probs = torch.softmax(scores.float(), dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            # A temperature or penalty so extreme that logits overflow: the distribution's
+            # limit puts all mass on the highest logit.
+            return int(torch.argmax(torch.nan_to_num(processed.float(), nan=float("-inf")),
+                                    dim=-1)[0])
         return int(torch.multinomial(probs[0], 1, generator=self.generator)[0])
 
 

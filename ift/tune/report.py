@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -385,8 +386,8 @@ def report_cmd(args) -> int:
     try:
         paths = write_report(args.dir, metric=args.metric, mode=args.mode)
     except FileNotFoundError as e:
-        print(f"ift tune report: {e}", flush=True)
-        return 1
+        print(f"ift tune report: {e}", file=sys.stderr, flush=True)
+        return 2
     if not getattr(args, "no_mlflow", False):
         from ift.tune.driver import TRIALS_FILE
 

@@ -156,6 +156,12 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 @pytest.fixture(scope="module")
 def ray_head():
+    yield from start_head(_head_env())
+
+
+def start_head(env: dict[str, str]):
+    """A `ray start --head --block` on loopback with its own ports and temp dir, run with
+    `env`; yields the Head once its jobs API answers, then stops just that head."""
     # Short: Ray's Unix sockets live under it, and socket paths are limited to 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="iftj-", dir="/tmp")
     (gcs, dashboard, client, node_manager, object_manager, env_agent, agent_http, agent_grpc,
@@ -173,27 +179,33 @@ def ray_head():
         "--num-cpus=2", "--num-gpus=0", "--object-store-memory=400000000",
     ]
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_head_env(),
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                 cwd=temp_dir, start_new_session=True)
     head = Head(temp_dir, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", proc, log)
     try:
-        _wait_for_jobs_api(head, timeout=180)
+        _wait_for_jobs_api(head, timeout=180, env=env)
         yield head
     finally:
         _stop_head(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _wait_for_jobs_api(head: Head, timeout: float) -> None:
-    from ray.job_submission import JobSubmissionClient
+def _wait_for_jobs_api(head: Head, timeout: float, env: dict[str, str]) -> None:
+    import urllib.request
 
+    token_file = Path(env.get("HOME", str(Path.home()))) / ".ray" / "auth_token"
     deadline = time.time() + timeout
     last: Exception | None = None
     while time.time() < deadline:
         if head.proc.poll() is not None:
             pytest.fail(f"ray start exited with {head.proc.returncode}:\n{_tail(head.log)}")
         try:
-            JobSubmissionClient(head.dashboard_url).list_jobs()
+            # The jobs module's own route; a head with token authentication wants the token.
+            req = urllib.request.Request(f"{head.dashboard_url}/api/version")
+            if env.get("RAY_AUTH_MODE") == "token" and token_file.is_file():
+                req.add_header("Authorization", f"Bearer {token_file.read_text().strip()}")
+            with urllib.request.urlopen(req, timeout=5):
+                pass
             return
         except Exception as e:  # noqa: BLE001 (not up yet)
             last = e
@@ -346,3 +358,37 @@ def test_prepare_train_eval_as_ray_jobs(ray_head, tiny_model, tmp_path):
     assert run.data.metrics["heldout/loss"] == pytest.approx(m["loss"])
     assert ev["mlflow_run_id"] == run.info.run_id
     print("job wall times (s):", {k: round(v, 1) for k, v in timings.items()})
+
+
+def _readme_ray_jobs_block() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Ray jobs", 1)[1].split("\n## ", 1)[0]
+    return section.split("```bash", 1)[1].split("```", 1)[0].splitlines()
+
+
+def test_readme_job_submit_works_on_a_machine_that_holds_a_ray_token(tmp_path):
+    # Any `ift` command that started a local cluster leaves ~/.ray/auth_token behind. On such
+    # a machine the README's commands, run as written, must submit a job.
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex)
+    block = _readme_ray_jobs_block()
+    start = next(i for i, line in enumerate(block) if line.startswith("ray start --head"))
+    exports = dict(line.split("#")[0].strip()[len("export "):].split("=", 1)
+                   for line in block[:start] if line.startswith("export "))
+    assert exports.get("RAY_AUTH_MODE") == "token", block[:start]
+    assert not any("only if" in line for line in block if "RAY_AUTH_MODE" in line)
+
+    base = {k: v for k, v in _head_env().items() if k != "RAY_AUTH_MODE"}
+    base["HOME"] = str(home)
+    env = {**base, **exports}
+    for head in start_head(env):
+        submit = [RAY, "job", "submit", "--address", head.dashboard_url, "--",
+                  "python", "-c", "print('ift-job-ran')"]
+        # Without the variable the head still wants the token and the CLI sends none.
+        p = subprocess.run(submit, env=base, capture_output=True, text=True, timeout=300)
+        assert p.returncode != 0 and "Authentication" in p.stdout + p.stderr, p.stdout + p.stderr
+        # As the README says: it runs.
+        p = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "ift-job-ran" in p.stdout and "succeeded" in p.stdout, p.stdout

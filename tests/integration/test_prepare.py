@@ -342,3 +342,30 @@ def test_real_shared_data(ray_cluster, tiny_model, shared_data, tmp_path):
     pick = [rows[i] for i in rng.choice(len(rows), size=min(400, len(rows)), replace=False)]
     assert check_masks(pick, recs, tok, manifest["template"], 384) > 0.5 * len(pick)
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_llamafactory_v1_reasoning_through_prepare(ray_cluster, tiny_model, tmp_path, keep):
+    """LLaMA-Factory v1 rows become kept rows whose think block is trained (or dropped with
+    data.keep_reasoning=false); the malformed ones are rejects naming what is wrong."""
+    src = os.path.join(os.path.dirname(__file__), "..", "unit", "fixtures", "formats",
+                       "llamafactory_v1.jsonl")
+    out = tmp_path / "out"
+    cfg = load_config(None, [f"model.name_or_path={tiny_model}", f"data.output={out}",
+                             f"data.sources.0.path={src}", "data.sources.0.name=v1",
+                             "data.val_ratio=0", "data.max_seq_len=512",
+                             f"data.keep_reasoning={str(keep).lower()}"])
+    manifest = prepare(cfg)
+    s = manifest["sources"]["v1"]
+    assert (s["rows_read"], s["rows_kept"], s["rows_rejected"]) == (8, 3, 5)
+    rejects = {r["line"]: r["reason"] for r in
+               map(json.loads, (out / "rejects" / "v1.jsonl").read_text().splitlines())}
+    assert "neither 'text' nor 'value'" in rejects[4] and "tool_call" in rejects[6]
+    tok = load_tokenizer(tiny_model)
+    rows = load_split(out, "train")
+    trained = ["".join(tok.decode([t for t, lab in zip(r["input_ids"], r["labels"])
+                                   if lab != -100]))
+               for r in rows]
+    thinking = [t for t in trained if "Two cats have 8 legs." in t]
+    assert len(thinking) == 1
+    assert ("<think>\nA cat has 4 legs. 2 x 4 = 8.\n</think>" in thinking[0]) is keep

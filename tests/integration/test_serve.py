@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,9 @@ def server(ray_cluster, s3_server, tiny_model, tmp_path_factory):
         json.dump({"mlflow_run_id": "run-b", "data_manifest_hash": "hash-b", "method": "lora",
                    "base_model": tiny_model}, f)
     c = make_adapter(tiny_model, str(root / "c"), seed=3)
+    broken = root / "broken"  # an adapter whose config cannot be read: a load failure
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
     bucket = f"ift-serve-{uuid.uuid4().hex[:8]}"
     storage.s3_client().create_bucket(Bucket=bucket)
     s3_c = f"s3://{bucket}/adapters/c"
@@ -73,7 +77,9 @@ def server(ray_cluster, s3_server, tiny_model, tmp_path_factory):
     main_cfg = build_config({"serve": {
         **common, "adapter_root": str(adapter_root), "adapters": {"from-s3": s3_c},
         "merged_models": {"merged-a": merged}, "cpus_per_replica": 0.5,
-        "max_adapters_per_replica": 4, "max_batch_size": 8}})
+        "max_adapters_per_replica": 4, "max_batch_size": 8,
+        # A trusted local server: paths shown to anonymous callers (ift lineage reads them).
+        "show_model_paths": True}})
     os.environ[KEY_ENV] = KEY
     tight_cfg = build_config({"serve": {
         **common, "api_key_env": KEY_ENV, "cpus_per_replica": 0.25, "max_batch_size": 1,
@@ -82,13 +88,13 @@ def server(ray_cluster, s3_server, tiny_model, tmp_path_factory):
         **common, "max_tokens_limit": 512, "request_timeout_s": 0.05, "cpus_per_replica": 0.25}})
     multi_cfg = build_config({"serve": {
         **common, "adapter_root": str(adapter_root), "num_replicas": 2, "cpus_per_replica": 0.2,
-        "max_adapters_per_replica": 1}})
+        "max_adapters_per_replica": 1, "adapters": {"broken": str(broken)}}})
     url = start(main_cfg)
     tight = start(tight_cfg, name="tight", route_prefix="/tight")
     slow = start(slow_cfg, name="slow", route_prefix="/slow")
     multi = start(multi_cfg, name="multi", route_prefix="/multi")
     yield {"url": url, "tight": tight, "slow": slow, "multi": multi, "tiny": tiny_model, "a": a,
-           "b": b, "c": c, "merged": merged, "s3_c": s3_c}
+           "b": b, "c": c, "merged": merged, "s3_c": s3_c, "root": str(root)}
     serve.shutdown()
     os.environ.pop(KEY_ENV, None)
 
@@ -485,3 +491,78 @@ def test_chat_page_streams_a_reply_in_headless_chromium(server):
             ctx.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile bodies, anonymous callers, fuzzing
+# ---------------------------------------------------------------------------------------
+
+
+def _post_raw(url: str, path: str, raw: bytes) -> requests.Response:
+    return requests.post(url + path, data=raw, timeout=60,
+                         headers={"Content-Type": "application/json"})
+
+
+def test_lone_surrogate_and_deep_nesting_are_json_400s(server):
+    url = server["url"]
+    r = _post_raw(url, "/v1/chat/completions",
+                  b'{"model": "base", "messages": [{"role": "user", "content": "\\ud800 hi"}]}')
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages[0].content"
+    r = _post_raw(url, "/v1/completions", b'{"model": "base", "prompt": "a\\udc80"}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        r = _post_raw(url, path, b"[" * 100_000)
+        assert r.status_code == 400, r.text[:200]
+        assert "nested too deeply" in r.json()["error"]["message"]
+        r = _post_raw(url, path, b'{"model": "base", "max_tokens": ' + b"9" * 5000 + b"}")
+        assert r.status_code == 400, r.text[:200]
+    assert chat(url, "base").status_code == 200
+
+
+def test_a_server_error_names_a_request_id_not_the_exception(server):
+    multi = server["multi"]
+    for stream in (False, True):
+        r = chat(multi, "broken", stream=stream)
+        assert r.status_code == 500, r.text
+        err = r.json()["error"]
+        assert err["type"] == "server_error", err
+        assert re.fullmatch(r"internal server error \(request id req-[0-9a-f]+\); the server "
+                            r"log has the details", err["message"]), err
+        for leak in ("Error", "Exception", "Traceback", "Expecting", server["root"]):
+            assert leak not in r.text, r.text
+    assert chat(multi, "a").status_code == 200
+
+
+def test_v1_models_shows_no_server_path_to_anonymous_callers(server):
+    r = requests.get(server["multi"] + "/v1/models", timeout=30)
+    assert r.status_code == 200
+    for secret in (server["root"], server["tiny"]):
+        assert secret not in r.text, r.text
+    rows = {m["id"]: m for m in r.json()["data"]}
+    assert "root" not in rows["runs/b"]
+    b = rows["runs/b"]["metadata"]
+    assert (b["type"], b["method"], b["mlflow_run_id"], b["data_manifest_hash"], b["base"]) == (
+        "adapter", "lora", "run-b", "hash-b", "base")
+    assert "path" not in b and b["serving"]["app"] == "multi"
+    # The key holder sees the paths.
+    full = requests.get(server["tight"] + "/v1/models", timeout=30,
+                        headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
+    assert full[0]["root"] == server["tiny"] and full[0]["metadata"]["path"] == server["tiny"]
+
+
+def test_fuzzing_the_openapi_schema_finds_no_5xx(server, tmp_path):
+    """schemathesis against the app's own /openapi.json, bounded in examples and time."""
+    schema = requests.get(server["url"] + "/openapi.json", timeout=30).json()
+    assert "requestBody" in schema["paths"]["/v1/chat/completions"]["post"]
+    st = os.path.join(os.path.dirname(sys.executable), "schemathesis")
+    cmd = [st, "run", server["url"] + "/openapi.json", "--checks", "not_a_server_error",
+           "--max-examples", "40", "--max-time", "90", "--seed", "13", "--workers", "2",
+           "--phases", "examples,coverage,fuzzing", "--generation-database", "none",
+           "--request-timeout", "60", "--no-color", "--suppress-health-check", "all"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    # Still answering normally afterwards.
+    assert chat(server["url"], "base").status_code == 200
+    assert requests.get(server["url"] + "/health", timeout=30).json() == {"status": "ok"}

@@ -144,3 +144,19 @@ def test_unpack_packed_bins():
     parts = unpack(row)
     assert [p["id"] for p in parts] == ["b0", "b0#1"]
     assert parts[1]["input_ids"] == [3, 4] and parts[1]["labels"] == [-100, 4]
+
+
+@pytest.mark.parametrize("output,expected", [
+    ("72", "72"), ("$1,234.50", "1234.5"), ("-3", "-3"), ("(C)", "C"), ("B.", "B"),
+    ("xq lorem", None), ("ĠĠ the the", None), ("<|im_end|>", None), ("hello", None),
+    ("Z", None), ("12 apples and", None),
+])
+def test_bare_output_is_an_answer_only_when_it_parses_as_one(output, expected):
+    assert metrics.final_answer(output) == expected
+
+
+def test_answered_is_zero_on_gibberish():
+    # Short one-line outputs of a random-init model: none states an answer.
+    outputs = ["ĠĠ the the", "zq", "tok tok tok", "<|im_start|>", "...", "ab cd"]
+    samples = [metrics.score_sample(o, "The answer is 4.", "4") for o in outputs]
+    assert metrics.aggregate(samples)["answered"] == 0.0

@@ -74,7 +74,8 @@ def test_alpaca():
         ("user", "And the plural?"), ("assistant", "Les chats dorment."),
     ]
     assert out[3]["lang"] == "zh"
-    assert turns(out[4])[1] == ("assistant", "8")
+    # A number is not text: rejected naming the field, as docs/data.md says.
+    assert out[4] == "convert: field 'output' is a number, expected text"
     assert out[5] == "convert: missing field 'output'"
     assert out[6] == "convert: field 'output' is a list (preference data?), expected text"
     assert out[7] == "convert: history item 1 is not a [query, response] pair of texts"
@@ -379,3 +380,93 @@ def test_shared_data_converts_every_row(shared_data):
     assert formats.get("llama-factory/glaive_toolcall_en_demo.json") in (None, "sharegpt")
     assert formats.get("alpaca-cot/gsm8k_train.tsv") in (None, "flan_cot_tsv")
     assert formats.get("llama-factory/alpaca_en_demo.json") in (None, "alpaca")
+
+
+# ---------------------------------------------------------------------------------------
+# non-text values
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,raw,reason", [
+    ("alpaca", {"instruction": 42, "output": "x"}, "field 'instruction' is a number, expected text"),
+    ("alpaca", {"instruction": "x", "output": 4.5}, "field 'output' is a number, expected text"),
+    ("alpaca", {"instruction": "x", "output": True}, "field 'output' is a boolean, expected text"),
+    ("alpaca", {"q": "x", "a": 7}, "field 'output' (column 'a') is a number, expected text"),
+    ("openai", {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant",
+                                                                   "content": 5}]},
+     "turn 2: content is a number, expected text"),
+    ("flan_cot_tsv", {"question": "q", "answer": 3}, "field 'answer' is a number, expected text"),
+])
+def test_non_text_values_are_rejected_naming_the_field(fmt, raw, reason):
+    columns = {"instruction": "q", "output": "a"} if "q" in raw else None
+    with pytest.raises(ConvertError) as e:
+        convert(fmt, raw, id="x", source="s", columns=columns)
+    assert str(e.value) == reason
+
+
+# ---------------------------------------------------------------------------------------
+# LLaMA-Factory v1 messages: typed parts with `value`, reasoning, tool_call, tool turns
+# ---------------------------------------------------------------------------------------
+
+
+def test_llamafactory_v1_parts():
+    out = outcomes("llamafactory_v1.jsonl")
+    r1 = out[1]
+    assert r1["messages"] == [
+        {"role": "user", "content": "How many legs do two cats have?"},
+        {"role": "assistant", "content": "Two cats have 8 legs.",
+         "reasoning": "A cat has 4 legs. 2 x 4 = 8."}]
+    r2 = out[2]
+    assert r2["system"] == "You can call tools."
+    assert [m["role"] for m in r2["messages"]] == ["user", "assistant", "tool", "assistant"]
+    call = r2["messages"][1]
+    assert json.loads(call["content"]) == {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    assert call["reasoning"] == "I should look it up."
+    assert r2["messages"][2] == {"role": "tool", "content": '{"temp_c": -3}'}
+    assert r2["meta"]["tool_calls"] == [1]
+    assert json.loads(r2["meta"]["tools"])[0]["name"] == "get_weather"
+    assert turns(out[3]) == [("user", "Say hi."), ("assistant", "Hi!")]
+    assert "reasoning" not in out[3]["messages"][1]
+    assert out[4] == ("convert: turn 1: content part 0 (text) has neither 'text' nor 'value' "
+                      "(keys: type, content)")
+    assert out[5] == "convert: turn 1: a user turn holds a reasoning part (only assistant turns may)"
+    assert out[6].startswith("convert: turn 2: tool_call part 0 is not valid JSON")
+    assert out[7].startswith("convert: turn 1: content part of type 'image' is not supported")
+    assert out[8] == "convert: turn 1: content part 0 (text) 'value' is a number, expected text"
+
+
+def test_llamafactory_v1_tool_call_equals_sharegpt_function_call():
+    # The same exchange in both layouts gives the same record.
+    call = {"name": "order", "arguments": {"id": 17}}
+    v1 = {"messages": [
+        {"role": "user", "content": [{"type": "text", "value": "Look up order 17."}]},
+        {"role": "assistant", "content": [{"type": "tool_call", "value": json.dumps(call)}]},
+        {"role": "tool", "content": [{"type": "text", "value": "shipped"}]},
+        {"role": "assistant", "content": [{"type": "text", "value": "It has shipped."}]}],
+        "tools": json.dumps([{"name": "order"}])}
+    sharegpt = {"conversations": [
+        {"from": "human", "value": "Look up order 17."},
+        {"from": "function_call", "value": json.dumps(call)},
+        {"from": "observation", "value": "shipped"},
+        {"from": "gpt", "value": "It has shipped."}], "tools": json.dumps([{"name": "order"}])}
+    a = convert("openai", v1, id="x", source="s")
+    b = convert("sharegpt", sharegpt, id="x", source="s")
+    assert [(m["role"], json.loads(m["content"]) if i == 1 else m["content"])
+            for i, m in enumerate(a["messages"])] == [
+        (m["role"], json.loads(m["content"]) if i == 1 else m["content"])
+        for i, m in enumerate(b["messages"])]
+    assert a["meta"] == b["meta"]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_data_keep_reasoning_switch(keep):
+    from ift.data.pipeline import RowOptions, clean_rows
+
+    path = os.path.join(FIXTURES, "llamafactory_v1.jsonl")
+    tasks, _ = plan_reads("v1", 0, [path], "auto", 0, 0)
+    opts = RowOptions(seed=1, placeholders={}, columns={}, task="", system=None,
+                      keep_reasoning=keep)
+    records = {line: rec for t in tasks for _, line, rec, _, _ in clean_rows(t, opts) if rec}
+    assert sorted(records) == [1, 2, 3]
+    assert ("reasoning" in records[1]["messages"][1]) is keep
+    assert records[1]["messages"][1]["content"] == "Two cats have 8 legs."

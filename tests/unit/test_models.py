@@ -385,3 +385,19 @@ def test_peft_accepts_detected_targets(tiny_dirs):
     # Asking again on the adapted model names the same projections, not the adapter layers.
     assert models.find_lora_targets(peft_model) == EXPECTED_TARGETS["gpt2"]
     assert models.find_lora_targets(peft_model, ["c_fc"]) == ["c_fc"]
+
+
+def test_init_tiny_skips_and_counts_malformed_lines(tmp_path, capsys):
+    from ift.cli import main
+
+    data = tmp_path / "data.jsonl"
+    rows = [json.dumps({"instruction": f"say {w}", "output": w}) for w in ("a", "b", "c")]
+    rows.insert(1, '{"instruction": "broken", "output": ')
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "tiny"
+    assert main(["model", "init-tiny", "--data", str(data), "--out", str(out),
+                 "--vocab-size", "300"]) == 0
+    meta = json.loads((out / "ift_tiny.json").read_text())
+    assert meta["skipped_lines"] == 1
+    assert meta["skipped"][0].startswith(f"{data}:2: not valid JSON")
+    assert "skipped 1 line(s)" in capsys.readouterr().out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ift.serve.generation import (
@@ -221,3 +223,44 @@ def test_text_stream_sends_bytes_that_never_form_a_character(tiny_model):
     s = TextStream(tok, [])
     assert s.push(cont) == ""  # may still become a character
     assert s.push(a[0]) == "\ufffda"
+@pytest.mark.parametrize("body,param", [
+    ({"model": "m", "messages": [{"role": "user", "content": "\ud800 hi"}]},
+     "messages[0].content"),
+    ({"model": "m", "messages": [{"role": "user", "content": "ok"},
+                                 {"role": "assistant", "content": "fine"},
+                                 {"role": "user", "content": [{"type": "text",
+                                                               "text": "a\udfffb"}]}]},
+     "messages[2].content[0].text"),
+    ({"model": "b\udc80ase", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["\ud83d"]},
+     "stop"),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(body, param):
+    with pytest.raises(RequestError) as e:
+        parse_chat_request(body, 64)
+    assert e.value.status == 400 and e.value.param == param
+    assert "lone surrogate" in e.value.message
+    json.dumps(e.value.body(), ensure_ascii=False).encode("utf-8")  # the answer is sendable
+    with pytest.raises(RequestError) as e:
+        parse_completion_request({"model": "m", "prompt": "x\ud800"}, 64)
+    assert e.value.param == "prompt"
+    # A surrogate pair written as two escapes is one valid character.
+    ok = parse_chat_request({"model": "m", "messages": [
+        {"role": "user", "content": json.loads('"\\ud83d\\ude00"')}]}, 64)
+    assert ok.messages[0]["content"] == "\U0001F600"
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0, top_p=5e-324, repetition_penalty=5e-324, seed=0),
+    SamplingParams(temperature=1e-300, seed=0),
+    SamplingParams(temperature=1.0, repetition_penalty=5e-324, seed=0),
+])
+def test_token_chooser_survives_overflowing_logits(params):
+    # Found by fuzzing the server: logits divided by a tiny penalty or temperature overflow
+    # to inf and softmax to nan; the limit of such a distribution is its argmax.
+    import torch
+
+    scores = torch.tensor([[1.0, 3.0, 2.9, 0.0]])
+    ids = torch.tensor([[1, 2]])
+    for _ in range(3):
+        assert TokenChooser(params).choose(ids, scores.clone()) in (1, 2)  # the top logits

@@ -314,3 +314,34 @@ def test_render_prompt_ends_with_generation_prompt(chatml_tok, llama_tok):
     # a leading system message in the history works as the system argument does
     sys_msgs = [{"role": "system", "content": "Be kind."}] + msgs
     assert render_prompt(sys_msgs, chatml_tok) == render_prompt(msgs, chatml_tok, system="Be kind.")
+
+
+# ---------------------------------------------------------------------------------------
+# Reasoning: a think block before the reply
+# ---------------------------------------------------------------------------------------
+
+THINKING = with_messages(SMALL, [
+    {"role": "user", "content": "Weather?"},
+    {"role": "tool", "content": "sunny"},
+    {"role": "assistant", "content": "Sunny.", "reasoning": "The tool said sunny."},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": "Welcome."},
+])
+
+
+@pytest.mark.parametrize("template", BUILTIN)
+def test_reasoning_is_a_trained_think_block_before_the_reply(template, chatml_tok):
+    segs = render_segments(THINKING, template, chatml_tok)
+    block = "<think>\nThe tool said sunny.\n</think>\n\n"
+    lead = " " if template == "human_assistant" else ""
+    first = EXPECTED_TRAINABLE[template][0]
+    assert trainable(segs) == [lead + block + first[len(lead):],
+                               EXPECTED_TRAINABLE[template][1]]
+    assert text(segs) == EXPECTED_TEXT[template].replace(first, lead + block + first[len(lead):])
+    # Without reasoning the text is byte for byte what it was.
+    assert text(render_segments(SMALL, template, chatml_tok)) == EXPECTED_TEXT[template]
+
+
+def test_reasoning_through_the_tokenizer_template_matches_chatml(chatml_tok):
+    assert render_segments(THINKING, "tokenizer", chatml_tok) == render_segments(
+        THINKING, "chatml", chatml_tok)

@@ -337,3 +337,20 @@ def test_array_output_equals_the_row_output(template, tok_name, max_seq_len, tra
     assert sorted(r for _, r in dropped_at) == sorted(d["reason"] for d in dropped)
     assert not set(arrays.index) & {i for i, _ in dropped_at}
     assert len(arrays) + len(dropped_at) == len(records)
+
+
+def test_reasoning_is_labelled_with_the_reply_and_can_be_dropped(toks):
+    from ift.data.record import drop_reasoning
+
+    tok = toks["chatml"]
+    thinking = rec("t1", [("user", "2 + 2?"), ("assistant", "4.")])
+    thinking["messages"][1]["reasoning"] = "Two and two make four."
+    (row,), dropped = tokenize_records([thinking], tok, template="chatml", max_seq_len=4096)
+    assert dropped == []
+    assert labelled_spans(row, tok) == ["<think>\nTwo and two make four.\n</think>\n\n4.<|im_end|>"]
+    (plain,), _ = tokenize_records([drop_reasoning(thinking)], tok, template="chatml",
+                                   max_seq_len=4096)
+    assert labelled_spans(plain, tok) == ["4.<|im_end|>"]
+    (same,), _ = tokenize_records([rec("t1", [("user", "2 + 2?"), ("assistant", "4.")])], tok,
+                                  template="chatml", max_seq_len=4096)
+    assert same["input_ids"] == plain["input_ids"] and same["labels"] == plain["labels"]
