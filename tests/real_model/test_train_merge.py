@@ -81,6 +81,9 @@ def test_merged_real_weights_equal_base_plus_adapter(trained, smollm2, tmp_path)
                                     final).eval()
     with torch.no_grad():
         got, want = merged(ids).logits, ref(ids).logits
-    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    # Summation order differs over 30 layers (merged W + BA vs W x + B A x): logits of
+    # magnitude ~25 agree to about 1e-4.
+    assert torch.allclose(got, want, atol=1e-3, rtol=0), (got - want).abs().max()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert torch.equal(merged.generate(ids, max_new_tokens=16, do_sample=False),
                        ref.generate(ids, max_new_tokens=16, do_sample=False))
