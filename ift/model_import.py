@@ -249,6 +249,12 @@ def cached_import(name: str, dtype: str = "fp32", root: str | None = None) -> st
     return out
 
 
+def model_path(name_or_path: str) -> str:
+    """A short name's imported dir (from the cache, imported on first use); anything else
+    as given."""
+    return cached_import(name_or_path) if name_or_path in SHORT_NAMES else name_or_path
+
+
 def import_cmd(args) -> int:
     """`ift model import SOURCE --out DIR [--dtype bf16|fp32]`."""
     rec = import_model(args.source, args.out, dtype=args.dtype)
