@@ -216,6 +216,9 @@ def _samples(eval_dir: str) -> list[dict[str, Any]]:
 def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None,
         keep_serving: bool = False, address: str | None = None,
         tiny: bool = False) -> dict[str, Any]:
+    from ift.raycluster import quiet_logs
+
+    quiet_logs()
     workdir = os.path.abspath(workdir)
     if fresh and os.path.isdir(workdir):
         print(f"[quickstart] --fresh: removing {workdir}", flush=True)
