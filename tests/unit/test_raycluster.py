@@ -19,8 +19,8 @@ def test_quiet_logs_silences_only_the_listed_loggers_and_warnings(monkeypatch):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         raycluster.quiet_logs()
-        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
-        warnings.warn("something else", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
+        warnings.warn("something else", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["something else"]
 
 
