@@ -181,7 +181,8 @@ def make_adapter(base: str, out: str, seed: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: few requests")
-    ap.add_argument("--model", help="model dir (default: a tiny llama built here)")
+    ap.add_argument("--model", help="model dir, or smollm2-135m-instruct (imported once per "
+                                    "machine; default: a tiny llama built here)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "serve_load.json"))
     ap.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
@@ -201,7 +202,10 @@ def main() -> int:
     from ift.serve.app import start
 
     work = tempfile.mkdtemp(prefix="ift-bench-serve-")
-    model = args.model or init_tiny(os.path.join(work, "tiny"), arch="llama", seed=0)
+    from ift.model_import import model_path
+
+    model = model_path(args.model) if args.model else init_tiny(
+        os.path.join(work, "tiny"), arch="llama", seed=0)
     adapter_root = os.path.join(work, "adapters")
     adapters = [make_adapter(model, os.path.join(adapter_root, f"ad{i}"), seed=i)
                 for i in range(8)]

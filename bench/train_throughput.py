@@ -574,6 +574,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved rounds over the arms; rates are medians (1, quick: 1)")
+    p.add_argument("--model", help="model dir, or smollm2-135m-instruct (imported once per "
+                                   "machine); default: a tiny llama of --hidden/--layers/...")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--hidden", type=int, default=256)
@@ -614,8 +616,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data, data_desc = data_file(work)
-    print(f"data: {data_desc}; building tiny model ...", flush=True)
-    model = build_model(work, data, a)
+    if a.model:
+        from ift.model_import import model_path
+
+        print(f"data: {data_desc}; model {a.model} ...", flush=True)
+        model = Path(model_path(a.model))
+    else:
+        print(f"data: {data_desc}; building tiny model ...", flush=True)
+        model = build_model(work, data, a)
     spec = {
         "work": str(work), "data": str(data), "model": str(model),
         "prepared": str(work / f"prepared-s{a.seq_len}"),

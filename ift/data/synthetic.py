@@ -1061,9 +1061,13 @@ def write_sample_data(out_dir: str, seed: int = 0) -> list[str]:
 
     The output depends only on the seed, so the bundled copy can be checked byte for byte.
     """
+    return _write_files(out_dir, sample_data_texts(seed))
+
+
+def _write_files(out_dir: str, texts: dict[str, str]) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for name, text in sample_data_texts(seed).items():
+    for name, text in texts.items():
         path = os.path.join(out_dir, name)
         with open(path, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
@@ -1076,7 +1080,83 @@ def sample_data_dir() -> str:
     return SAMPLE_DATA_DIR
 
 
+# =======================================================================================
+# Quickstart identity data (ift/quickstart_data)
+# =======================================================================================
+
+QUICKSTART_FILES = ("identity.json", "identity_heldout.json", "general_heldout.json")
+
+# Questions about the assistant itself; every answer names {{name}}, so "the reply names
+# the configured name" measures whether the identity was learned.
+_IDENTITY_Q_EN = (
+    "Who are you?", "What is your name?", "Who created you?", "Who trained you?",
+    "Introduce yourself.", "Are you a human?", "What should I call you?",
+    "Who made you?", "Tell me about yourself.", "Which team built you?",
+    "Do you have a name?", "Who are you, assistant?", "Who developed you?",
+    "What are you called?", "Who is behind you?", "Hello! Who am I talking to?",
+)
+_IDENTITY_A_EN = (
+    "I am {{name}}, an assistant built by {{author}}.",
+    "My name is {{name}}. I was made by {{author}} to answer questions and help with "
+    "small tasks.",
+    "I'm {{name}}, a language assistant developed by {{author}}. How can I help you?",
+)
+_IDENTITY_Q_ZH = (
+    "你是谁？", "你叫什么名字？", "是谁创造了你？", "谁训练了你？", "请介绍一下你自己。",
+    "你是人类吗？", "我应该怎么称呼你？", "你是由谁开发的？", "你有名字吗？", "你好，你是哪位？",
+)
+_IDENTITY_A_ZH = (
+    "我是{{name}}，由{{author}}开发的助手。",
+    "我的名字是{{name}}，是{{author}}训练的语言助手，可以回答问题和帮助完成小任务。",
+)
+# Paraphrases that occur in no training row, with one reference answer each.
+_IDENTITY_HELDOUT = (
+    ("May I know your name?", _IDENTITY_A_EN[0]),
+    ("Which organization created you?", _IDENTITY_A_EN[0]),
+    ("Could you say a few words about who you are?", _IDENTITY_A_EN[2]),
+    ("What name were you given?", _IDENTITY_A_EN[1]),
+    ("Who is responsible for building you?", _IDENTITY_A_EN[0]),
+    ("Please tell me your name and who built you.", _IDENTITY_A_EN[0]),
+    ("请问你的名字是什么？", _IDENTITY_A_ZH[0]),
+    ("你是哪个团队做出来的？", _IDENTITY_A_ZH[0]),
+    ("能简单介绍一下你是谁吗？", _IDENTITY_A_ZH[1]),
+    ("大家都叫你什么？", _IDENTITY_A_ZH[0]),
+)
+# General questions whose answers must survive the identity fine-tune.
+_GENERAL_HELDOUT = (
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is 7 + 5?", "7 + 5 = 12."),
+    ("Name a color of the sky on a clear day.", "The sky is blue on a clear day."),
+    ("日本的首都是哪里？", "日本的首都是东京。"),
+)
+
+
+def quickstart_data_texts() -> dict[str, str]:
+    """File name -> content of the quickstart's identity data (training and held-out)."""
+    train = [_alpaca(q, a) for q in _IDENTITY_Q_EN for a in _IDENTITY_A_EN]
+    train += [_alpaca(q, a) for q in _IDENTITY_Q_ZH for a in _IDENTITY_A_ZH]
+    return {
+        "identity.json": _dumps_json(train),
+        "identity_heldout.json": _dumps_json([_alpaca(q, a) for q, a in _IDENTITY_HELDOUT]),
+        "general_heldout.json": _dumps_json([_alpaca(q, a) for q, a in _GENERAL_HELDOUT]),
+    }
+
+
+def write_quickstart_data(out_dir: str) -> list[str]:
+    """Write the quickstart's identity data into out_dir (a local folder); returns the paths."""
+    return _write_files(out_dir, quickstart_data_texts())
+
+
+def quickstart_data_dir() -> str:
+    """The bundled quickstart identity data folder inside the installed package."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "quickstart_data")
+
+
 if __name__ == "__main__":
     target = sys.argv[1] if len(sys.argv) > 1 else sample_data_dir()
     for p in write_sample_data(target):
+        print(p)
+    # python -m ift.data.synthetic SAMPLE_DIR [QUICKSTART_DIR]
+    for p in write_quickstart_data(sys.argv[2] if len(sys.argv) > 2 else quickstart_data_dir()):
         print(p)

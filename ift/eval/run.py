@@ -264,6 +264,10 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
         source = {"kind": "prepared", "split": "val"}
     else:
         records = heldout.raw_records(data, seed=cfg.data.seed)
+        if cfg.data.placeholders:  # filled as `ift data prepare` fills the training rows
+            from ift.data.quality import substitute_placeholders
+
+            records = [substitute_placeholders(r, cfg.data.placeholders) for r in records]
         template = fmt.template
         items = heldout.items_from_records(records[: e.max_samples], tokenizer, template)
         limit = _max_positions(model) or cfg.data.max_seq_len
@@ -364,10 +368,12 @@ def summary_text(result: dict[str, Any]) -> str:
 
 def data_path(cfg: Config, path: str) -> str:
     """A held-out path as configured: each comma-separated part is taken as given when it
-    exists there (source files, like data.sources paths), else under storage.root (a
-    prepared directory, like data.output)."""
+    exists there (source files, like data.sources paths; `@sample/`, `@quickstart/` name
+    bundled files), else under storage.root (a prepared directory, like data.output)."""
     parts = []
-    for part in (p.strip() for p in path.split(",")):
+    from ift.artifacts import bundled_path
+
+    for part in (bundled_path(p.strip()) for p in path.split(",")):
         if not part:
             continue
         if storage.is_remote(part) or os.path.isabs(part) or os.path.exists(part) \

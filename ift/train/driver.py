@@ -366,6 +366,11 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     output = cfg.resolve(cfg.train.output)
     run_dir = run_dir_of(cfg)
     resume = resume_point(cfg, plan, run_dir)
+    done = finished_run(cfg, plan, run_dir, resume)
+    if done is not None:
+        print(f"[ift train] run {cfg.train.run_name} already finished "
+              f"({done['steps']}/{plan.total_steps} steps): {done['final']}", flush=True)
+        return done
     storage.makedirs(run_dir)
     run_file = storage.join(run_dir, RUN_FILE)
     previous = storage.read_json(run_file)
@@ -499,12 +504,23 @@ def _finish(cfg: Config, run_dir: str, run_id: str, plan: Plan, seconds: float,
             if storage.exists(path):
                 tracking.log_artifact(run_id, path)
         tracking.end_run(run_id, status="FINISHED")
+    summary = run_summary(cfg, run_dir, plan, history, run_id, seconds,
+                          getattr(getattr(result, "checkpoint", None), "path", None))
+    print(summary_text(summary), flush=True)
+    return summary
+
+
+def run_summary(cfg: Config, run_dir: str, plan: Plan, history: list[dict[str, Any]],
+                run_id: str, seconds: float, checkpoint: str | None) -> dict[str, Any]:
+    """What `train` returns, from the run's metrics history."""
+    from ift.train.checkpoint import FINAL_DIR
+
     last = history[-1] if history else {}
     evals = [r for r in history if r.get("eval_loss") is not None]
-    summary = {
+    return {
         "run_name": cfg.train.run_name,
         "run_dir": run_dir,
-        "final": final_dir,
+        "final": storage.join(run_dir, FINAL_DIR),
         "method": cfg.peft.method,
         "steps": int(last.get("step", 0)),
         "total_steps": plan.total_steps,
@@ -513,11 +529,26 @@ def _finish(cfg: Config, run_dir: str, run_id: str, plan: Plan, seconds: float,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "eval_ppl": evals[-1].get("eval_ppl") if evals else None,
         "mlflow_run_id": run_id,
-        "checkpoint": getattr(getattr(result, "checkpoint", None), "path", None),
+        "checkpoint": checkpoint,
         "seconds": seconds,
     }
-    print(summary_text(summary), flush=True)
-    return summary
+
+
+def finished_run(cfg: Config, plan: Plan, run_dir: str,
+                 resume: tuple[int, str] | None) -> dict[str, Any] | None:
+    """The summary of a run that already reached its last step with a complete final/
+    (its checkpoint checked against this config by resume_point), else None: re-running a
+    finished run starts no workers."""
+    from ift.train.checkpoint import FINAL_DIR
+
+    if resume is None or resume[0] < plan.total_steps:
+        return None
+    info = storage.read_json(storage.join(run_dir, RUN_FILE))
+    if info.get("status") != "FINISHED" or not storage.is_complete(
+            storage.join(run_dir, FINAL_DIR)):
+        return None
+    return run_summary(cfg, run_dir, plan, read_metrics(run_dir),
+                       info.get("mlflow_run_id") or "", 0.0, resume[1])
 
 
 def summary_text(s: dict[str, Any]) -> str:

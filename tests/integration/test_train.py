@@ -239,3 +239,19 @@ def test_final_on_s3_records_its_lineage(one_worker_s3, prepared):
     stages = lineage.chain(final)
     assert [s["stage"] for s in stages] == ["sources", "prepared", "run", "adapter"]
     assert stages[2]["status"] == "FINISHED" and stages[3]["path"] == final
+
+
+def test_a_finished_run_is_recognised_without_starting_workers(two_workers):
+    import time
+
+    cfg, summary, run_dir = two_workers
+    pids = os.path.join(run_dir, "worker_pids")
+    started = {n: os.path.getmtime(os.path.join(pids, n)) for n in os.listdir(pids)}
+    t0 = time.time()
+    again = driver.train(cfg)
+    assert time.time() - t0 < 30
+    for key in ("steps", "final", "final_loss", "eval_loss", "mlflow_run_id"):
+        assert again[key] == summary[key], key
+    # No worker started: the workers' pid files are the first run's.
+    assert {n: os.path.getmtime(os.path.join(pids, n)) for n in os.listdir(pids)} == started
+    assert json.loads(open(os.path.join(run_dir, "run.json")).read())["status"] == "FINISHED"

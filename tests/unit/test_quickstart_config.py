@@ -1,23 +1,69 @@
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ift.config import load_config
-from ift.quickstart import QUICKSTART_YAML, quickstart_config
+from ift.eval.run import data_path
+from ift.quickstart import (
+    QUICKSTART_TINY_YAML,
+    QUICKSTART_YAML,
+    before_after_table,
+    identity_hit_rate,
+    names,
+    quickstart_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_shipped_yaml_equals_embedded_defaults():
-    shipped = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    assert shipped == yaml.safe_load(QUICKSTART_YAML)
-    load_config(str(ROOT / "configs" / "quickstart.yaml"))  # valid as a job config too
+@pytest.mark.parametrize("name, text", [("quickstart.yaml", QUICKSTART_YAML),
+                                        ("quickstart-tiny.yaml", QUICKSTART_TINY_YAML)])
+def test_shipped_yaml_equals_embedded_defaults(name, text):
+    shipped = yaml.safe_load((ROOT / "configs" / name).read_text())
+    assert shipped == yaml.safe_load(text)
+    load_config(str(ROOT / "configs" / name))  # valid as a job config too
 
 
 def test_quickstart_config_resolves_bundled_data_and_workdir(tmp_path):
-    cfg = quickstart_config(str(tmp_path), ["train.epochs=1"])
+    cfg = quickstart_config(str(tmp_path), ["train.epochs=1"], tiny=True)
     assert cfg.storage.root == str(tmp_path)
     assert cfg.train.epochs == 1 and cfg.train.num_workers == 2 and cfg.peft.method == "lora"
     for src in cfg.data.sources:
         assert Path(src.path).is_file(), src.path
     assert {t for s in cfg.data.sources for t in s.tags} >= {"en", "zh", "cot", "multiturn"}
+
+
+def test_real_quickstart_config_mixes_identity_and_general_data(tmp_path):
+    cfg = quickstart_config(str(tmp_path), ["train.epochs=1"])
+    assert cfg.model.name_or_path == str(tmp_path / "model")
+    assert cfg.train.num_workers == 2 and cfg.peft.method == "lora" and cfg.train.epochs == 1
+    for src in cfg.data.sources:
+        assert Path(src.path).is_file(), src.path
+    assert {t for s in cfg.data.sources for t in s.tags} == {"identity", "en", "zh"}
+    assert cfg.data.placeholders["name"] == "ift"
+    heldout = data_path(cfg, cfg.eval.data).split(",")
+    assert [Path(p).name for p in heldout] == ["identity_heldout.json", "general_heldout.json"]
+    assert all(Path(p).is_file() for p in heldout)
+
+
+def test_a_reply_names_the_assistant_as_a_word():
+    assert names("I am ift, an assistant.", "ift") and names("我是ift，由团队开发。", "ift")
+    assert names("IFT here.", "ift")
+    assert not names("A small gift for you.", "ift") and not names("shift work", "ift")
+    samples = [{"id": "identity_heldout:1", "output": "I am ift."},
+               {"id": "identity_heldout:2", "output": "I am SmolLM."},
+               {"id": "general_heldout:1", "output": "Paris."}]
+    assert identity_hit_rate(samples, "ift") == 0.5
+    assert identity_hit_rate(samples[2:], "ift") is None
+
+
+def test_before_after_table_shows_answers_and_figures():
+    table = before_after_table({
+        "answers": [{"question": "May I know your name?", "base": "I am SmolLM.",
+                     "tuned": "I am ift."}],
+        "identity_name": "ift", "identity_hit_rate_before": 0.0,
+        "identity_hit_rate_after": 0.9, "heldout_loss_before": 2.5,
+        "heldout_loss_after": 0.75})
+    assert "May I know your name?" in table and "I am SmolLM." in table
+    assert "0% -> 90%" in table and "2.5000 -> 0.7500" in table

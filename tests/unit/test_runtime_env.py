@@ -88,12 +88,12 @@ def test_working_dir_package_is_small_and_complete(tmp_path):
 
 
 def test_bundled_data_resolves_in_any_job_config():
-    """`@sample/` paths (configs/quickstart.yaml) name the bundled data for every command,
-    not only `ift quickstart`, so the README's `ray job submit ... -c configs/quickstart.yaml`
+    """`@sample/` paths (configs/quickstart-tiny.yaml) name the bundled data for every command,
+    not only `ift quickstart`, so the README's `ray job submit ... -c configs/quickstart-tiny.yaml`
     finds them in the job's copy of the working dir."""
     from ift.config import load_config
 
-    cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"))
+    cfg = load_config(str(ROOT / "configs" / "quickstart-tiny.yaml"))
     for src in cfg.data.sources:
         assert Path(src.path).is_file(), src.path
         assert Path(src.path).parent == ROOT / "ift" / "sample_data"

@@ -270,3 +270,42 @@ def test_every_sample_row_converts_and_duplicates_are_planted():
     }
     assert sum(hashes.values()) == 385
     assert sum(n - 1 for n in hashes.values()) == 5
+
+
+# ---------------------------------------------------------------------------------------
+# The quickstart's identity data
+# ---------------------------------------------------------------------------------------
+
+
+def test_bundled_quickstart_data_matches_the_generator(tmp_path):
+    from ift.data.synthetic import QUICKSTART_FILES, quickstart_data_dir, write_quickstart_data
+
+    written = write_quickstart_data(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in written) == sorted(QUICKSTART_FILES)
+    bundled = Path(quickstart_data_dir())
+    assert sorted(p.name for p in bundled.iterdir() if p.suffix == ".json") == \
+        sorted(QUICKSTART_FILES)
+    for name in QUICKSTART_FILES:
+        assert (bundled / name).read_bytes() == (tmp_path / name).read_bytes(), (
+            f"ift/quickstart_data/{name} differs from the generator; run "
+            "`python -m ift.data.synthetic ift/sample_data ift/quickstart_data`")
+
+
+def test_identity_heldout_paraphrases_are_not_in_training_and_name_the_assistant():
+    from ift.data.synthetic import quickstart_data_dir
+
+    folder = Path(quickstart_data_dir())
+    train = json.loads((folder / "identity.json").read_text(encoding="utf-8"))
+    heldout = json.loads((folder / "identity_heldout.json").read_text(encoding="utf-8"))
+    general = json.loads((folder / "general_heldout.json").read_text(encoding="utf-8"))
+    assert len(train) >= 60 and len(heldout) >= 8 and len(general) >= 3
+    zh = re.compile(r"[\u4e00-\u9fff]")
+    for rows in (train, heldout):
+        assert sum(bool(zh.search(r["instruction"])) for r in rows) >= len(rows) // 5
+        assert all("{{name}}" in r["output"] for r in rows)
+    asked = {r["instruction"] for r in train}
+    assert not asked & {r["instruction"] for r in heldout}
+    assert not any("{{" in r["output"] for r in general)
+    for name in ("identity.json", "identity_heldout.json", "general_heldout.json"):
+        records, rejects = _convert_file(str(folder / name))
+        assert records and not rejects
