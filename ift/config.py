@@ -252,7 +252,8 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     """GPUs per worker when use_gpu."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """Data parallelism: ddp (replicated model) or fsdp (sharded; GPU only)."""
+    """Data parallelism: ddp (replicated model) or fsdp (sharded; on CPU it runs with gloo,
+    a correctness path, not a fast one)."""
     micro_batch_size: int = 4
     """Sequences per worker per forward pass."""
     grad_accum: int = 1
@@ -317,8 +318,6 @@ class TrainConfig:
             raise ConfigError("train.epochs or train.max_steps must be > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
-        if self.strategy == "fsdp" and not self.use_gpu:
-            raise ConfigError("train.strategy=fsdp needs train.use_gpu=true")
         if self.optimizer == "adamw_8bit" and not self.use_gpu:
             raise ConfigError("train.optimizer=adamw_8bit needs train.use_gpu=true")
 
@@ -695,6 +694,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:
+            value = _yaml_bool_word(value, args)
         if value not in args:
             raise ConfigError(_bad_choice(key, value, args))
         return value
@@ -733,6 +734,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r}: expected a string")
         return str(value)
     return value
+
+
+def _yaml_bool_word(value: bool, allowed: tuple) -> Any:
+    """YAML 1.1 reads no/off/yes/on as booleans; give a choice its word back."""
+    words = ("no", "off", "false") if not value else ("yes", "on", "true")
+    return next((w for w in words if w in allowed), value)
 
 
 def _type_name(tp: Any) -> str:

@@ -30,7 +30,7 @@ import yaml
 
 from ift import storage
 from ift.config import Config, ConfigError, load_config
-from ift.train import methods
+from ift.train import fsdp, methods
 from ift.train.loop import Plan, make_plan, read_metrics, train_loop_per_worker
 
 RUN_FILE = "run.json"
@@ -162,6 +162,7 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
     if method == "adalora":
         methods.check_adalora_schedule(cfg, plan.total_steps)
     methods.check_quantizable(model_config, cfg, cfg.train.use_gpu)
+    fsdp.check(cfg)
     if cfg.train.eval_every and not plan.num_val_rows:
         print(f"[ift train] note: {prepared} has no val rows; evaluation is skipped", flush=True)
     return plan

@@ -53,8 +53,19 @@ def test_bad_values_name_key_value_and_allowed():
     with pytest.raises(ConfigError, match="weight or count, not both"):
         load_config(None, ["data.sources.0.path=x", "data.sources.0.weight=1",
                            "data.sources.0.count=3"])
-    with pytest.raises(ConfigError, match="fsdp needs train.use_gpu"):
-        load_config(None, ["train.strategy=fsdp"])
+    # FSDP runs on CPU with gloo (a correctness path), so it is no longer refused there.
+    assert load_config(None, ["train.strategy=fsdp"]).train.strategy == "fsdp"
+
+
+def test_mixed_precision_no_is_a_word_not_false(tmp_path):
+    """YAML 1.1 reads `no` as false; the choice gets its word back, on the command line
+    and in a file."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    p = tmp_path / "mp.yaml"
+    p.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(str(p)).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision=True is not allowed"):
+        load_config(None, ["train.mixed_precision=yes"])
 
 
 def test_invalid_yaml_names_file(tmp_path):
