@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -298,6 +299,8 @@ class TrainConfig:
     the last step (metrics.jsonl and MLflow get every step). Each report waits until Ray's
     controller has collected the previous one, which it polls for every 2 s, so reporting
     every step would hold training to one step per poll."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on nodes (STRICT_SPREAD: one worker per node)."""
     seed: int = 42
     """Seed for init, dropout and data order. Each epoch visits the train rows in a full
     permutation drawn from (seed, epoch), which is what lets a resumed run find its data
@@ -518,6 +521,9 @@ class StorageConfig:
 
     root: str = "./ift-work"
     """Working directory for relative outputs (local path or s3://bucket/prefix)."""
+    shared_paths: list[str] = field(default_factory=list)
+    """Local path prefixes mounted at the same place on every node (NFS and the like): a
+    run on several nodes accepts data, outputs and models under them as well as s3://."""
 
 
 @dataclass
@@ -574,9 +580,32 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = expand_env(raw, path)
     for item in overrides or []:
         apply_override(raw, item)
     return build_config(raw)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
+
+
+def expand_env(node: Any, path: str, key: str = "") -> Any:
+    """A YAML tree with `${NAME}` in string values replaced by environment variables (so
+    one file names a bucket per deployment); an unset variable is an error naming it."""
+    if isinstance(node, dict):
+        return {k: expand_env(v, path, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_env(v, path, f"{key}.{i}") for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{path}: {key}={node!r} uses ${{{name}}}, which is not set")
+        return os.environ[name]
+
+    return _ENV_REF.sub(sub, node)
 
 
 # Keys earlier versions wrote into run dirs' config.yaml that no longer mean anything; they

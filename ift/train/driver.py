@@ -30,7 +30,7 @@ import yaml
 
 from ift import storage
 from ift.config import Config, ConfigError, load_config
-from ift.train import fsdp, methods
+from ift.train import fsdp, methods, multinode
 from ift.train.loop import Plan, make_plan, read_metrics, train_loop_per_worker
 
 RUN_FILE = "run.json"
@@ -355,6 +355,10 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     output = cfg.resolve(cfg.train.output)
     run_dir = run_dir_of(cfg)
     resume = resume_point(cfg, plan, run_dir)
+    init_ray(address)
+    multinode.check_shared_storage(
+        cfg, multinode.alive_nodes(), prepared=prepared, output=output,
+        tracking_uri=tracking.resolve_uri(cfg) if cfg.tracking.enabled else "")
     storage.makedirs(run_dir)
     run_file = storage.join(run_dir, RUN_FILE)
     previous = storage.read_json(run_file)
@@ -417,7 +421,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
                            "run_id": run_id, "tracking_uri": tracking_uri,
                            "lineage": record},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=t.placement_strategy),
         run_config=RunConfig(
             name=t.run_name,
             storage_path=storage_path,
