@@ -1,8 +1,9 @@
 """`ift train` with train.strategy=fsdp on CPU: 2 Ray Train workers joined by gloo run the
 FSDP wrap, optimizer, step, checkpoint and resume code a GPU cluster runs.
 
-- LoRA on 2 FSDP workers × accumulation 2 equals 1 DDP worker × accumulation 4 (same
-  rows per step, token-weighted loss): losses per step and the final adapter;
+- LoRA on 2 FSDP workers × accumulation 2, and on 2 DDP workers × accumulation 2, equals
+  1 DDP worker × accumulation 4 (same rows per step, token-weighted loss): losses per
+  step, eval loss and the final adapter;
 - the final adapter is non-empty and loads with plain peft;
 - a run resumed from its step-3 checkpoint on 2 workers, and on 1 worker, reproduces the
   uninterrupted run;
@@ -80,8 +81,23 @@ def fsdp2(ray_cluster, model_dir, prepared, tmp_path_factory):
     return summary, str(root / "runs" / "fsdp2")
 
 
-def test_fsdp_lora_equals_ddp_on_one_worker(ray_cluster, fsdp2, model_dir, prepared,
-                                            tmp_path):
+@pytest.fixture(scope="module")
+def ddp1(ray_cluster, model_dir, prepared, tmp_path_factory):
+    """The reference: 1 DDP worker × accumulation 4 (the same rows per step)."""
+    root = tmp_path_factory.mktemp("ddp1")
+    driver.train(_cfg(model_dir, prepared, root, "ddp1", "train.num_workers=1",
+                      "train.grad_accum=4"))
+    return str(root / "runs" / "ddp1")
+
+
+def _equal_runs(run_dir, ref_dir):
+    _same_losses(read_metrics(run_dir), read_metrics(ref_dir), range(1, STEPS + 1))
+    assert read_metrics(run_dir)[-1]["eval_loss"] == pytest.approx(
+        read_metrics(ref_dir)[-1]["eval_loss"], abs=LOSS_TOL)
+    _same_adapter(_adapter(run_dir), _adapter(ref_dir))
+
+
+def test_fsdp_lora_equals_ddp_on_one_worker(ray_cluster, fsdp2, ddp1, model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -93,15 +109,16 @@ def test_fsdp_lora_equals_ddp_on_one_worker(ray_cluster, fsdp2, model_dir, prepa
     assert len(adapter) > 0 and not any("_fsdp" in k for k in adapter)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
                               os.path.join(run_dir, "final"))
+    _equal_runs(run_dir, ddp1)
 
-    ref = _cfg(model_dir, prepared, tmp_path, "ddp1", "train.num_workers=1",
-               "train.grad_accum=4")
-    driver.train(ref)
-    ref_dir = str(tmp_path / "runs" / "ddp1")
-    _same_losses(read_metrics(run_dir), read_metrics(ref_dir), range(1, STEPS + 1))
-    assert read_metrics(run_dir)[-1]["eval_loss"] == pytest.approx(
-        read_metrics(ref_dir)[-1]["eval_loss"], abs=LOSS_TOL)
-    _same_adapter(adapter, _adapter(ref_dir))
+
+def test_ddp_two_workers_accum_2_equals_one_worker_accum_4(ray_cluster, ddp1, model_dir,
+                                                           prepared, tmp_path):
+    """Token-weighted loss: the step's mean over every trainable token, however the
+    tokens are spread over workers and micro-batches."""
+    driver.train(_cfg(model_dir, prepared, tmp_path, "ddp2", "train.num_workers=2",
+                      "train.grad_accum=2"))
+    _equal_runs(str(tmp_path / "runs" / "ddp2"), ddp1)
 
 
 @pytest.mark.parametrize("workers,accum", [(2, 2), (1, 4)], ids=["2to2", "2to1"])
