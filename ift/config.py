@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -267,7 +268,8 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     """GPUs per worker when use_gpu."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """Data parallelism: ddp (replicated model) or fsdp (sharded; GPU only)."""
+    """Data parallelism: ddp (replicated model) or fsdp (sharded; on CPU it runs with gloo,
+    a correctness path, not a fast one)."""
     micro_batch_size: int = 4
     """Sequences per worker per forward pass."""
     grad_accum: int = 1
@@ -312,6 +314,8 @@ class TrainConfig:
     the last step (metrics.jsonl and MLflow get every step). Each report waits until Ray's
     controller has collected the previous one, which it polls for every 2 s, so reporting
     every step would hold training to one step per poll."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on nodes (STRICT_SPREAD: one worker per node)."""
     seed: int = 42
     """Seed for init, dropout and data order. Each epoch visits the train rows in a full
     permutation drawn from (seed, epoch), which is what lets a resumed run find its data
@@ -332,8 +336,6 @@ class TrainConfig:
             raise ConfigError("train.epochs or train.max_steps must be > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
-        if self.strategy == "fsdp" and not self.use_gpu:
-            raise ConfigError("train.strategy=fsdp needs train.use_gpu=true")
         if self.optimizer == "adamw_8bit" and not self.use_gpu:
             raise ConfigError("train.optimizer=adamw_8bit needs train.use_gpu=true")
 
@@ -538,6 +540,9 @@ class StorageConfig:
 
     root: str = "./ift-work"
     """Working directory for relative outputs (local path or s3://bucket/prefix)."""
+    shared_paths: list[str] = field(default_factory=list)
+    """Local path prefixes mounted at the same place on every node (NFS and the like): a
+    run on several nodes accepts data, outputs and models under them as well as s3://."""
 
 
 @dataclass
@@ -594,9 +599,32 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = expand_env(raw, path)
     for item in overrides or []:
         apply_override(raw, item)
     return build_config(raw)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
+
+
+def expand_env(node: Any, path: str, key: str = "") -> Any:
+    """A YAML tree with `${NAME}` in string values replaced by environment variables (so
+    one file names a bucket per deployment); an unset variable is an error naming it."""
+    if isinstance(node, dict):
+        return {k: expand_env(v, path, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_env(v, path, f"{key}.{i}") for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{path}: {key}={node!r} uses ${{{name}}}, which is not set")
+        return os.environ[name]
+
+    return _ENV_REF.sub(sub, node)
 
 
 # Keys earlier versions wrote into run dirs' config.yaml that no longer mean anything; they
@@ -714,6 +742,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:
+            value = _yaml_bool_word(value, args)
         if value not in args:
             raise ConfigError(_bad_choice(key, value, args))
         return value
@@ -752,6 +782,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r}: expected a string")
         return str(value)
     return value
+
+
+def _yaml_bool_word(value: bool, allowed: tuple) -> Any:
+    """YAML 1.1 reads no/off/yes/on as booleans; give a choice its word back."""
+    words = ("no", "off", "false") if not value else ("yes", "on", "true")
+    return next((w for w in words if w in allowed), value)
 
 
 def _type_name(tp: Any) -> str:

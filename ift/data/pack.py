@@ -3,9 +3,9 @@
 Padding every sample to max_seq_len wastes most of a batch on short instruction data.
 Packing concatenates samples into bins of at most max_seq_len tokens (first-fit
 decreasing). Each bin carries position ids that restart at 0 for every sample and
-sequence ids (0, 1, 2, ... per sample) so that attention can be kept inside a sample:
-`attention_mask_from_seq_ids` builds that mask, and kernels that read packed position ids
-(flash-attention varlen) find the boundaries from the restarts.
+sequence ids (0, 1, 2, ... per sample) so that attention can be kept inside a sample;
+ift.train.collate turns them into what each attention kernel needs (a block mask, or one
+flattened row whose position ids restart, for flash attention).
 """
 
 from __future__ import annotations
@@ -145,20 +145,3 @@ def padding_waste(lengths: Sequence[int], max_seq_len: int,
     if total == 0:
         return 0.0
     return (total - sum(lengths)) / total
-
-
-def attention_mask_from_seq_ids(seq_ids):
-    """[B, T] sequence ids (pads = -1) -> [B, 1, T, T] boolean mask, True = may attend.
-
-    Block-diagonal and causal: a token attends to earlier tokens of its own sample only.
-    Pads attend to earlier pads (never to a sample, and no sample attends to them), so no
-    row of the mask is empty and softmax stays finite.
-    """
-    import torch
-
-    if seq_ids.dim() != 2:
-        raise ValueError(f"seq_ids must be [batch, seq_len], got shape {tuple(seq_ids.shape)}")
-    t = seq_ids.shape[1]
-    same = seq_ids[:, :, None] == seq_ids[:, None, :]
-    causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()
-    return (same & causal)[:, None, :, :]

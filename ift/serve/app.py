@@ -614,49 +614,44 @@ def build_app(cfg: Config):
         cat["base_path"], eng, cat, limits, merged, settings)
 
 
-def vllm_llm_configs(cfg: Config) -> list[dict[str, Any]]:
-    """The `ray.serve.llm` LLMConfig fields for a config, as plain dicts (see build_vllm_app)."""
+def vllm_llm_configs(cfg: Config, adapters: dict[str, dict[str, Any]] | None = None
+                     ) -> list[dict[str, Any]]:
+    """The `ray.serve.llm` LLMConfig fields for a config, as plain dicts (ift.serve.vllm);
+    `adapters` maps each adapter served to its adapter_config.json contents."""
+    from ift.serve import vllm
+
     s = cfg.serve
-    deployment: dict[str, Any] = {"max_ongoing_requests": s.max_ongoing_requests}
-    if s.autoscaling:
-        deployment["autoscaling_config"] = dict(s.autoscaling)
-    else:
-        deployment["num_replicas"] = s.num_replicas
-
-    def one(model_id: str, source: str, lora: bool) -> dict[str, Any]:
-        conf: dict[str, Any] = {
-            "model_loading_config": {"model_id": model_id, "model_source": source},
-            "deployment_config": dict(deployment),
-            "engine_kwargs": {"max_num_seqs": s.max_batch_size, **s.engine_kwargs},
-        }
-        if s.accelerator_type:
-            conf["accelerator_type"] = s.accelerator_type
-        if lora and s.adapter_root:
-            conf["lora_config"] = {"dynamic_lora_loading_path": _path(cfg, s.adapter_root),
-                                   "max_num_adapters_per_replica": s.max_adapters_per_replica}
-            conf["engine_kwargs"].setdefault("enable_lora", True)
-        return conf
-
-    configs = [one(s.base_model_id, base_model_path(cfg), True)]
-    configs += [one(mid, _path(cfg, p), False) for mid, p in s.merged_models.items()]
-    return configs
+    return vllm.llm_configs(cfg, base_model_path(cfg),
+                            {mid: _path(cfg, p) for mid, p in s.merged_models.items()},
+                            _path(cfg, s.adapter_root) if s.adapter_root else "",
+                            adapters or {})
 
 
 def build_vllm_app(cfg: Config):
     """The same OpenAI routes served by vLLM through `ray.serve.llm` (GPU clusters).
 
-    The base model and each merged model become an `LLMConfig`; adapters are loaded
-    dynamically from `serve.adapter_root` (s3:// or gs://, as vLLM's loader requires) and
-    are addressed as `<base_model_id>:<adapter name>`. Replica counts, autoscaling,
+    The base model and each merged model become an `LLMConfig`; adapters (serve.adapters
+    and those under serve.adapter_root, see ift.serve.vllm) are loaded dynamically from
+    `serve.adapter_root` (s3:// or gs://, as vLLM's loader requires) and are addressed as
+    `<base_model_id>:<adapter name>`. Replica counts, autoscaling,
     accelerator type and engine arguments come from the serve section. Needs `pip install
     "ray[llm]"` (which brings vLLM) on GPU nodes; the chat page, auth and the adapter
     catalog of the transformers backend are not part of this app.
     """
+    from ift.serve import vllm
+
     try:
         from ray.serve.llm import LLMConfig, build_openai_app
     except ImportError as e:
-        raise ConfigError(f"serve.backend=vllm needs ray[llm] (vLLM) installed: {e}") from e
-    configs = [LLMConfig(**c) for c in vllm_llm_configs(cfg)]
+        raise ConfigError(f"serve.backend=vllm needs ray[llm] (vLLM) installed (pip install "
+                          f"'ift[vllm]' on GPU nodes): {e}") from e
+    root = _path(cfg, cfg.serve.adapter_root) if cfg.serve.adapter_root else ""
+    paths = vllm.collect_adapters({k: _path(cfg, v) for k, v in cfg.serve.adapters.items()},
+                                  root)
+    adapters = vllm.read_adapter_configs(paths)
+    configs = [LLMConfig(**c) for c in vllm_llm_configs(cfg, adapters)]  # checks first
+    if root:
+        vllm.stage_adapters(paths, root)
     return build_openai_app({"llm_configs": configs})
 
 

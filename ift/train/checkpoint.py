@@ -90,23 +90,43 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def full_state_dict(model: nn.Module, strategy: str) -> dict[str, torch.Tensor] | None:
-    """FSDP: gather the full (unsharded) state dict onto CPU. A collective: every rank calls
-    it; the result is for rank 0 to save. DDP/single: None (each rank holds it whole)."""
+def full_state_dict(model: nn.Module, strategy: str, method: str = "full"
+                    ) -> dict[str, torch.Tensor] | None:
+    """FSDP: gather the full (unsharded) state dict, keys without wrapper prefixes; adapter
+    methods gather only the trainable tensors (ift.train.fsdp). A collective: every rank
+    calls it; the result is for rank 0 to save. DDP/single: None (each rank holds it whole)."""
     if strategy != "fsdp":
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from ift.train import fsdp
 
-    return get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    return fsdp.model_state_dict(model, adapter=is_adapter(method))
 
 
 def save_model(model: nn.Module, out_dir: str, method: str,
                state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Adapters in PEFT format, full/freeze as an HF safetensors model."""
+    """Adapters in PEFT format, full/freeze as an HF safetensors model. An adapter file
+    without tensors is an error (a state dict whose keys PEFT did not recognise)."""
     # PeftModel.save_pretrained writes only the adapter; a plain HF model writes itself.
-    unwrap(model).save_pretrained(out_dir, state_dict=state_dict)
+    from ift.train.fsdp import clean_module_names
+
+    with clean_module_names(unwrap(model)) as inner:
+        inner.save_pretrained(out_dir, state_dict=state_dict)
+    if is_adapter(method) and method != "adalora":
+        _check_adapter_file(out_dir)
+
+
+def _check_adapter_file(out_dir: str) -> None:
+    from safetensors import safe_open
+
+    path = os.path.join(out_dir, ADAPTER_WEIGHTS)
+    if not os.path.exists(path):
+        return  # PEFT wrote another format (e.g. .bin); nothing to count here
+    with safe_open(path, framework="pt") as f:
+        if not list(f.keys()):
+            raise CheckpointError(
+                f"{path}: the adapter was saved with 0 tensors; the state dict given to "
+                "save_pretrained had no adapter keys PEFT recognises"
+            )
 
 
 def load_model_weights(ckpt_dir: str, model: nn.Module, method: str,
@@ -132,7 +152,8 @@ def load_model_weights(ckpt_dir: str, model: nn.Module, method: str,
         path = os.path.join(ckpt_dir, ADAPTER_WEIGHTS)
         if not os.path.exists(path):
             raise CheckpointError(f"{ckpt_dir}: no {ADAPTER_WEIGHTS} (not an adapter checkpoint)")
-        result = set_peft_model_state_dict(model, load_file(path))
+        tensors = load_file(path)
+        result = set_peft_model_state_dict(model, tensors)
         # Prompt-learning adapters store their table as "prompt_embeddings", which PEFT
         # loads separately and still lists as unexpected.
         unexpected = [k for k in getattr(result, "unexpected_keys", []) or []
@@ -141,6 +162,12 @@ def load_model_weights(ckpt_dir: str, model: nn.Module, method: str,
             raise CheckpointError(
                 f"{path}: tensors that the model does not have: {unexpected[:5]} "
                 f"(was the checkpoint made with another peft config?)"
+            )
+        missing = _missing_adapter_keys(model, result, "prompt_embeddings" in tensors)
+        if missing:
+            raise CheckpointError(
+                f"{path}: lacks adapter tensors the model has: {missing[:5]} "
+                f"({len(missing)} in all); resuming would restart them from init"
             )
         return
     weights = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".safetensors"))
@@ -157,6 +184,15 @@ def load_model_weights(ckpt_dir: str, model: nn.Module, method: str,
     missing = [k for k in result.missing_keys if k not in tied]
     if missing:
         raise CheckpointError(f"{ckpt_dir}: missing tensors {missing[:5]}")
+
+
+def _missing_adapter_keys(model: nn.Module, result: Any, had_prompt_table: bool) -> list[str]:
+    """Trainable tensors of a PEFT model that loading left at their init values (PEFT
+    loads a prompt table apart and still lists its encoder as missing)."""
+    missing = set(getattr(result, "missing_keys", []) or [])
+    return [name for name, p in unwrap(model).named_parameters()
+            if p.requires_grad and name in missing
+            and not (had_prompt_table and name.startswith("prompt_encoder."))]
 
 
 def _tied_names(model: nn.Module) -> list[tuple[str, str]]:
@@ -313,14 +349,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     """The optimizer state to save. FSDP gathers a full one (a collective: all ranks call)."""
     if strategy != "fsdp":
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-    )
+    from ift.train import fsdp
 
-    return get_optimizer_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    return fsdp.optimizer_state_dict(model, optimizer)
 
 
 def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -328,14 +359,9 @@ def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
     if strategy != "fsdp":
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_optimizer_state_dict,
-    )
+    from ift.train import fsdp
 
-    set_optimizer_state_dict(
-        model, optimizer, state, options=StateDictOptions(full_state_dict=True)
-    )
+    fsdp.load_optimizer_state_dict(model, optimizer, state)
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,11 +6,15 @@ padding mask. Packed rows (several samples per row, `position_ids` restarting at
 `seq_ids` numbering the samples) get per-sample position ids and a 4D block-diagonal
 causal mask [B, 1, T, T], so no token attends across a sample boundary.
 
-Transformers passes a 4D mask to the attention kernel as-is, and kernels read it
-differently: SDPA takes a boolean mask (True = attend), eager attention adds the mask to
-the scores (0 = attend, a large negative number = blocked), and flash-attention kernels
-take no mask at all but split packed samples by where position_ids restart.
-`model_inputs` turns a collated batch into what the model's kernel needs.
+This module is the one place that decides how packed samples are kept apart. Transformers
+passes a 4D mask to the attention kernel as-is, and kernels read it differently: SDPA
+takes a boolean mask (True = attend), eager attention adds the mask to the scores (0 =
+attend, a large negative number = blocked). Flash-attention kernels take no mask: they
+get the whole micro-batch flattened into one row of real tokens (`flatten_packed`), whose
+position_ids restart at every sample; transformers derives the varlen boundaries from
+those restarts, which it does only for a batch of one row (with several rows it would
+attend across the samples of a row). `model_inputs` turns a collated batch into what the
+model's kernel needs.
 """
 
 from __future__ import annotations
@@ -92,8 +96,6 @@ def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
     attends only to itself, so no row of the mask is empty (an empty row gives NaN in
     some kernels).
     """
-    from ift.data.pack import attention_mask_from_seq_ids
-
     mask = attention_mask_from_seq_ids(seq_ids).to(torch.bool)
     width = seq_ids.shape[-1]
     eye = torch.eye(width, dtype=torch.bool, device=mask.device)
@@ -114,8 +116,8 @@ def model_inputs(
     if mask is not None and mask.dim() == 4:
         impl = attn_implementation or "sdpa"
         if impl.startswith("flash") or impl.startswith("paged"):
-            # Flash kernels split packed samples by position_ids restarts.
-            del out["attention_mask"]
+            # Flash kernels split packed samples by position_ids restarts, in one row.
+            out = flatten_packed(batch)
         elif impl == "eager":
             out["attention_mask"] = additive_mask(mask, dtype)
         else:
@@ -123,6 +125,36 @@ def model_inputs(
     if device is not None:
         out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
     return out
+
+
+def flatten_packed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A packed micro-batch as one row [1, real tokens]: rows concatenated without their
+    padding, position_ids restarting at every sample, no mask.
+
+    Each row's first label becomes -100, so the last token of a row does not learn to
+    predict the first token of the next (the causal shift never scored that position
+    anyway, so the trainable-token count is unchanged)."""
+    keep = batch["seq_ids"] >= 0
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX
+    return {"input_ids": batch["input_ids"][keep][None],
+            "labels": labels[keep][None],
+            "position_ids": batch["position_ids"][keep][None]}
+
+
+def attention_mask_from_seq_ids(seq_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] sequence ids (pads = -1) -> [B, 1, T, T] boolean mask, True = may attend.
+
+    Block-diagonal and causal: a token attends to earlier tokens of its own sample only.
+    Pads attend to earlier pads (never to a sample, and no sample attends to them), so no
+    row of the mask is empty and softmax stays finite.
+    """
+    if seq_ids.dim() != 2:
+        raise ValueError(f"seq_ids must be [batch, seq_len], got shape {tuple(seq_ids.shape)}")
+    t = seq_ids.shape[1]
+    same = seq_ids[:, :, None] == seq_ids[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()
+    return (same & causal)[:, None, :, :]
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

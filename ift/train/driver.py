@@ -31,7 +31,7 @@ import yaml
 from ift import storage
 from ift.artifacts import CONFIG_FILE, RUN_FILE
 from ift.config import Config, ConfigError, load_config
-from ift.train import methods
+from ift.train import fsdp, methods, multinode
 from ift.train.loop import Plan, make_plan, read_metrics, train_loop_per_worker
 
 LOSS_PNG = "loss_curve.png"
@@ -161,6 +161,7 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
     if method == "adalora":
         methods.check_adalora_schedule(cfg, plan.total_steps)
     methods.check_quantizable(model_config, cfg, cfg.train.use_gpu)
+    fsdp.check(cfg)
     if cfg.train.eval_every and not plan.num_val_rows:
         print(f"[ift train] note: {prepared} has no val rows; evaluation is skipped", flush=True)
     return plan
@@ -371,6 +372,10 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         print(f"[ift train] run {cfg.train.run_name} already finished "
               f"({done['steps']}/{plan.total_steps} steps): {done['final']}", flush=True)
         return done
+    init_ray(address)
+    multinode.check_shared_storage(
+        cfg, multinode.alive_nodes(), prepared=prepared, output=output,
+        tracking_uri=tracking.resolve_uri(cfg) if cfg.tracking.enabled else "")
     storage.makedirs(run_dir)
     run_file = storage.join(run_dir, RUN_FILE)
     previous = storage.read_json(run_file)
@@ -434,7 +439,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
                            "lineage": record,
                            "prompt_format": prompt_format_record(cfg, manifest)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=t.placement_strategy),
         run_config=RunConfig(
             name=t.run_name,
             storage_path=storage_path,

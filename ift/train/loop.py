@@ -46,7 +46,7 @@ from torch import nn
 
 from ift import storage
 from ift.config import Config, ConfigError, TrainConfig, build_config
-from ift.train import checkpoint, methods
+from ift.train import checkpoint, fsdp, methods
 from ift.train.collate import (
     IGNORE_INDEX,
     collate,
@@ -183,13 +183,23 @@ def _ints(value: Any) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases and norms (1-D tensors)."""
+def decay_names(model: nn.Module) -> set[str]:
+    """Names of the trainable tensors that get weight decay: matrices, not biases and norms
+    (1-D). Taken before FSDP wraps the model, whose parameters are then 1-D shard views."""
+    return {fsdp.clean_name(name) for name, param in methods.unwrap(model).named_parameters()
+            if param.requires_grad and param.dim() >= 2}
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig,
+                   decay_by_name: set[str] | None = None) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norms (1-D tensors).
+    `decay_by_name` is `decay_names` of the model before wrapping (default: now)."""
+    names = decay_names(model) if decay_by_name is None else decay_by_name
     decay, no_decay = [], []
-    for _name, param in model.named_parameters():
+    for name, param in methods.unwrap(model).named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
+        (decay if fsdp.clean_name(name) in names else no_decay).append(param)
     if not decay and not no_decay:
         raise ConfigError("the model has no trainable parameters")
     groups = [g for g in (
@@ -456,37 +466,16 @@ def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | No
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def wrap(model: nn.Module, train: TrainConfig) -> nn.Module:
-    """DDP (replicated) or FSDP (sharded, GPU only) through Ray's prepare_model.
-
-    FSDP wraps each transformer block (the classes the model names in _no_split_modules)
-    and keeps original parameters, which adapters need (frozen and trainable tensors in
-    one block).
-    """
+def wrap(model: nn.Module, train: TrainConfig, device: torch.device | None = None, *,
+         adapter: bool = True) -> nn.Module:
+    """DDP (replicated, through Ray's prepare_model) or FSDP (sharded, ift.train.fsdp: the
+    same construction on GPU and on CPU with gloo)."""
     import ray.train.torch
 
     if train.strategy == "fsdp":
-        import functools
-
-        from torch.distributed.fsdp import MixedPrecision
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-        inner = methods.unwrap(model)
-        base = getattr(inner, "base_model", inner)
-        base = getattr(base, "model", base)
-        names = set(getattr(base, "_no_split_modules", None) or [])
-        layer_classes = {type(m) for m in inner.modules() if type(m).__name__ in names}
-        kwargs: dict[str, Any] = {"use_orig_params": True}
-        if layer_classes:
-            kwargs["auto_wrap_policy"] = functools.partial(
-                transformer_auto_wrap_policy, transformer_layer_cls=layer_classes)
-        amp = autocast_dtype(train, torch.device("cuda"))
-        if amp is not None:
-            kwargs["mixed_precision"] = MixedPrecision(param_dtype=amp, reduce_dtype=amp,
-                                                       buffer_dtype=amp)
-        return ray.train.torch.prepare_model(model, move_to_device=False,
-                                             parallel_strategy="fsdp",
-                                             parallel_strategy_kwargs=kwargs)
+        device = device if device is not None else ray.train.torch.get_device()
+        return fsdp.wrap(model, train, device, adapter=adapter,
+                         amp=autocast_dtype(train, device))
     return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
                                          parallel_strategy_kwargs={"find_unused_parameters": False})
 
@@ -561,8 +550,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                trust_remote_code=cfg.model.trust_remote_code,
                                revision=cfg.model.revision)
     torch.manual_seed(train.seed)  # identical adapter init on every rank
-    model = load_model(cfg.model, device=str(device), quantization=methods.quantization(cfg),
-                       dtype=load_dtype(cfg))
+    model = load_model(cfg.model, device=fsdp.load_device(train, device),
+                       quantization=methods.quantization(cfg), dtype=load_dtype(cfg))
     model = methods.build(model, cfg, plan.total_steps)
     trainable, total = methods.parameter_counts(model)
 
@@ -579,8 +568,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    f"{state['epoch']}, {state['rows_consumed_per_worker'][0]} rows per worker "
                    "already consumed in it)")
 
-    model = wrap(model, train)
-    optimizer = make_optimizer(model, train)
+    decay = decay_names(model)
+    model = wrap(model, train, device, adapter=methods.is_adapter(cfg.peft.method))
+    optimizer = make_optimizer(model, train, decay)
     scheduler = make_scheduler(optimizer, train, plan)
     if state is not None:
         checkpoint.restore_optimizer(model, optimizer, opt_state, train.strategy)
@@ -597,7 +587,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         attn_implementation=getattr(methods.unwrap(model).config, "_attn_implementation", None),
         dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()),
         autocast_dtype=amp,
-        scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
+        scaler=fsdp.grad_scaler(train.strategy, amp),
         max_grad_norm=train.max_grad_norm, world_size=world, strategy=train.strategy,
     )
     pad_id = tokenizer.pad_token_id
@@ -765,7 +755,7 @@ def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, ste
 
     strategy = cfg.train.strategy
     # Collectives first (every rank): FSDP gathers, and rank 0 collects RNG states.
-    model_state = checkpoint.full_state_dict(model, strategy)
+    model_state = checkpoint.full_state_dict(model, strategy, cfg.peft.method)
     opt_state = checkpoint.optimizer_state(model, optimizer, strategy)
     rngs = [checkpoint.rng_state()]
     if world > 1:

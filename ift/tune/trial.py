@@ -5,7 +5,8 @@ it calls `ift.train.driver.train`, which builds and fits a TorchTrainer whose wo
 their own Ray actors. Training reports reach Tune through
 `ray.tune.integration.ray_train.TuneReportCallback`, so ASHA sees every eval loss while the
 run trains; after training the trial evaluates the final model on the sweep's held-out
-set and reports the task metrics once more.
+set, as a Ray task that reserves a training worker's CPUs and GPU (the trial process
+itself reserves none), and reports the task metrics once more.
 
 Everything a trial writes lives under the sweep directory:
 
@@ -160,7 +161,6 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     import ray.data
     import ray.tune
 
-    from ift.eval.run import evaluate_run
     from ift.train import driver
 
     point = config["point"]
@@ -190,8 +190,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
 
     eval_metrics: dict[str, Any] = {}
     if sweep.get("eval_after", True):
-        eval_metrics = evaluate_run(cfg, run_dir, data=sweep.get("eval_data") or None,
-                                    output=run_dir)["metrics"]
+        eval_metrics = eval_remote(cfg, run_dir, sweep.get("eval_data") or None)["metrics"]
     result = _final_result(summary, eval_metrics)
     trial = {
         "name": name,
@@ -210,6 +209,27 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
                                                                       ensure_ascii=False))
     # The last report: task metrics, so trials compare on more than loss.
     ray.tune.report({**result, "trial_done": 1})
+
+
+def eval_resources(cfg) -> dict[str, float]:
+    """What a trial's evaluation reserves: one training worker's CPUs (and GPU)."""
+    t = cfg.train
+    return {"num_cpus": t.cpus_per_worker, "num_gpus": t.gpus_per_worker if t.use_gpu else 0}
+
+
+def eval_remote(cfg, run_dir: str, data: str | None) -> dict[str, Any]:
+    """`evaluate_run` as a Ray task with its own resources (eval_resources), outside the
+    trial's placement group: the trial process reserves no CPU or GPU, so generation run
+    inside it would run on whatever the scheduler left it (the head's CPUs on a cluster)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from ift.eval.run import evaluate_run
+
+    task = ray.remote(evaluate_run).options(
+        **eval_resources(cfg), max_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    return ray.get(task.remote(cfg, run_dir, data=data, output=run_dir))
 
 
 def _final_result(summary: dict[str, Any], eval_metrics: dict[str, Any]) -> dict[str, Any]:

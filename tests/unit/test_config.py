@@ -53,8 +53,19 @@ def test_bad_values_name_key_value_and_allowed():
     with pytest.raises(ConfigError, match="weight or count, not both"):
         load_config(None, ["data.sources.0.path=x", "data.sources.0.weight=1",
                            "data.sources.0.count=3"])
-    with pytest.raises(ConfigError, match="fsdp needs train.use_gpu"):
-        load_config(None, ["train.strategy=fsdp"])
+    # FSDP runs on CPU with gloo (a correctness path), so it is no longer refused there.
+    assert load_config(None, ["train.strategy=fsdp"]).train.strategy == "fsdp"
+
+
+def test_mixed_precision_no_is_a_word_not_false(tmp_path):
+    """YAML 1.1 reads `no` as false; the choice gets its word back, on the command line
+    and in a file."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    p = tmp_path / "mp.yaml"
+    p.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(str(p)).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision=True is not allowed"):
+        load_config(None, ["train.mixed_precision=yes"])
 
 
 def test_invalid_yaml_names_file(tmp_path):
@@ -96,3 +107,24 @@ def test_retired_keys_of_old_run_configs_are_dropped():
     assert cfg.train.lr == 0.01 and not hasattr(cfg.train, "shuffle_buffer")
     with pytest.raises(ConfigError, match="unknown key 'train.shuffle_buffers'"):
         build_config({"train": {"shuffle_buffers": 0}})
+
+
+def test_yaml_values_name_environment_variables(tmp_path, monkeypatch):
+    p = tmp_path / "env.yaml"
+    p.write_text("storage:\n  root: s3://${IFT_BUCKET}/work\n")
+    monkeypatch.setenv("IFT_BUCKET", "my-bucket")
+    assert load_config(str(p)).storage.root == "s3://my-bucket/work"
+    monkeypatch.delenv("IFT_BUCKET")
+    with pytest.raises(ConfigError, match=r"env.yaml: storage.root=.*IFT_BUCKET.*not set"):
+        load_config(str(p))
+
+
+def test_real_ablation_config_is_on_the_bucket(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("IFT_BUCKET", "b")
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs"
+                          / "cot-ablation-real.yaml"))
+    assert cfg.storage.root == "s3://b/cot-ablation-real"
+    assert all(s.path.startswith("s3://b/") for s in cfg.data.sources)
+    assert cfg.eval.data.startswith("s3://b/")

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from ift.data.pack import attention_mask_from_seq_ids, pack, padding_waste, unpack
+from ift.data.pack import pack, padding_waste, unpack
+from ift.train.collate import attention_mask_from_seq_ids
 from ift.data.tokenize import IGNORE_INDEX, tokenize_records
 
 

@@ -243,3 +243,31 @@ def test_half_written_checkpoints_on_s3_are_never_taken(tmp_path, model_dir, s3_
     monkeypatch.setattr(storage, "read_text", unreachable)
     with pytest.raises(botocore.exceptions.EndpointConnectionError):
         checkpoint.find_latest(run)
+
+
+def test_adapter_checkpoint_missing_a_tensor_fails_at_load(tmp_path, model_dir):
+    """A resume that silently left some adapter tensors at init (while restoring their
+    Adam state) is refused, naming the file and the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    cfg, model = _build(model_dir, "lora")
+    _perturb(model)
+    _save(str(tmp_path), cfg, model)
+    path = os.path.join(tmp_path, checkpoint.ADAPTER_WEIGHTS)
+    tensors = load_file(path)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, path)
+    _, fresh = _build(model_dir, "lora", seed=1)
+    with pytest.raises(checkpoint.CheckpointError, match="lacks adapter tensors") as e:
+        checkpoint.load_model_weights(str(tmp_path), fresh, "lora")
+    assert checkpoint.ADAPTER_WEIGHTS in str(e.value)
+
+
+def test_adapter_saved_without_tensors_is_an_error(tmp_path, model_dir):
+    """A state dict whose keys PEFT does not recognise (e.g. still carrying a wrapper's
+    prefixes) would write an adapter file with 0 tensors: saving refuses."""
+    cfg, model = _build(model_dir, "lora")
+    prefixed = {f"_fsdp_wrapped_module.{k}": v for k, v in model.state_dict().items()}
+    with pytest.raises(checkpoint.CheckpointError, match="0 tensors"):
+        checkpoint.save_model(model, str(tmp_path), "lora", prefixed)

@@ -115,3 +115,37 @@ def test_packed_pair_gives_the_logits_of_each_sample_alone(models, arch, impl):
 def test_labels_pad_with_ignore_index():
     b = collate([{"input_ids": [1], "labels": [1]}, {"input_ids": [1, 2], "labels": [1, 2]}], 0)
     assert b["labels"][0, 1] == IGNORE_INDEX
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_micro_batch_with_flash_attention_stays_inside_samples(models, arch):
+    """transformers' real flash path (exact SDPA stand-ins for the kernels): a micro-batch
+    of two packed rows gives each sample its own logits, and the same loss as SDPA with
+    the block mask. Before flattening, the second sample of row 0 saw the first."""
+    from flash_standin import IMPL, sdpa_flash_kernels
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(models[arch], attn_implementation="sdpa")
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randint(5, 300, (n,), generator=g).tolist() for n in (11, 7, 5))
+    packed = {"input_ids": a + b, "labels": [IGNORE_INDEX] + a[1:] + [IGNORE_INDEX] + b[1:],
+              "position_ids": list(range(11)) + list(range(7)), "seq_ids": [0] * 11 + [1] * 7}
+    short = {"input_ids": c, "labels": [IGNORE_INDEX] + c[1:], "position_ids": list(range(5)),
+             "seq_ids": [0] * 5}
+    batch = collate([packed, short], pad_id=0)
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([x])).logits[0] for x in (a, b, c)]
+        sdpa = model(**model_inputs(batch, attn_implementation="sdpa")).loss
+    flash_inputs = model_inputs(batch, attn_implementation=IMPL)
+    assert flash_inputs["input_ids"].shape == (1, 23)
+    model.config._attn_implementation = IMPL
+    with sdpa_flash_kernels(), torch.no_grad():
+        out = model(**flash_inputs)
+    logits = out.logits[0]
+    tol = 1e-5
+    torch.testing.assert_close(logits[:11], alone[0], atol=tol, rtol=0)
+    torch.testing.assert_close(logits[11:18], alone[1], atol=tol, rtol=0)
+    torch.testing.assert_close(logits[18:23], alone[2], atol=tol, rtol=0)
+    assert float(out.loss) == pytest.approx(float(sdpa), abs=1e-5)
+    assert trainable_tokens(flash_inputs["labels"]) == trainable_tokens(batch["labels"])

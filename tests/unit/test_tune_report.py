@@ -97,7 +97,8 @@ def test_report_on_a_non_sweep_dir(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cot-ablation.yaml", "cot-ablation-real.yaml"])
-def test_shipped_ablation_configs(name):
+def test_shipped_ablation_configs(name, monkeypatch):
+    monkeypatch.setenv("IFT_BUCKET", "ift-test")
     cfg = load_config(str(REPO / "configs" / name))
     points = space.expand(cfg.tune)
     assert len(points) == 6
@@ -116,9 +117,10 @@ def test_shipped_ablation_configs(name):
     assert cfg.eval.data
 
 
-def test_real_config_answers_arm_has_no_rationale():
+def test_real_config_answers_arm_has_no_rationale(monkeypatch):
     from ift.data.formats import convert
 
+    monkeypatch.setenv("IFT_BUCKET", "ift-test")
     cfg = load_config(str(REPO / "configs" / "cot-ablation-real.yaml"))
     src = next(s for s in cfg.data.sources if "answers" in s.tags)
     cot = next(s for s in cfg.data.sources if "cot" in s.tags)

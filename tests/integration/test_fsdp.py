@@ -1,0 +1,143 @@
+"""FSDP on CPU with gloo: two processes run ift's own FSDP wrap, state-dict and optimizer
+code (ift.train.fsdp, ift.train.loop, ift.train.checkpoint), the code a GPU worker runs.
+
+- a LoRA model whose base is bf16 and whose adapters are fp32 wraps, trains and saves;
+- the gathered adapter has the unwrapped model's names and values, holds no frozen base
+  weight, and PEFT writes it as a non-empty file;
+- weight decay reaches the LoRA matrices (parameter groups chosen by name before wrap).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from fsdp_support import run_ranks
+from train_support import make_tiny_model
+
+from ift.config import load_config
+from ift.models import load_model
+from ift.train import checkpoint, fsdp, methods
+from ift.train.loop import decay_names, make_optimizer, wrap
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("llama")))
+
+
+def _cfg(model_dir, *extra):
+    return load_config(None, [f"model.name_or_path={model_dir}", "peft.method=lora",
+                              "peft.dropout=0.0", "train.strategy=fsdp", "train.max_steps=4",
+                              *extra])
+
+
+def _build(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = load_model(cfg.model, device="cpu")
+    return methods.build(model, cfg, 4)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 500, (2, 12), generator=g)
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def _lora_bf16_rank(rank, world, model_dir, out_dir):
+    cfg = _cfg(model_dir, "model.dtype=bf16")
+    model = _build(cfg)
+    dtypes = {p.dtype for p in model.parameters()}
+    decay = decay_names(model)
+    wrapped = wrap(model, cfg.train, torch.device("cpu"), adapter=True)
+    optimizer = make_optimizer(wrapped, cfg.train, decay)
+    loss = wrapped(**_batch()).loss
+    loss.backward()
+    optimizer.step()
+    sd = checkpoint.full_state_dict(wrapped, "fsdp", "lora")
+    if rank == 0:
+        checkpoint.save_model(wrapped, out_dir, "lora", sd)
+    return {"dtypes": sorted(str(d) for d in dtypes), "loss": float(loss),
+            "keys": sorted(sd), "state": {k: v.float() for k, v in sd.items()}}
+
+
+def test_lora_on_a_bf16_base_wraps_trains_and_saves(model_dir, tmp_path):
+    """Finding 1 and 2: mixed dtypes in one model, adapters saved non-empty."""
+    from safetensors.torch import load_file
+
+    results = run_ranks(_lora_bf16_rank, model_dir, str(tmp_path), out_dir=str(tmp_path))
+    r0 = results[0]
+    assert r0["dtypes"] == ["torch.bfloat16", "torch.float32"]
+    assert r0["loss"] > 0 and r0["loss"] == pytest.approx(results[1]["loss"])
+    # Only the adapter (trainable) tensors were gathered, under the unwrapped names.
+    reference = _build(_cfg(model_dir, "model.dtype=bf16"))
+    trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
+    assert set(r0["keys"]) == trainable
+    assert not any("_fsdp_wrapped_module" in k for k in r0["keys"])
+    saved = load_file(os.path.join(tmp_path, checkpoint.ADAPTER_WEIGHTS))
+    assert len(saved) == len(trainable) > 0
+
+
+def _state_rank(rank, world, model_dir, weight_decay):
+    cfg = _cfg(model_dir, f"train.weight_decay={weight_decay}", "train.lr=0.1")
+    model = _build(cfg)
+    with torch.no_grad():  # non-zero B matrices, so decay shows on every tensor
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.5)
+    decay = decay_names(model)
+    wrapped = wrap(model, cfg.train, torch.device("cpu"), adapter=True)
+    optimizer = make_optimizer(wrapped, cfg.train, decay)
+    before = checkpoint.full_state_dict(wrapped, "fsdp", "lora")
+    # A zero gradient: AdamW's update is 0, only decay moves the weights.
+    (wrapped(**_batch()).loss * 0).backward()
+    optimizer.step()
+    after = checkpoint.full_state_dict(wrapped, "fsdp", "lora")
+    groups = [len(g["params"]) for g in optimizer.param_groups]
+    return {"before": before, "after": after, "groups": groups,
+            "decays": [g["weight_decay"] for g in optimizer.param_groups]}
+
+
+def test_gathered_adapter_equals_the_unsharded_weights(model_dir, tmp_path):
+    """Finding 2: the gathered state is the unwrapped model's adapter, value for value."""
+    results = run_ranks(_state_rank, model_dir, 0.0, out_dir=str(tmp_path))
+    reference = _build(_cfg(model_dir))
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.5)
+    expected = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    got = results[0]["before"]
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value.detach(), rtol=0, atol=0, msg=name)
+
+
+def test_weight_decay_is_applied_under_fsdp(model_dir, tmp_path):
+    """Finding 3: groups by name before wrapping; every LoRA matrix decays by lr × wd."""
+    results = run_ranks(_state_rank, model_dir, 0.5, out_dir=str(tmp_path))
+    r0 = results[0]
+    assert r0["decays"][0] == 0.5 and r0["groups"][0] > 0
+    for name, before in r0["before"].items():
+        torch.testing.assert_close(r0["after"][name], before * (1 - 0.1 * 0.5),
+                                   rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_fsdp_loads_on_cpu_and_refuses_what_it_cannot_shard(model_dir):
+    """Finding 5 (weights load on CPU; FSDP moves shards to the GPU) and the preflight
+    refusals of finding 4."""
+    cfg = _cfg(model_dir)
+    assert fsdp.load_device(cfg.train, torch.device("cuda", 0)) == "cpu"
+    ddp = load_config(None, [f"model.name_or_path={model_dir}"])
+    assert fsdp.load_device(ddp.train, torch.device("cuda", 0)) == "cuda:0"
+    from ift.config import ConfigError
+
+    with pytest.raises(ConfigError, match="peft.method=qlora with train.strategy=fsdp"):
+        fsdp.check(_cfg(model_dir, "peft.method=qlora"))
+    with pytest.raises(ConfigError, match="adamw_8bit with train.strategy=fsdp"):
+        fsdp.check(_cfg(model_dir, "train.optimizer=adamw_8bit", "train.use_gpu=true"))
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    assert isinstance(fsdp.grad_scaler("fsdp", torch.float16), ShardedGradScaler)
+    assert fsdp.grad_scaler("fsdp", torch.bfloat16) is None
