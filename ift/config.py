@@ -40,8 +40,8 @@ class SourceConfig:
     name: str = ""
     """Name used in the manifest and per-source shards; defaults to the file stem."""
     format: str = "auto"
-    """One of auto, alpaca, alpaca_cot_multiturn, sharegpt, openai, moss, flan_cot_tsv, table.
-    `auto` detects the format per file from its extension and first record."""
+    """One of auto, alpaca, alpaca_cot_multiturn, sharegpt, openai, moss, flan_cot_tsv, table,
+    and the IE formats duie, duee, cluener, ner_spans, ner_bio. `auto` detects the format per file from its extension and first record."""
     weight: float | None = None
     """Sampling ratio over this source's kept rows: 1.0 keeps all, 0.5 samples half,
     2.5 repeats each row twice and samples half again (deterministic by seed)."""
@@ -57,6 +57,18 @@ class SourceConfig:
     """Task label stored on each row (e.g. qa, cot, chat); defaults to the format's own."""
     system: str | None = None
     """A system prompt applied to rows of this source that carry none."""
+    schema: str = ""
+    """IE formats (duie, duee, cluener, ner_spans, ner_bio): the schema file, local, s3:// or
+    @sample/ (duie_schema.json, a DuEE event schema, or a JSON list / one-per-line file of
+    entity types). Its labels are the instruction's candidates; rows with a predicate, event
+    type, role or entity type outside it are rejected. Without it a row's own labels are used."""
+    max_labels: int = 0
+    """IE formats: most candidate labels one instruction lists (0: the whole schema). A larger
+    schema lists the row's gold labels plus negatives sampled by seed, or is cut into chunks
+    when schema_split is set."""
+    schema_split: bool = False
+    """IE formats: one record per chunk of max_labels schema labels instead of sampling
+    (counted as rows_schema_chunks in the manifest)."""
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -66,6 +78,15 @@ class SourceConfig:
             # Ray job, unpacked with the working dir.
             self.path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data",
                                      self.path[len("@sample/"):])
+        if self.schema.startswith("@sample/"):
+            self.schema = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                       "sample_data", self.schema[len("@sample/"):])
+        if self.max_labels < 0:
+            raise ConfigError(f"data.sources[{self.path}].max_labels={self.max_labels}: "
+                              "must be >= 0")
+        if self.schema_split and self.max_labels == 0:
+            raise ConfigError(f"data.sources[{self.path}].schema_split needs max_labels > 0 "
+                              "(the chunk size)")
         if self.weight is not None and self.count is not None:
             raise ConfigError(
                 f"data.sources[{self.path}]: give weight or count, not both "
@@ -86,6 +107,12 @@ FORMATS = (
     "moss",
     "flan_cot_tsv",
     "table",
+    # information extraction (ift.data.ie)
+    "duie",
+    "duee",
+    "cluener",
+    "ner_spans",
+    "ner_bio",
 )
 
 
