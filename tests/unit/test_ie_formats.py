@@ -12,7 +12,7 @@ import pytest
 
 from ift.data import ie
 from ift.data.ie_synthetic import corpus_texts, name_pools, write_corpus
-from ift.data.quality import validate
+from ift.data.pipeline import CHUNK_SHIFT, RowOptions, clean_rows
 from ift.data.readers import detect_format, iter_raw, plan_reads
 from ift.data.record import ConvertError
 
@@ -25,24 +25,21 @@ def schema(name: str, fmt: str) -> dict:
     return ie.parse_schema(fmt, open(path, encoding="utf-8").read(), path)
 
 
-def outcomes(name: str, **kw) -> tuple[str, dict[int, list[dict] | str]]:
-    """(detected format, line -> records or the reason the row was refused)."""
+def outcomes(name: str, schema: dict | None = None, max_labels: int = 0, split: bool = False
+             ) -> tuple[str, dict[int, list[dict] | str]]:
+    """(detected format, line -> records or the reason the row was refused), through the
+    prepare pipeline's own row function."""
     path = os.path.join(FIXTURES, name)
     tasks, _ = plan_reads("fx", 0, [path], "auto", 0, 0)
+    opts = RowOptions(seed=42, placeholders={}, columns={}, task="", system=None,
+                      ie_schema=schema, max_labels=max_labels, schema_split=split)
     out: dict[int, list[dict] | str] = {}
     for t in tasks:
-        for n, raw, err, _ in iter_raw(t):
-            if err:
-                out[n] = f"read: {err}"
-                continue
-            try:
-                recs = ie.to_records(t.format, raw, id=f"fx-{n}", source="fx", **kw)
-            except ConvertError as e:
-                out[n] = f"convert: {e}"
-                continue
-            for r in recs:
-                assert validate(r) is None
-            out[n] = recs
+        for _key, n, rec, reason, _raw in clean_rows(t, opts):
+            if rec is None:
+                out[n] = reason
+            else:
+                out.setdefault(n, []).append(rec)
     return tasks[0].format, out
 
 
@@ -64,12 +61,12 @@ def test_duie_rows_schema_and_multi_slot_objects():
     assert answer(out[2][0]) == [{"subject": "王芳", "predicate": "获奖", "object": {
         "@value": "金星奖最佳女主角", "inWork": "河流", "period": "3"}}]
     assert out[2][0]["meta"]["ie"]["gold"] == answer(out[2][0])
-    assert out[3] == "convert: empty text"
+    assert out[3] == "empty text"
     assert "predicate '毕业院校' is not in the schema" in out[4]
     assert "object slot 'onDate' is not in the schema of '出生地'" in out[5]
     assert answer(out[6][0]) == []
     assert "object has no '@value'" in out[7]
-    assert out[8].startswith("read: malformed JSON")
+    assert out[8].startswith("malformed JSON")
     user = out[1][0]["messages"][0]["content"]
     for rel in ("作者", "获奖", "出生地"):  # the whole schema is the candidate list
         assert rel in user
@@ -111,7 +108,7 @@ def test_duee_rows_offsets_and_schema():
     assert answer(out[2][0])[0]["trigger"] == "地震"
     assert "event type '灾害/意外-洪水' is not in the schema" in out[3]
     assert "role '出售方' is not a role of '财经/交易-收购'" in out[4]
-    assert out[5] == "convert: empty text"
+    assert out[5] == "empty text"
     assert "trigger: offset 3 does not match the text" in out[6]
     user = out[1][0]["messages"][0]["content"]
     assert "收购方" in user and "震级" in user  # event types are listed with their roles
@@ -132,7 +129,7 @@ def test_cluener_nested_and_repeated_spans_and_bad_offsets():
                                  {"entity": "北京大学", "type": "organization"}]
     assert "span [0, 3] does not match the text (end is inclusive)" in out[3]
     assert "offset 1 does not match the text" in out[4]
-    assert out[5] == "convert: empty text"
+    assert out[5] == "empty text"
     assert answer(out[6][0]) == [{"entity": "他", "type": "name"}]
 
 
@@ -161,15 +158,15 @@ def test_bio_file_sentences_broken_tags_and_bad_lines():
     assert answer(out[1][0]) == [{"entity": "张三", "type": "PER"}, {"entity": "北京", "type": "LOC"}]
     assert out[1][0]["meta"]["ie"]["text"] == "张三在北京"
     assert answer(out[7][0]) == [{"entity": "李四", "type": "PER"}]
-    assert out[10] == "convert: char 2: I-LOC without a preceding B-LOC"
-    assert out[14] == "read: line 15: expected `char tag`, found 1 fields"
+    assert out[10] == "char 2: I-LOC without a preceding B-LOC"
+    assert out[14] == "line 15: expected `char tag`, found 1 fields"
 
 
 def test_bioes_file():
     fmt, out = outcomes("ner.bioes")
     assert fmt == "ner_bio"
     assert answer(out[1][0]) == [{"entity": "张小三", "type": "PER"}, {"entity": "京", "type": "LOC"}]
-    assert out[7] == "convert: char 4: E-LOC without a preceding B-LOC"
+    assert out[7] == "char 4: E-LOC without a preceding B-LOC"
 
 
 def test_bio_spans_tag_schemes():
@@ -219,6 +216,18 @@ def test_schema_split_makes_one_record_per_chunk_with_its_own_gold():
     assert [r["id"] for r in recs] == ["r1", "r1#1", "r1#2", "r1#3"]
     assert [len(answer(r)) for r in recs] == [0, 0, 1, 0]  # 关系17 is in the third chunk
     assert sum(len(r["meta"]["ie"]["labels"]) for r in recs) == 30
+
+
+def test_prepare_rows_of_schema_chunks_get_their_own_keys():
+    path = os.path.join(FIXTURES, "duie.jsonl")
+    tasks, _ = plan_reads("fx", 0, [path], "auto", 0, 7)
+    opts = RowOptions(seed=42, placeholders={}, columns={}, task="", system=None,
+                      ie_schema=schema("duie_schema.json", "duie"), max_labels=2,
+                      schema_split=True)
+    rows = [(k, n) for k, n, rec, _r, _raw in clean_rows(tasks[0], opts) if rec is not None
+            and n == 2]
+    assert [n for _k, n in rows] == [2, 2]  # 3 relations in chunks of 2
+    assert [k for k, _n in rows] == [(7 << 36) | 2, (7 << 36) | 2 | (1 << CHUNK_SHIFT)]
 
 
 def test_phrasings_per_task_and_language_chosen_by_seed():
