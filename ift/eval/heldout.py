@@ -175,12 +175,28 @@ def iter_raw_records(data: str, *, seed: int = 42, key: str = "eval.data",
                 yield where, rec
 
 
+def _format_of_source(src) -> str | None:
+    """A source's format, detected from its first file when it is "auto"."""
+    from ift.data.readers import detect_format
+
+    if src.format != "auto":
+        return src.format
+    files = storage.expand(src.path)
+    if not files or not storage.exists(files[0]):
+        return None
+    try:
+        head = storage.read_range(files[0], 0, min(storage.size(files[0]), 64 * 1024))
+        return detect_format(files[0], head)
+    except ValueError:
+        return None
+
+
 def _ie_options(fmt: str, sources: list) -> dict[str, Any]:
     """schema and labels for ie.to_records from the first source of format `fmt`."""
     from ift.data import ie
 
     for src in sources:
-        if src.format == fmt:
+        if _format_of_source(src) == fmt:
             schema = None
             if src.schema:
                 try:
