@@ -188,3 +188,17 @@ def test_score_duee_and_cluener_files_and_errors(tmp_path, capsys):
     rc = main(["eval", "score", "--task", "ner", "--pred", str(tmp_path / "missing.jsonl"),
                "--gold", str(tmp_path / "g.jsonl")])
     assert rc == 2 and "--pred" in capsys.readouterr().err
+
+
+def test_ie_metrics_reach_tune_results_and_report_columns():
+    from ift.tune import report
+    from ift.tune.trial import _final_result
+
+    result = _final_result({"steps": 3, "eval_loss": 1.0}, {"ie_re_f1": 0.5, "loss": 2.0,
+                                                            "ie_ee_argument_f1": 0.25})
+    assert result["ie_re_f1"] == 0.5 and result["ie_ee_argument_f1"] == 0.25
+    assert result["heldout_loss"] == 2.0
+    for k in ("ie_ner_f1", "ie_re_f1", "ie_ee_trigger_f1", "ie_ee_argument_f1"):
+        assert k in report.METRICS and k not in report.LOWER_IS_BETTER
+    rows = [{"trial": "a", "ie_re_f1": 0.2}, {"trial": "b", "ie_re_f1": 0.6}]
+    assert report.best_trial(rows, "ie_re_f1", "max") == "b"
