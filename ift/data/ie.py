@@ -71,7 +71,8 @@ def parse_schema(fmt: str, text: str, path: str = "schema") -> dict[str, Any]:
     """
     task = TASK_OF.get(fmt)
     if task is None:
-        raise ValueError(f"{path}: format {fmt!r} takes no schema (IE formats: {', '.join(FORMATS)})")
+        raise ValueError(f"{path}: format {fmt!r} takes no schema "
+                         f"(IE formats: {', '.join(FORMATS)})")
     stripped = text.lstrip("\ufeff").strip()
     if task == "ner":
         if stripped.startswith("["):

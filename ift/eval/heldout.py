@@ -137,8 +137,8 @@ def iter_raw_records(data: str, *, seed: int = 42, key: str = "eval.data",
 
     IE rows (ift.data.ie) are read with the schema and label options of the first of
     `sources` (data.sources) in the same format, as training read them."""
-    from ift.data.formats import convert
     from ift.data import ie
+    from ift.data.formats import convert
     from ift.data.readers import iter_raw, plan_reads
     from ift.data.record import ConvertError
 
