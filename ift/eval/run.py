@@ -372,7 +372,11 @@ def summary_text(result: dict[str, Any]) -> str:
     return (f"loss {num(m['loss'])}  ppl {num(m['perplexity'], '.2f')}  exact match "
             f"{num(m['exact_match'], '.3f')} (n={m['exact_match_n']})  mc accuracy "
             f"{num(m['mc_accuracy'], '.3f')} (n={m['mc_n']})  rouge-L {num(m['rouge_l'], '.3f')}"
-            f"  answered {num(m['answered'], '.2f')} of {m['samples']} samples")
+            f"  answered {num(m['answered'], '.2f')} of {m['samples']} samples"
+            + "".join(f"  {k[3:]} {m[k]:.3f}" for k in ("ie_ner_f1", "ie_re_f1",
+                                                        "ie_ee_trigger_f1", "ie_ee_argument_f1")
+                      if k in m)
+            + (f"  IE unparseable {m['ie_unparseable']}" if "ie_unparseable" in m else ""))
 
 
 # ---------------------------------------------------------------------------------------

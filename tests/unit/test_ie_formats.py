@@ -302,3 +302,25 @@ def test_bundled_ie_samples_match_the_generator():
         assert (BUNDLED / rel).read_text(encoding="utf-8") == text, (
             f"ift/sample_data/ie/{rel} differs from the generator; run "
             "`python -m ift.data.ie_synthetic ift/sample_data/ie --train 12 --heldout 8`")
+
+
+def test_source_schema_is_checked_before_any_work(tmp_path):
+    from ift.config import ConfigError, SourceConfig
+    from ift.data.pipeline import PrepareError, load_source_schema
+
+    duie = os.path.join(FIXTURES, "duie.jsonl")
+    files = [{"source": "d", "format": "duie"}]
+    src = SourceConfig(path=duie, name="d", schema=os.path.join(FIXTURES, "duie_schema.json"))
+    assert set(load_source_schema(0, src, files)) == {"作者", "获奖", "出生地"}
+    with pytest.raises(PrepareError, match=r"data.sources.0.schema: .*nope.json does not exist"):
+        load_source_schema(0, SourceConfig(path=duie, name="d", schema="nope.json"), files)
+    with pytest.raises(PrepareError, match="a schema applies to one IE task; the source's "
+                                           "files are alpaca"):
+        load_source_schema(0, src, [{"source": "d", "format": "alpaca"}])
+    bad = tmp_path / "s.json"
+    bad.write_text('{"predicate": "p", "object_type": 3}\n', encoding="utf-8")
+    with pytest.raises(PrepareError, match=r"s.json:1: 'object_type' must be an object"):
+        load_source_schema(0, SourceConfig(path=duie, name="d", schema=str(bad)), files)
+    assert load_source_schema(0, SourceConfig(path=duie, name="d"), files) is None
+    with pytest.raises(ConfigError, match="schema_split needs max_labels > 0"):
+        SourceConfig(path=duie, schema_split=True)
