@@ -40,8 +40,8 @@ class SourceConfig:
     name: str = ""
     """Name used in the manifest and per-source shards; defaults to the file stem."""
     format: str = "auto"
-    """One of auto, alpaca, alpaca_cot_multiturn, sharegpt, openai, moss, flan_cot_tsv, table,
-    and the IE formats duie, duee, cluener, ner_spans, ner_bio. `auto` detects the format per file from its extension and first record."""
+    """One of auto, alpaca, alpaca_cot_multiturn, sharegpt, openai, moss, flan_cot_tsv, table.
+    `auto` detects the format per file from its extension and first record."""
     weight: float | None = None
     """Sampling ratio over this source's kept rows: 1.0 keeps all, 0.5 samples half,
     2.5 repeats each row twice and samples half again (deterministic by seed)."""
@@ -58,9 +58,9 @@ class SourceConfig:
     system: str | None = None
     """A system prompt applied to rows of this source that carry none."""
     schema: str = ""
-    """IE formats (duie, duee, cluener, ner_spans, ner_bio): the schema file, local, s3:// or
-    @sample/ (duie_schema.json, a DuEE event schema, or a JSON list / one-per-line file of
-    entity types). Its labels are the instruction's candidates; rows with a predicate, event
+    """The IE formats (also values of `format`: duie, duee, cluener, ner_spans, ner_bio; see
+    docs/ie.md) take a schema file, local, s3:// or @sample/: duie_schema.json, a DuEE event
+    schema, or a JSON list / one-per-line file of entity types. Its labels are the instruction's candidates; rows with a predicate, event
     type, role or entity type outside it are rejected. Without it a row's own labels are used."""
     max_labels: int = 0
     """IE formats: most candidate labels one instruction lists (0: the whole schema). A larger
