@@ -324,3 +324,18 @@ def test_source_schema_is_checked_before_any_work(tmp_path):
     assert load_source_schema(0, SourceConfig(path=duie, name="d"), files) is None
     with pytest.raises(ConfigError, match="schema_split needs max_labels > 0"):
         SourceConfig(path=duie, schema_split=True)
+
+
+def test_ie_zh_config_prepares_three_tasks_with_general_data_and_evaluates_each():
+    from ift.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(str(root / "configs" / "ie-zh.yaml"), [])
+    schemas = {Path(s.path).name: Path(s.schema).name for s in cfg.data.sources if s.schema}
+    assert schemas == {"duie.jsonl": "duie_schema.json", "duee.jsonl": "duee_schema.json",
+                       "cluener.jsonl": "ner_types.json"}
+    assert any(s.path.endswith("alpaca_zh.jsonl") for s in cfg.data.sources)
+    held = [Path(p) for p in cfg.eval.data.split(",")]
+    assert [p.name for p in held] == ["duie.jsonl", "duee.jsonl", "cluener.jsonl"]
+    assert {p.parent.name for p in held} == {"heldout"}
+    assert cfg.eval.max_samples >= 3 * 60  # every held-out sentence of the documented run
