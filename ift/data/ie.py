@@ -364,10 +364,6 @@ def answer_items(task: str, gold: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def answer_text(task: str, gold: list[dict[str, Any]]) -> str:
-    return json.dumps(answer_items(task, gold), ensure_ascii=False)
-
-
 def _rng(seed: int, row_id: str, what: str) -> random.Random:
     h = hashlib.blake2b(f"{seed}\x1f{row_id}\x1f{what}".encode(), digest_size=8).digest()
     return random.Random(int.from_bytes(h, "big"))
