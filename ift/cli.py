@@ -97,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
          "held-out loss, perplexity, exact match, multiple-choice accuracy and ROUGE-L",
          eval_args)
 
+    def eval_score_args(p):
+        p.add_argument("--task", required=True, choices=["ner", "re", "ee"])
+        p.add_argument("--pred", required=True, help="predictions, JSONL in the dataset's layout "
+                       "(DuIE spo_list, DuEE event_list, CLUENER label or entity_list)")
+        p.add_argument("--gold", required=True, help="gold JSONL in the same layout")
+        p.add_argument("--json", action="store_true", help="print the metrics and rows as JSON")
+        p.add_argument("--csv", help="also write the per-type table as CSV here")
+
+    _add(sub, "eval-score", "ift.eval.ie:score_cmd",
+         "score IE predictions against gold: P/R/F1 overall and per type "
+         "(also `ift eval score`)", eval_score_args)
+
     def tune_args(p):
         _config_args(p)
         p.add_argument("--resume", action="store_true",
@@ -194,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["tune", "report"]:
         argv = ["tune-report", *argv[2:]]  # `ift tune report DIR` beside `ift tune -c ...`
+    if argv[:2] == ["eval", "score"]:
+        argv = ["eval-score", *argv[2:]]
     args = parser.parse_args(argv)
     target = getattr(args, "_target", None)
     if target is None:

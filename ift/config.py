@@ -74,11 +74,30 @@ class SourceConfig:
     """Task label stored on each row (e.g. qa, cot, chat); defaults to the format's own."""
     system: str | None = None
     """A system prompt applied to rows of this source that carry none."""
+    schema: str = ""
+    """The IE formats (also values of `format`: duie, duee, cluener, ner_spans, ner_bio; see
+    docs/ie.md) take a schema file, local, s3:// or @sample/: duie_schema.json, a DuEE event
+    schema, or a JSON list / one-per-line file of entity types. Its labels are the instruction's candidates; rows with a predicate, event
+    type, role or entity type outside it are rejected. Without it a row's own labels are used."""
+    max_labels: int = 0
+    """IE formats: most candidate labels one instruction lists (0: the whole schema). A larger
+    schema lists the row's gold labels plus negatives sampled by seed, or is cut into chunks
+    when schema_split is set."""
+    schema_split: bool = False
+    """IE formats: one record per chunk of max_labels schema labels instead of sampling
+    (counted as rows_schema_chunks in the manifest)."""
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("data.sources[].path is required")
         self.path = bundled_path(self.path)
+        self.schema = bundled_path(self.schema)
+        if self.max_labels < 0:
+            raise ConfigError(f"data.sources[{self.path}].max_labels={self.max_labels}: "
+                              "must be >= 0")
+        if self.schema_split and self.max_labels == 0:
+            raise ConfigError(f"data.sources[{self.path}].schema_split needs max_labels > 0 "
+                              "(the chunk size)")
         if self.weight is not None and self.count is not None:
             raise ConfigError(
                 f"data.sources[{self.path}]: give weight or count, not both "
@@ -99,6 +118,12 @@ FORMATS = (
     "moss",
     "flan_cot_tsv",
     "table",
+    # information extraction (ift.data.ie)
+    "duie",
+    "duee",
+    "cluener",
+    "ner_spans",
+    "ner_bio",
 )
 
 

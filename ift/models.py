@@ -383,7 +383,8 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, layers: int =
 
 def _default_data() -> list[str]:
     if os.path.isdir(SAMPLE_DATA_DIR) and storage.expand(SAMPLE_DATA_DIR):
-        return [SAMPLE_DATA_DIR]
+        # The folder's own files; its ie/ subfolder holds IE samples for the IE configs.
+        return [os.path.join(SAMPLE_DATA_DIR, "*")]
     return []
 
 

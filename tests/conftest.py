@@ -143,8 +143,9 @@ def sample_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, sample_data_dir) -> str:
-    """A tiny llama with a tokenizer trained on the bundled sample data."""
+    """A tiny llama with a tokenizer trained on the bundled sample data (the folder's own
+    files; ie/ holds the IE samples)."""
     from ift.models import init_tiny
 
     out = tmp_path_factory.mktemp("tiny-llama")
-    return init_tiny(str(out), arch="llama", data=[str(sample_data_dir)], seed=0)
+    return init_tiny(str(out), arch="llama", data=[str(sample_data_dir / "*")], seed=0)

@@ -89,11 +89,33 @@ class RowOptions:
     task: str
     system: str | None
     keep_reasoning: bool = True
+    ie_schema: dict | None = None
+    """IE sources: the parsed schema (ift.data.ie.parse_schema)."""
+    max_labels: int = 0
+    schema_split: bool = False
+
+
+# Records beyond the first that an IE row makes (one per schema chunk) carry their chunk
+# number in the key bits above the line.
+CHUNK_SHIFT = 28
+
+
+def _convert_rows(task, raw: dict, line: int, opts: RowOptions) -> list[dict]:
+    from ift.data import ie
+    from ift.data.formats import convert
+
+    rid = f"{task.source}-{task.file_index}-{line}"
+    if task.format in ie.FORMATS:
+        return ie.to_records(task.format, raw, id=rid, source=task.source, seed=opts.seed,
+                             schema=opts.ie_schema,
+                             labels=ie.LabelOptions(opts.max_labels, opts.schema_split),
+                             task=opts.task, system=opts.system)
+    return [convert(task.format, raw, id=rid, source=task.source, seed=opts.seed,
+                    columns=opts.columns or None, task=opts.task, system=opts.system)]
 
 
 def clean_rows(task, opts: RowOptions) -> Iterator[tuple[int, int, dict | None, str | None, str]]:
     """(key, line, record or None, reject reason or None, raw text) for every row of a read task."""
-    from ift.data.formats import convert
     from ift.data.quality import detect_lang, substitute_placeholders, validate
     from ift.data.readers import iter_raw
     from ift.data.record import drop_reasoning
@@ -104,32 +126,26 @@ def clean_rows(task, opts: RowOptions) -> Iterator[tuple[int, int, dict | None, 
             yield key, line, None, error, raw_text
             continue
         try:
-            rec = convert(
-                task.format,
-                raw,
-                id=f"{task.source}-{task.file_index}-{line}",
-                source=task.source,
-                seed=opts.seed,
-                columns=opts.columns or None,
-                task=opts.task,
-                system=opts.system,
-            )
+            recs = _convert_rows(task, raw, line, opts)
         except ConvertError as e:
             yield key, line, None, str(e), raw_text
             continue
-        if not opts.keep_reasoning:
-            rec = drop_reasoning(rec)
-        if opts.placeholders:
-            rec = substitute_placeholders(rec, opts.placeholders)
-        reason = validate(rec)
-        if reason is not None:
-            yield key, line, None, reason, raw_text
-            continue
-        if opts.placeholders or not rec.get("lang"):  # substitution may change the script
-            rec["lang"] = detect_lang(
-                " ".join([rec.get("system") or ""] + [m["content"] for m in rec["messages"]])
-            )
-        yield key, line, rec, None, raw_text
+        for chunk, rec in enumerate(recs):
+            if chunk:
+                key = int(mix.make_key(task.file_index, line | (chunk << CHUNK_SHIFT)))
+            if not opts.keep_reasoning:
+                rec = drop_reasoning(rec)
+            if opts.placeholders:
+                rec = substitute_placeholders(rec, opts.placeholders)
+            reason = validate(rec)
+            if reason is not None:
+                yield key, line, None, reason, raw_text
+                continue
+            if opts.placeholders or not rec.get("lang"):  # substitution may change the script
+                rec["lang"] = detect_lang(
+                    " ".join([rec.get("system") or ""] + [m["content"] for m in rec["messages"]])
+                )
+            yield key, line, rec, None, raw_text
 
 
 # ---------------------------------------------------------------------------------------
@@ -416,6 +432,25 @@ def resolve_sources(sources: list[SourceConfig]) -> list[SourceConfig]:
     return out
 
 
+def load_source_schema(si: int, src: SourceConfig, files: list[dict]) -> dict | None:
+    """The parsed schema of an IE source (None without one); errors name the source."""
+    from ift.data import ie
+
+    if not src.schema:
+        return None
+    fmts = sorted({f["format"] for f in files if f["source"] == src.name})
+    tasks = {ie.TASK_OF.get(f) for f in fmts}
+    if None in tasks or len(tasks) != 1:
+        raise PrepareError(f"data.sources.{si} ({src.name}): a schema applies to one IE task; "
+                           f"the source's files are {', '.join(fmts)}")
+    if not storage.exists(src.schema):
+        raise PrepareError(f"data.sources.{si}.schema: {src.schema} does not exist")
+    try:
+        return ie.parse_schema(fmts[0], storage.read_text(src.schema), src.schema)
+    except ValueError as e:
+        raise PrepareError(f"data.sources.{si}.schema: {e}") from e
+
+
 def _stem(path: str) -> str:
     base = path.rstrip("/").split("/")[-1]
     for ch in "*?[":
@@ -475,7 +510,10 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
             raise PrepareError(f"data.sources.{si} ({src.name}): {e}") from e
         tasks.extend(src_tasks)
         files.extend({**f, "source": src.name} for f in info)
-    digest = input_hash(files, dataclasses.asdict(d), identity["sha256"])
+    schemas = [load_source_schema(si, src, files) for si, src in enumerate(sources)]
+    digest = input_hash(files + [{"source": f"schema:{s.name}", "sha256": json.dumps(
+        schemas[i], sort_keys=True, ensure_ascii=False)} for i, s in enumerate(sources)
+        if schemas[i] is not None], dataclasses.asdict(d), identity["sha256"])
     if not fresh and storage.is_complete(out):
         old = read_manifest(out)
         if old.get("hash") == digest:
@@ -494,7 +532,9 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
         {**dataclasses.asdict(t), "task_index": i, "options": json.dumps(dataclasses.asdict(RowOptions(
             seed=d.seed, placeholders=d.placeholders, columns=sources[t.source_index].columns,
             task=sources[t.source_index].task, system=sources[t.source_index].system,
-            keep_reasoning=d.keep_reasoning)))}
+            keep_reasoning=d.keep_reasoning,
+            ie_schema=schemas[t.source_index], max_labels=sources[t.source_index].max_labels,
+            schema_split=sources[t.source_index].schema_split)))}
         for i, t in enumerate(tasks)
     ]
     remote = {"num_cpus": d.num_cpus_per_task}
@@ -621,7 +661,8 @@ class _Rows:
                     encoding="utf-8")
             f = self.files[r["key"] >> 36]
             entry = {"key": r["key"], "source": name, "file": f["path"],
-                     ("line" if f.get("line_based") else "index"): r["key"] & _LINE_MASK}
+                     ("line" if f.get("line_based") else "index"):
+                         r["key"] & _LINE_MASK & ((1 << CHUNK_SHIFT) - 1)}
             if part == "dropped":
                 entry["id"] = r["id"]
             entry["reason"] = r["reason"]
@@ -649,12 +690,14 @@ class _Rows:
         for si, name in enumerate(self.names):
             m = src == si
             n_rej = int((rejected_src == si).sum())
+            n_chunks = int((m & ((keys & _LINE_MASK) >> CHUNK_SHIFT > 0)).sum())
             stats[name] = {
-                "rows_read": int(m.sum()) + n_rej,
+                "rows_read": int(m.sum()) + n_rej - n_chunks,
                 "rows_rejected": n_rej,
                 "rows_duplicate": int((m & ~keep).sum()),
                 "rows_kept": int((m & keep).sum()),
                 "rows_dropped": int((m & keep & dropped).sum()),
+                "rows_schema_chunks": n_chunks,
             }
             codes, counts = np.unique(lang[m], return_counts=True)
             langs[name] = {self.langs[c]: int(n) for c, n in zip(codes, counts)}

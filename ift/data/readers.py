@@ -3,7 +3,7 @@
 Line-based files (JSONL, TSV) are split into byte ranges that end on newline boundaries so
 Ray Data can read them in parallel; each range knows the absolute line number of its first
 line, so rejects name the real line of the file. JSON lists, CSV (fields may hold quoted
-newlines) and parquet are read whole. Files are local paths or s3:// keys (ift.storage).
+newlines), parquet and character-per-line NER files (one row per sentence) are read whole. Files are local paths or s3:// keys (ift.storage).
 
 Rows come out raw (dicts as found); `ift.data.formats` turns them into records.
 """
@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,8 @@ def _container(path: str, fmt: str, head: bytes) -> str:
         return "csv"
     if ext == ".tsv" or fmt == "flan_cot_tsv":
         return "tsv"
+    if fmt == "ner_bio":
+        return "bio"
     # JSON: a list when the first non-blank character opens one, else one object per line.
     return "json_list" if head.lstrip(_BOM + b" \t\r\n")[:1] == b"[" else "jsonl"
 
@@ -129,7 +132,34 @@ def _format_of(rec: dict[str, Any]) -> str | None:
         return "alpaca_cot_multiturn"
     if "instruction" in rec and "output" in rec:
         return "alpaca"
+    return _ie_format_of(rec)
+
+
+def _ie_format_of(rec: dict[str, Any]) -> str | None:
+    if "text" not in rec:
+        return None
+    if "spo_list" in rec:
+        return "duie"
+    if "event_list" in rec:
+        return "duee"
+    if "entity_list" in rec:
+        return "ner_spans"
+    if isinstance(rec.get("label"), dict):
+        return "cluener"
     return None
+
+
+BIO_EXTS = (".bio", ".bioes", ".bmes")
+_BIO_LINE = re.compile(r"^\S+[ \t]+(O|[BIMES][-_]\S+)$")
+
+
+def _looks_bio(head: bytes) -> bool:
+    """Character-per-line tagged text: the first non-blank lines are `char tag`."""
+    lines = head.lstrip(_BOM).decode("utf-8", errors="replace").splitlines()
+    if len(lines) > 1:
+        lines = lines[:-1]  # the head may cut the last line
+    lines = [ln.strip() for ln in lines if ln.strip()][:20]
+    return bool(lines) and all(_BIO_LINE.match(ln) for ln in lines)
 
 
 def detect_format(path: str, head: bytes) -> str:
@@ -142,6 +172,9 @@ def detect_format(path: str, head: bytes) -> str:
         return "flan_cot_tsv"
     if ext in (".parquet", ".csv"):
         return "table"
+    if ext in BIO_EXTS or (not head.lstrip(_BOM + b" \t\r\n").startswith((b"{", b"["))
+                           and _looks_bio(head)):
+        return "ner_bio"
     records = _first_records(path, head)
     if not records:
         if len(head.strip()) == 0:
@@ -160,7 +193,9 @@ def detect_format(path: str, head: bytes) -> str:
         seen.extend(k for k in rec if k not in seen)
     raise InputError(
         f"{path}: cannot detect the format from keys {seen}; expected conversations (sharegpt), "
-        "messages (openai), chat with turn_N (moss), instruction/output (alpaca); "
+        "messages (openai), chat with turn_N (moss), instruction/output (alpaca), "
+        "text with spo_list (duie), event_list (duee), label (cluener) or entity_list "
+        "(ner_spans); "
         "set format and columns on the source"
     )
 
@@ -251,7 +286,7 @@ def plan_reads(
             digest = _sha256(path, size)
             tasks.append(ReadTask(source, source_index, path, file_index, file_fmt, 0, size, 1))
         infos.append({"path": path, "format": file_fmt, "bytes": size, "sha256": digest,
-                      "line_based": layout in ("jsonl", "tsv")})
+                      "line_based": layout in ("jsonl", "tsv", "bio")})
     return tasks, infos
 
 
@@ -280,6 +315,8 @@ def iter_raw(task: ReadTask) -> Iterator[Row]:
     layout = _container(task.file, task.format, data if task.start == 0 else b"{")
     if layout == "csv":
         yield from _iter_csv(task, data)
+    elif layout == "bio":
+        yield from _iter_bio(data)
     elif layout == "json_list":
         yield from _iter_json_list(task, data)
     else:
@@ -385,6 +422,42 @@ def _iter_csv(task: ReadTask, data: bytes) -> Iterator[Row]:
         else:
             yield (idx, dict(zip(header, fields)), None, raw_text)
         idx += 1
+
+
+def _iter_bio(data: bytes) -> Iterator[Row]:
+    """One row {chars, tags} per sentence of a character-per-line file (`char tag` lines, a
+    blank line between sentences), numbered by the sentence's first line. A line that is not
+    `char tag` makes its sentence unreadable, naming the line."""
+    text = data.decode("utf-8", errors="replace")
+    chars: list[str] = []
+    tags: list[str] = []
+    first, error = 0, None
+    raw_lines: list[str] = []
+
+    def row() -> Row:
+        raw_text = "\n".join(raw_lines)
+        if error:
+            return (first, None, error, raw_text)
+        return (first, {"chars": chars, "tags": tags}, None, raw_text)
+
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            if raw_lines:
+                yield row()
+            chars, tags, raw_lines, error = [], [], [], None
+            continue
+        if not raw_lines:
+            first = n
+        raw_lines.append(line)
+        parts = line.split()
+        if len(parts) != 2 and error is None:
+            error = f"line {n}: expected `char tag`, found {len(parts)} fields"
+        elif len(parts) == 2:
+            chars.append(parts[0])
+            tags.append(parts[1])
+    if raw_lines:
+        yield row()
 
 
 def _iter_parquet(task: ReadTask) -> Iterator[Row]:

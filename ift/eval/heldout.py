@@ -45,6 +45,8 @@ class Item:
     """Multiple-choice options found in the last user turn or prompt."""
     prompt: str = ""
     """Prompt text as the model reads it."""
+    ie: dict[str, Any] | None = None
+    """IE rows: {task, gold, labels, ...} from the record's meta (ift.data.ie)."""
 
 
 def split_last_turn(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
@@ -125,12 +127,16 @@ def items_from_rows(rows: list[dict[str, Any]], tokenizer) -> list[Item]:
     return items
 
 
-def iter_raw_records(data: str, *, seed: int = 42,
-                     key: str = "eval.data") -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_raw_records(data: str, *, seed: int = 42, key: str = "eval.data",
+                     sources: list | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """("file:line", unified record) for each row of raw files (a file, glob, folder or
     comma-separated list, in any format `ift data prepare` reads), in file order. A missing
     file, or a row that cannot be read or converted, is an error naming the config key that
-    gave `data` and the file and line."""
+    gave `data` and the file and line.
+
+    IE rows (ift.data.ie) are read with the schema and label options of the first of
+    `sources` (data.sources) in the same format, as training read them."""
+    from ift.data import ie
     from ift.data.formats import convert
     from ift.data.readers import iter_raw, plan_reads
     from ift.data.record import ConvertError
@@ -156,16 +162,55 @@ def iter_raw_records(data: str, *, seed: int = 42,
             if raw is None:
                 raise ConfigError(f"{key}: {where}: cannot read row: {err}")
             try:
-                rec = convert(task.format, raw, id=f"{stem}:{line}", source=stem, seed=seed)
+                if task.format in ie.FORMATS:
+                    recs = ie.to_records(task.format, raw, id=f"{stem}:{line}", source=stem,
+                                         seed=seed, **_ie_options(task.format, sources or []))
+                else:
+                    recs = [convert(task.format, raw, id=f"{stem}:{line}", source=stem,
+                                    seed=seed)]
             except ConvertError as e:
                 raise ConfigError(f"{key}: {where}: cannot convert row: {e}") from e
-            yield where, rec
+            for rec in recs:
+                yield where, rec
 
 
-def raw_records(data: str, *, seed: int) -> list[dict[str, Any]]:
+def _format_of_source(src) -> str | None:
+    """A source's format, detected from its first file when it is "auto"."""
+    from ift.data.readers import detect_format
+
+    if src.format != "auto":
+        return src.format
+    files = storage.expand(src.path)
+    if not files or not storage.exists(files[0]):
+        return None
+    try:
+        head = storage.read_range(files[0], 0, min(storage.size(files[0]), 64 * 1024))
+        return detect_format(files[0], head)
+    except ValueError:
+        return None
+
+
+def _ie_options(fmt: str, sources: list) -> dict[str, Any]:
+    """schema and labels for ie.to_records from the first source of format `fmt`."""
+    from ift.data import ie
+
+    for src in sources:
+        if _format_of_source(src) == fmt:
+            schema = None
+            if src.schema:
+                try:
+                    schema = ie.parse_schema(fmt, storage.read_text(src.schema), src.schema)
+                except (ValueError, OSError) as e:
+                    raise ConfigError(f"data.sources ({src.path}).schema: {e}") from e
+            return {"schema": schema,
+                    "labels": ie.LabelOptions(src.max_labels, src.schema_split)}
+    return {}
+
+
+def raw_records(data: str, *, seed: int, sources: list | None = None) -> list[dict[str, Any]]:
     """Unified records of raw held-out files, in file order. A row that cannot be read or
     converted is an error naming its file and line (a held-out set must be whole)."""
-    records = [rec for _where, rec in iter_raw_records(data, seed=seed)]
+    records = [rec for _where, rec in iter_raw_records(data, seed=seed, sources=sources)]
     if not records:
         raise ConfigError(f"eval.data={data!r}: no rows")
     return records
@@ -197,6 +242,7 @@ def items_from_records(records: list[dict[str, Any]], tokenizer, template: str) 
             id=str(rec["id"]),
             prompt_ids=tokenizer(text, add_special_tokens=False)["input_ids"],
             reference=reference, gold=gold, options=extract_options(user), prompt=text,
+            ie=meta.get("ie") if isinstance(meta.get("ie"), dict) else None,
         ))
     return items
 

@@ -33,6 +33,7 @@ from ift.eval import heldout, metrics
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
+IE_REPORT = "ie_scores"  # .md and .csv: per-type IE scores, when the held-out data is IE
 METRIC_PREFIX = "heldout/"
 
 
@@ -263,7 +264,7 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
         template = None
         source = {"kind": "prepared", "split": "val"}
     else:
-        records = heldout.raw_records(data, seed=cfg.data.seed)
+        records = heldout.raw_records(data, seed=cfg.data.seed, sources=cfg.data.sources)
         if cfg.data.placeholders:  # filled as `ift data prepare` fills the training rows
             from ift.data.quality import substitute_placeholders
 
@@ -293,9 +294,10 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
             "completion_tokens": out["tokens"],
         })
     agg = metrics.aggregate(samples)
+    ie_metrics, ie_paths = _ie_scores(items, samples, output)
     result_metrics = {
         "loss": loss, "perplexity": metrics.perplexity(loss), "loss_rows": len(rows),
-        "loss_tokens": loss_tokens, **agg,
+        "loss_tokens": loss_tokens, **agg, **ie_metrics,
     }
     result = {
         "metrics": result_metrics,
@@ -315,7 +317,7 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
                                              for s in samples))
     eval_path = storage.join(output, EVAL_FILE)
     run_id = _log_mlflow(cfg, result, mlflow_run_id, step, run_name, parent_run_id,
-                         [samples_path])
+                         [samples_path, *ie_paths])
     result["mlflow_run_id"] = run_id
     storage.write_text(eval_path, json.dumps(result, indent=2, ensure_ascii=False))
     if run_id:
@@ -324,6 +326,29 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
         tracking.log_artifact(run_id, eval_path, "eval")
     _log(summary_text(result))
     return result
+
+
+def _ie_scores(items: list, samples: list[dict[str, Any]], output: str
+               ) -> tuple[dict[str, Any], list[str]]:
+    """IE metrics of the held-out rows that are IE records (ift.eval.ie): flat metrics, and
+    the per-type tables written beside eval.json (IE_REPORT .md and .csv)."""
+    from ift.eval import ie
+
+    scored = [(it.ie["task"], s["output"], it.ie.get("gold") or [])
+              for it, s in zip(items, samples) if it.ie]
+    if not scored:
+        return {}, []
+    for it, s in zip(items, samples):
+        if it.ie:
+            s["ie_task"] = it.ie["task"]
+            s["ie_pred"] = ie.parse_output(it.ie["task"], s["output"])
+    values, rows, _ = ie.score_samples(scored)
+    storage.makedirs(output)
+    md = storage.join(output, IE_REPORT + ".md")
+    csv_path = storage.join(output, IE_REPORT + ".csv")
+    storage.write_text(md, "# IE scores per type\n\n" + ie.table_markdown(rows))
+    storage.write_text(csv_path, ie.table_csv(rows))
+    return values, [md, csv_path]
 
 
 def _log_mlflow(cfg: Config, result: dict[str, Any], run_id: str | None, step: int | None,
@@ -358,7 +383,11 @@ def summary_text(result: dict[str, Any]) -> str:
     return (f"loss {num(m['loss'])}  ppl {num(m['perplexity'], '.2f')}  exact match "
             f"{num(m['exact_match'], '.3f')} (n={m['exact_match_n']})  mc accuracy "
             f"{num(m['mc_accuracy'], '.3f')} (n={m['mc_n']})  rouge-L {num(m['rouge_l'], '.3f')}"
-            f"  answered {num(m['answered'], '.2f')} of {m['samples']} samples")
+            f"  answered {num(m['answered'], '.2f')} of {m['samples']} samples"
+            + "".join(f"  {k[3:]} {m[k]:.3f}" for k in ("ie_ner_f1", "ie_re_f1",
+                                                        "ie_ee_trigger_f1", "ie_ee_argument_f1")
+                      if k in m)
+            + (f"  IE unparseable {m['ie_unparseable']}" if "ie_unparseable" in m else ""))
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,9 +34,12 @@ from ift.eval.metrics import mean_spread
 from ift.tune import space
 
 REPORT_DIR = "report"
+# Held-out IE F1 (ift.eval.ie), when the held-out data is IE; any ie_* metric of eval.json
+# can be tune.metric.
+IE_METRICS = ("ie_ner_f1", "ie_re_f1", "ie_ee_trigger_f1", "ie_ee_argument_f1")
 # Columns of metrics, in table order, with how they read.
 METRICS = ("exact_match", "mc_accuracy", "rouge_l", "answered", "heldout_loss", "heldout_ppl",
-           "eval_loss", "final_loss")
+           "eval_loss", "final_loss", *IE_METRICS)
 LOWER_IS_BETTER = {"heldout_loss", "heldout_ppl", "eval_loss", "final_loss"}
 PLOT_METRICS = ("exact_match", "mc_accuracy", "rouge_l", "heldout_loss", "eval_loss")
 
@@ -96,6 +99,7 @@ def trial_rows(sweep_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             "answered": ev.get("answered"),
             "heldout_loss": ev.get("loss"),
             "heldout_ppl": ev.get("perplexity"),
+            **{k: v for k, v in ev.items() if k.startswith("ie_")},
             "mlflow_run_id": run.get("mlflow_run_id") or trial.get("mlflow_run_id") or "",
             "history": history,
         })

@@ -236,7 +236,8 @@ def _final_result(summary: dict[str, Any], eval_metrics: dict[str, Any]) -> dict
     """A trial's last Tune result: training's step and losses, the held-out metrics."""
     result = {"step": summary.get("steps"), "eval_loss": summary.get("eval_loss"),
               "final_loss": summary.get("final_loss"),
-              **{key: eval_metrics.get(src) for src, key in EVAL_KEYS.items()}}
+              **{key: eval_metrics.get(src) for src, key in EVAL_KEYS.items()},
+              **{k: v for k, v in eval_metrics.items() if k.startswith("ie_")}}
     return {k: v for k, v in result.items() if v is not None}
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ift.data.pack import pack, padding_waste, unpack
-from ift.train.collate import attention_mask_from_seq_ids
 from ift.data.tokenize import IGNORE_INDEX, tokenize_records
+from ift.train.collate import attention_mask_from_seq_ids
 
 
 def make_rows(n: int, max_len: int, seed: int = 0) -> list[dict]:
