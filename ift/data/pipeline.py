@@ -433,12 +433,17 @@ def input_hash(files: list[dict], data_cfg: dict, tokenizer_sha: str) -> str:
 def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> dict:
     """Run the whole preparation; returns the manifest. Re-running with unchanged inputs and
     config reuses a complete output; `fresh` rebuilds it."""
+    from ift.data.preference import PAIR_FORMATS
     from ift.data.readers import plan_reads
     from ift.data.templates import resolve_template
     from ift.models import load_tokenizer, tokenizer_identity
     from ift.raycluster import init_ray
 
     d = cfg.data
+    if d.kind == "preference":
+        from ift.data.prepare_pairs import prepare_pairs
+
+        return prepare_pairs(cfg, fresh=fresh, address=address)
     if not d.sources:
         raise ConfigError("data.sources is empty: list at least one source with a path")
     out = cfg.resolve(d.output)
@@ -467,6 +472,10 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
                                          d.read_chunk_mb << 20, len(files))
         except ValueError as e:
             raise PrepareError(f"data.sources.{si} ({src.name}): {e}") from e
+        pairs = [f["path"] for f in info if f["format"] in PAIR_FORMATS]
+        if pairs:
+            raise PrepareError(f"data.sources.{si} ({src.name}): {pairs[0]} holds preference "
+                               "pairs (chosen/rejected); prepare them with data.kind=preference")
         tasks.extend(src_tasks)
         files.extend({**f, "source": src.name} for f in info)
     digest = input_hash(files, dataclasses.asdict(d), identity["sha256"])

@@ -117,6 +117,11 @@ def _looks_multiturn(text: Any) -> bool:
 
 
 def _format_of(rec: dict[str, Any]) -> str | None:
+    from ift.data.preference import pair_format_of
+
+    pair = pair_format_of(rec)  # chosen/rejected keys make any layout a preference pair
+    if pair:
+        return pair
     if "conversations" in rec:
         return "sharegpt"
     if "messages" in rec:
@@ -159,7 +164,8 @@ def detect_format(path: str, head: bytes) -> str:
         seen.extend(k for k in rec if k not in seen)
     raise ValueError(
         f"{path}: cannot detect the format from keys {seen}; expected conversations (sharegpt), "
-        "messages (openai), chat with turn_N (moss), instruction/output (alpaca); "
+        "messages (openai), chat with turn_N (moss), instruction/output (alpaca), "
+        "chosen/rejected or preferred_output/non_preferred_output (preference pairs); "
         "set format and columns on the source"
     )
 

@@ -14,6 +14,7 @@ from ift.data.formats import convert
 from ift.data.quality import substitute_placeholders, validate
 from ift.data.readers import iter_raw, plan_reads
 from ift.data.record import ConvertError, conversation_hash
+from ift.data.synthetic_pairs import PAIR_FILES
 from ift.data.synthetic import (
     SAMPLE_FILES,
     SPLIT_RANGE,
@@ -206,10 +207,11 @@ def test_tsv_line_refuses_tabs_and_newlines():
 
 def test_bundled_sample_data_matches_the_generator(tmp_path):
     written = write_sample_data(str(tmp_path), seed=0)
-    assert sorted(os.path.basename(p) for p in written) == sorted(SAMPLE_FILES)
+    every = SAMPLE_FILES + PAIR_FILES
+    assert sorted(os.path.basename(p) for p in written) == sorted(every)
     bundled = sorted(p.name for p in BUNDLED.iterdir() if p.name != "README.md")
-    assert bundled == sorted(SAMPLE_FILES), "stale or missing files in ift/sample_data"
-    for name in SAMPLE_FILES:
+    assert bundled == sorted(every), "stale or missing files in ift/sample_data"
+    for name in every:
         assert (tmp_path / name).read_bytes() == (BUNDLED / name).read_bytes(), (
             f"ift/sample_data/{name} differs from the generator; run "
             "`python -m ift.data.synthetic ift/sample_data`"
