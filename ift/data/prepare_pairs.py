@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from ift import storage
-from ift.config import Config, ConfigError
+from ift.config import Config
 from ift.data import mix
 from ift.data.pipeline import (
     MANIFEST,
@@ -39,11 +39,10 @@ from ift.data.pipeline import (
     _log,
     _task_of,
     _tokenizer,
-    input_hash,
-    read_manifest,
-    resolve_sources,
+    plan_inputs,
+    reuse_or_clear,
 )
-from ift.data.preference import PAIR_FORMATS, length_stats
+from ift.data.preference import length_stats
 
 KIND = "preference"
 _IDS = pa.list_(pa.int32())
@@ -119,53 +118,13 @@ def _pairs_udf(batch: dict[str, np.ndarray], tok: dict) -> Iterator[pa.Table]:
 def prepare_pairs(cfg: Config, *, fresh: bool = False, address: str | None = None) -> dict:
     """Prepare a preference dataset; returns the manifest. Re-running with unchanged inputs
     and config reuses a complete output; `fresh` rebuilds it."""
-    from ift.data.readers import plan_reads
-    from ift.data.templates import resolve_template
-    from ift.models import load_tokenizer, tokenizer_identity
     from ift.raycluster import init_ray
 
+    out, tok_name, template, identity, sources, tasks, files, digest = plan_inputs(cfg)
+    old = reuse_or_clear(out, digest, fresh)
+    if old is not None:
+        return old
     d = cfg.data
-    if not d.sources:
-        raise ConfigError("data.sources is empty: list at least one source with a path")
-    out = cfg.resolve(d.output)
-    tok_name = d.tokenizer or cfg.model.name_or_path
-    if not tok_name:
-        raise ConfigError("data.tokenizer (or model.name_or_path) must name a tokenizer")
-    tok_local = storage.local_copy(tok_name) if storage.is_remote(tok_name) else tok_name
-    tokenizer = load_tokenizer(tok_local, trust_remote_code=cfg.model.trust_remote_code)
-    template = resolve_template(d.template, tokenizer)
-    identity = tokenizer_identity(tokenizer)
-    sources = resolve_sources(d.sources)
-
-    tasks, files = [], []
-    for si, src in enumerate(sources):
-        paths = storage.expand(src.path)
-        missing = [p for p in paths if not storage.exists(p)]
-        if not paths or missing:
-            raise PrepareError(f"data.sources.{si} ({src.name}): "
-                               f"{missing[0] if missing else src.path} does not exist or "
-                               "matches no file")
-        try:
-            src_tasks, info = plan_reads(src.name, si, paths, src.format,
-                                         d.read_chunk_mb << 20, len(files))
-        except ValueError as e:
-            raise PrepareError(f"data.sources.{si} ({src.name}): {e}") from e
-        for f in info:
-            if f["format"] not in PAIR_FORMATS:
-                raise PrepareError(
-                    f"data.sources.{si} ({src.name}): {f['path']} holds {f['format']} "
-                    f"conversations, not preference pairs (data.kind=preference expects "
-                    f"{', '.join(PAIR_FORMATS)}); set the source's format or data.kind=sft")
-        tasks.extend(src_tasks)
-        files.extend({**f, "source": src.name} for f in info)
-    digest = input_hash(files, dataclasses.asdict(d), identity["sha256"])
-    if not fresh and storage.is_complete(out):
-        old = read_manifest(out)
-        if old.get("hash") == digest:
-            _log(f"{out} is complete and up to date (hash {digest[:12]}); reusing it")
-            return old
-    if storage.exists(out):
-        storage.rmtree(out)
 
     init_ray(address)
     import ray

@@ -102,7 +102,11 @@ def save_model(model: nn.Module, out_dir: str, method: str,
                state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Adapters in PEFT format, full/freeze as an HF safetensors model."""
     # PeftModel.save_pretrained writes only the adapter; a plain HF model writes itself.
-    unwrap(model).save_pretrained(out_dir, state_dict=state_dict)
+    # A frozen reference adapter beside the trained one (DPO from model.adapter) stays out.
+    inner = unwrap(model)
+    extra = {"selected_adapters": ["default"]} if len(getattr(inner, "peft_config", {})) > 1 \
+        else {}
+    inner.save_pretrained(out_dir, state_dict=state_dict, **extra)
 
 
 def load_model_weights(ckpt_dir: str, model: nn.Module, method: str,

@@ -189,21 +189,17 @@ class Objective:
         return losses.sum() / self.pairs_per_rank, sums
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
-                 inputs_of: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-                 ) -> dict[str, float]:
-        """Metric sums of the objective over collated pair batches (no grad)."""
-        total: dict[str, float] = {}
-        for batch in batches:
-            inputs = inputs_of(batch)
-            labels = inputs.pop("labels")
-            ref = (self.reference(inputs, labels) if self.name == "dpo" and self.reference
-                   else None)
-            out = model(**inputs, use_cache=False)
-            losses, sums = self.pair_losses(out.logits, labels, ref)
-            sums["loss"] = float(losses.sum())
-            add_sums(total, sums)
-        return total
+    def batch_sums(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Metric sums (and the summed pair loss) of one collated pair batch, no grad."""
+        fwd = {k: v for k, v in inputs.items() if k != "labels"}
+        ref = self.reference(fwd, inputs["labels"]) if self.name == "dpo" else None
+        out = model(**fwd, use_cache=False)
+        losses, sums = self.pair_losses(out.logits, inputs["labels"], ref)
+        sums["loss"] = float(losses.sum())
+        return sums
+
+
+SUM_KEYS = (*METRIC_KEYS, "loss", "pairs")
 
 
 def add_sums(total: dict[str, float], sums: dict[str, float]) -> None:
@@ -275,3 +271,60 @@ def _forward_logps(model: nn.Module, inputs: dict[str, torch.Tensor],
     with torch.no_grad():
         out = model(**inputs, use_cache=False)
     return sequence_logps(out.logits, labels)[0].detach()
+
+
+# ---------------------------------------------------------------------------------------
+# On a training worker
+# ---------------------------------------------------------------------------------------
+
+
+def objective_for(cfg: Any, model: nn.Module, plan: Any,
+                  load_copy: Callable[[], nn.Module]) -> Objective | None:
+    """The configured preference objective bound to its reference, or None for sft.
+
+    DPO's reference: the parent adapter frozen when the policy starts from model.adapter;
+    else the same model with its adapter disabled; a frozen copy for full and freeze.
+    `model` is the built (not yet DDP-wrapped) model.
+    """
+    from ift.train.methods import is_adapter
+
+    t = cfg.train
+    if t.objective == "sft":
+        return None
+    reference = None
+    if t.objective == "dpo":
+        if cfg.model.adapter:
+            reference = frozen_adapter_reference(model)
+        elif is_adapter(cfg.peft.method):
+            reference = disabled_adapter_reference(model)
+        else:
+            reference = frozen_copy_reference(load_copy())
+    return Objective(t.objective, beta=t.beta, label_smoothing=t.label_smoothing,
+                     dpo_loss=t.dpo_loss, gamma=t.simpo_gamma, lam=t.orpo_lambda,
+                     pairs_per_rank=plan.global_batch_size / plan.world_size,
+                     reference=reference)
+
+
+def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], env: Any
+             ) -> dict[str, float]:
+    """Held-out preference metrics over every worker's pair batches: eval_loss (the
+    objective's), eval_rewards/accuracy, eval_rewards/margin, ... (means over pairs)."""
+    from ift.train.collate import model_inputs
+    from ift.train.loop import _autocast, reduce_sums
+    from ift.train.methods import unwrap
+
+    target = model if env.strategy == "fsdp" else unwrap(model)
+    was_training = target.training
+    target.eval()
+    total = dict.fromkeys(SUM_KEYS, 0.0)
+    for batch in batches:
+        inputs = model_inputs(batch, attn_implementation=env.attn_implementation,
+                              dtype=env.dtype, device=env.device)
+        with _autocast(env):
+            sums = env.objective.batch_sums(target, inputs)
+        if batch.get("_weight", 1) != 0:  # filler batches keep FSDP ranks in step
+            add_sums(total, sums)
+    if was_training:
+        target.train()
+    total = reduce_sums(total, env.world_size, env.device)
+    return means(total, prefix="eval_") if total["pairs"] else {}

@@ -14,7 +14,6 @@ from ift.data.formats import convert
 from ift.data.quality import substitute_placeholders, validate
 from ift.data.readers import iter_raw, plan_reads
 from ift.data.record import ConvertError, conversation_hash
-from ift.data.synthetic_pairs import PAIR_FILES
 from ift.data.synthetic import (
     SAMPLE_FILES,
     SPLIT_RANGE,
@@ -26,6 +25,7 @@ from ift.data.synthetic import (
     write_arithmetic_corpus,
     write_sample_data,
 )
+from ift.data.synthetic_pairs import PAIR_FILES
 
 BUNDLED = Path(__file__).resolve().parents[2] / "ift" / "sample_data"
 EQUATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)\.$")
