@@ -29,6 +29,7 @@ import yaml
 from ift import storage
 from ift.config import Config, ConfigError, build_config, load_config
 from ift.eval import heldout, metrics
+from ift.eval import preference as pref_eval
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -249,7 +250,16 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
         else tokenizer.eos_token_id
     e = cfg.eval
 
-    if heldout.is_prepared(data):
+    pairs = pref_eval.held_out_pairs(
+        cfg, data, tokenizer, None if heldout.is_prepared(data) else
+        _template(cfg, prepared, tokenizer))
+    if pairs is not None:  # preference pairs: loss and generation on the chosen side
+        if heldout.is_prepared(data):
+            _check_tokenizer(data, tokenizer, model_dir)
+        rows = pairs
+        items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
+        source = {"kind": "preference"}
+    elif heldout.is_prepared(data):
         _check_tokenizer(data, tokenizer, model_dir)
         rows = heldout.prepared_rows(data, "val")
         items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
@@ -286,6 +296,9 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
         "loss": loss, "perplexity": metrics.perplexity(loss), "loss_rows": len(rows),
         "loss_tokens": loss_tokens, **agg,
     }
+    if pairs is not None:
+        result_metrics.update(pref_eval.pair_metrics(model, pairs, pad_id, max(1, e.batch_size),
+                                                     device, cfg.train.beta))
     result = {
         "metrics": result_metrics,
         **desc,
@@ -347,7 +360,11 @@ def summary_text(result: dict[str, Any]) -> str:
     return (f"loss {num(m['loss'])}  ppl {num(m['perplexity'], '.2f')}  exact match "
             f"{num(m['exact_match'], '.3f')} (n={m['exact_match_n']})  mc accuracy "
             f"{num(m['mc_accuracy'], '.3f')} (n={m['mc_n']})  rouge-L {num(m['rouge_l'], '.3f')}"
-            f"  answered {num(m['answered'], '.2f')} of {m['samples']} samples")
+            f"  answered {num(m['answered'], '.2f')} of {m['samples']} samples"
+            + (f"  preference accuracy {num(m['pref_accuracy'], '.3f')} margin "
+               f"{num(m['pref_margin'], '.3f')} (n={m['pref_pairs']})"
+               + (f"  reward accuracy {num(m['reward_accuracy'], '.3f')}"
+                  if "reward_accuracy" in m else "") if "pref_accuracy" in m else ""))
 
 
 # ---------------------------------------------------------------------------------------

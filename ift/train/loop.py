@@ -686,6 +686,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "trainable_tokens_per_s": result["trainable_tokens"] / dt,
                 "global_batch_size": plan.global_batch_size,
                 "resumed_from": resumed_from,
+                **{k: result[k] for k in preference.METRIC_KEYS if k in result},
             }
             final = step == plan.total_steps
             if plan.num_val_rows and ((train.eval_every and step % train.eval_every == 0)
