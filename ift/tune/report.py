@@ -34,7 +34,7 @@ from ift.tune import space
 REPORT_DIR = "report"
 # Columns of metrics, in table order, with how they read.
 METRICS = ("exact_match", "mc_accuracy", "rouge_l", "answered", "heldout_loss", "heldout_ppl",
-           "eval_loss", "final_loss")
+           "eval_loss", "final_loss", "pref_accuracy", "pref_margin", "reward_accuracy")
 LOWER_IS_BETTER = {"heldout_loss", "heldout_ppl", "eval_loss", "final_loss"}
 PLOT_METRICS = ("exact_match", "mc_accuracy", "rouge_l", "heldout_loss", "eval_loss")
 
@@ -94,6 +94,9 @@ def trial_rows(sweep_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             "answered": ev.get("answered"),
             "heldout_loss": ev.get("loss"),
             "heldout_ppl": ev.get("perplexity"),
+            "pref_accuracy": ev.get("pref_accuracy"),
+            "pref_margin": ev.get("pref_margin"),
+            "reward_accuracy": ev.get("reward_accuracy"),
             "mlflow_run_id": run.get("mlflow_run_id") or trial.get("mlflow_run_id") or "",
             "history": history,
         })
