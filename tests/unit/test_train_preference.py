@@ -200,3 +200,41 @@ def test_dpo_with_adapter_disabled_reference_starts_at_ln2(tiny):
     loss.backward()  # the adapter gets a gradient through the policy pass only
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_held_out_pair_metrics_of_an_untrained_adapter(tiny):
+    from ift.eval.preference import pair_metrics
+
+    model = _lora(tiny)
+    rows = _pairs(6)
+    m = pair_metrics(model, rows, pad_id=0, batch_size=4, device="cpu", beta=0.1)
+    batch = collate_pairs(rows, pad_id=0)
+    s, n = sequence_logps(model(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    avg = (s / n).detach()
+    assert m["pref_pairs"] == 6
+    assert m["pref_accuracy"] == pytest.approx(float((avg[:6] > avg[6:]).float().mean()))
+    assert m["pref_margin"] == pytest.approx(float((avg[:6] - avg[6:]).mean()), abs=1e-5)
+    # The adapter is zero: the policy is its reference, no pair has a positive reward.
+    assert m["reward_accuracy"] == 0.0 and m["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_preference_objectives_need_pair_data_and_adapters_need_lora(tmp_path):
+    from ift.config import ConfigError
+    from ift.train.driver import check_objective
+
+    sft = {"kind": None}
+    pref = {"kind": "preference"}
+    cfg = load_config(None, ["train.objective=dpo"])
+    with pytest.raises(ConfigError, match="train.objective=dpo needs preference pairs"):
+        check_objective(cfg, sft, "d")
+    assert check_objective(cfg, pref, "d") is True
+    assert check_objective(load_config(None, []), pref, "d") is True  # sft on the chosen side
+    cfg = load_config(None, ["train.objective=dpo", f"model.adapter={tmp_path}"])
+    with pytest.raises(ConfigError, match="no adapter_config.json"):
+        check_objective(cfg, pref, "d")
+    cfg = load_config(None, ["peft.method=full", f"model.adapter={tmp_path}"])
+    with pytest.raises(ConfigError, match="use peft.method=lora or dora"):
+        check_objective(cfg, pref, "d")
+    with pytest.raises(ConfigError, match="train.objective='kto' is not allowed"):
+        load_config(None, ["train.objective=kto"])
