@@ -40,8 +40,9 @@ class SourceConfig:
     name: str = ""
     """Name used in the manifest and per-source shards; defaults to the file stem."""
     format: str = "auto"
-    """One of auto, alpaca, alpaca_cot_multiturn, sharegpt, openai, moss, flan_cot_tsv, table.
-    `auto` detects the format per file from its extension and first record."""
+    """One of auto, alpaca, alpaca_cot_multiturn, sharegpt, openai, moss, flan_cot_tsv, table;
+    for data.kind=preference alpaca_pairs, sharegpt_pairs, hh_rlhf, messages_pairs,
+    openai_preference. `auto` detects the format per file from its extension and first record."""
     weight: float | None = None
     """Sampling ratio over this source's kept rows: 1.0 keeps all, 0.5 samples half,
     2.5 repeats each row twice and samples half again (deterministic by seed)."""
@@ -86,13 +87,16 @@ FORMATS = (
     "moss",
     "flan_cot_tsv",
     "table",
-    # preference pairs (data.kind=preference)
+)
+
+PAIR_FORMATS = (
     "alpaca_pairs",
     "sharegpt_pairs",
     "hh_rlhf",
     "messages_pairs",
     "openai_preference",
 )
+"""Preference-pair layouts (data.kind=preference), converted by ift.data.preference."""
 
 
 @dataclass
@@ -145,8 +149,9 @@ class DataConfig:
             for i, s in enumerate(self.sources)
         ]
         for i, s in enumerate(self.sources):
-            if s.format not in FORMATS:
-                raise ConfigError(_bad_choice(f"data.sources.{i}.format", s.format, FORMATS))
+            if s.format not in FORMATS + PAIR_FORMATS:
+                raise ConfigError(_bad_choice(f"data.sources.{i}.format", s.format,
+                                              FORMATS + PAIR_FORMATS))
         _check_choice("data.template", self.template,
                       ("auto", "tokenizer", "chatml", "alpaca", "human_assistant"))
         _check_choice("data.truncation", self.truncation, ("right", "left"))

@@ -28,12 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from ift.config import PAIR_FORMATS
 from ift.data import formats
 from ift.data.quality import detect_lang, validate
 from ift.data.record import ConvertError, conversation_hash, make_record
 
-PAIR_FORMATS = ("alpaca_pairs", "sharegpt_pairs", "hh_rlhf", "messages_pairs",
-                "openai_preference")
 IGNORE_INDEX = -100
 _NO_LIMIT = 1 << 30
 

@@ -773,6 +773,12 @@ def check_resumable(state: dict[str, Any], plan: Plan, cfg: Config, where: str) 
             f"{state.get('method')}, this run asks for {cfg.peft.method}; use another "
             "train.run_name"
         )
+    if state.get("objective", cfg.train.objective) != cfg.train.objective:
+        raise ConfigError(
+            f"cannot resume: checkpoint {where} was trained with train.objective="
+            f"{state['objective']}, this run asks for {cfg.train.objective}; use "
+            "another train.run_name"
+        )
     if state.get("global_batch_size") != plan.global_batch_size:
         raise ConfigError(
             f"cannot resume: checkpoint {where} used a global batch of "
@@ -816,6 +822,7 @@ def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, ste
         "total_steps": plan.total_steps,
         "seed": cfg.train.seed,
         "method": cfg.peft.method,
+        "objective": cfg.train.objective,
         "data_hash": plan.data_hash,
         "rng": rngs,
     }

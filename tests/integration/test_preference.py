@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
@@ -16,6 +17,7 @@ from test_train_resume import WorkerKiller
 
 from ift.config import load_config
 from ift.data.pipeline import prepare
+from ift.eval.run import evaluate, evaluate_run
 from ift.lineage import read_record, record_stages
 from ift.train import driver
 from ift.train.loop import read_metrics
@@ -85,7 +87,8 @@ def _mean(rows, key):
 
 def test_dpo_learns_the_preference(pairs, tiny_model):
     _, prepared, root = pairs
-    cfg = _cfg(tiny_model, prepared, root, "dpo", "train.max_steps=24", "train.grad_accum=2")
+    cfg = _cfg(tiny_model, prepared, root, "dpo", "train.max_steps=24", "train.grad_accum=2",
+               "eval.max_samples=4", "eval.max_new_tokens=8")
     summary = driver.train(cfg)
     rows = read_metrics(summary["run_dir"])
     assert [r["step"] for r in rows] == list(range(1, 25))
@@ -100,6 +103,16 @@ def test_dpo_learns_the_preference(pairs, tiny_model):
     final = os.path.join(summary["run_dir"], "final")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(final))
     assert read_record(final)["objective"] == "dpo"
+    # ift eval on the raw held-out pairs (another layout, prompts unseen in training).
+    held = str(Path(__file__).resolve().parents[2] / "ift" / "sample_data"
+               / "pref_concise_heldout.jsonl")
+    trained = evaluate_run(cfg, summary["run_dir"], data=held, output=f"{root}/eval-dpo")
+    base = evaluate(cfg, model_dir=tiny_model, data=held, output=f"{root}/eval-base")
+    assert trained["data_kind"] == {"kind": "preference"}
+    assert trained["metrics"]["pref_pairs"] == base["metrics"]["pref_pairs"] == 40
+    assert trained["metrics"]["reward_accuracy"] > 0.9
+    assert trained["metrics"]["pref_accuracy"] > max(base["metrics"]["pref_accuracy"], 0.9)
+    assert "reward_accuracy" not in base["metrics"]
 
 
 def test_one_worker_with_accumulation_matches_two_workers(pairs, tiny_model):

@@ -238,3 +238,16 @@ def test_preference_objectives_need_pair_data_and_adapters_need_lora(tmp_path):
         check_objective(cfg, pref, "d")
     with pytest.raises(ConfigError, match="train.objective='kto' is not allowed"):
         load_config(None, ["train.objective=kto"])
+
+
+def test_a_run_resumes_only_with_the_objective_it_was_trained_with():
+    from ift.config import ConfigError
+    from ift.train.loop import check_resumable, make_plan
+
+    cfg = load_config(None, ["train.objective=simpo"])
+    plan = make_plan(40, 0, cfg.train)
+    state = {"method": "lora", "global_batch_size": plan.global_batch_size,
+             "objective": "dpo"}
+    with pytest.raises(ConfigError, match="train.objective=dpo, this run asks for simpo"):
+        check_resumable(state, plan, cfg, "ckpt")
+    check_resumable({**state, "objective": "simpo"}, plan, cfg, "ckpt")
