@@ -146,3 +146,18 @@ def test_a_pair_whose_reply_keeps_no_token_is_dropped_with_a_reason(chatml_tok):
     rows, lost = tokenize_pairs([ok], chatml_tok, template="chatml", max_seq_len=1)
     assert rows == []
     assert lost[0][0] == 0 and "no trainable token left" in lost[0][1]
+
+
+def test_the_dpo_config_loads_and_names_the_bundled_pairs():
+    import os
+    from pathlib import Path
+
+    from ift.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(str(repo / "configs" / "dpo.yaml"))
+    assert cfg.data.kind == "preference" and cfg.train.objective == "dpo"
+    assert os.path.exists(cfg.data.sources[0].path)
+    assert (repo / cfg.eval.data).exists()
+    assert load_config(str(repo / "configs" / "dpo.yaml"),
+                       ["train.objective=simpo"]).train.objective == "simpo"
