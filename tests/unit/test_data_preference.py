@@ -161,3 +161,23 @@ def test_the_dpo_config_loads_and_names_the_bundled_pairs():
     assert (repo / cfg.eval.data).exists()
     assert load_config(str(repo / "configs" / "dpo.yaml"),
                        ["train.objective=simpo"]).train.objective == "simpo"
+
+
+def test_sweeps_train_on_preference_pairs_as_prepared(tmp_path):
+    import json
+
+    from ift import storage
+    from ift.config import ConfigError
+    from ift.tune.trial import ensure_mixture
+
+    prepared = str(tmp_path / "prepared")
+    manifest = {"version": 2, "kind": "preference", "hash": "h", "tokenizer": {},
+                "splits": {"train": {"rows": 3}}, "sources": {"pairs": {"tags": ["x"]}}}
+    storage.write_text(f"{prepared}/manifest.json", json.dumps(manifest))
+    storage.mark_complete(prepared, "h")
+    point = {"name": "t0", "seed": 42, "params": {"train.beta": 0.5}}
+    assert ensure_mixture(prepared, str(tmp_path / "mix"), point)["kind"] == "preference"
+    assert not (tmp_path / "mix").exists()
+    with pytest.raises(ConfigError, match="sweeps do not re-mix"):
+        ensure_mixture(prepared, str(tmp_path / "mix"),
+                       {**point, "params": {"exclude_tags": ["x"]}})
