@@ -191,7 +191,7 @@ def record_stages(record: dict[str, Any], artifact_path: str | None) -> list[dic
     if isinstance(parent_adapter, dict) and isinstance(parent_adapter.get("lineage"), dict):
         stages.extend(record_stages(parent_adapter["lineage"], parent_adapter.get("path")))
     elif isinstance(parent_adapter, dict):
-        stages.append({"stage": "adapter", "role": "parent", "path": parent_adapter.get("path"),
+        stages.append({"stage": "adapter", "path": parent_adapter.get("path"),
                        "notes": [f"no {LINEAGE_FILE} recorded for the parent adapter"]})
     own = len(stages)
     sources = record.get("sources")
