@@ -57,8 +57,9 @@ class SourceConfig:
     name: str = ""
     """Name used in the manifest and per-source shards; defaults to the file stem."""
     format: str = "auto"
-    """One of auto, alpaca, alpaca_cot_multiturn, sharegpt, openai, moss, flan_cot_tsv, table.
-    `auto` detects the format per file from its extension and first record."""
+    """One of auto, alpaca, alpaca_cot_multiturn, sharegpt, openai, moss, flan_cot_tsv, table;
+    for data.kind=preference alpaca_pairs, sharegpt_pairs, hh_rlhf, messages_pairs,
+    openai_preference. `auto` detects the format per file from its extension and first record."""
     weight: float | None = None
     """Sampling ratio over this source's kept rows: 1.0 keeps all, 0.5 samples half,
     2.5 repeats each row twice and samples half again (deterministic by seed)."""
@@ -126,6 +127,15 @@ FORMATS = (
     "ner_bio",
 )
 
+PAIR_FORMATS = (
+    "alpaca_pairs",
+    "sharegpt_pairs",
+    "hh_rlhf",
+    "messages_pairs",
+    "openai_preference",
+)
+"""Preference-pair layouts (data.kind=preference), converted by ift.data.preference."""
+
 
 @dataclass
 class DataConfig:
@@ -170,6 +180,9 @@ class DataConfig:
     keep_reasoning: bool = True
     """Keep assistant reasoning (LLaMA-Factory `reasoning` parts) as a `<think>...</think>`
     block before the reply, trained with it; false drops the reasoning and keeps the reply."""
+    kind: Literal["sft", "preference"] = "sft"
+    """sft: conversations; preference: pairs of a prompt, a chosen and a rejected reply
+    (formats alpaca_pairs, sharegpt_pairs, hh_rlhf, messages_pairs, openai_preference)."""
 
     def __post_init__(self) -> None:
         self.sources = [
@@ -177,11 +190,16 @@ class DataConfig:
             for i, s in enumerate(self.sources)
         ]
         for i, s in enumerate(self.sources):
-            if s.format not in FORMATS:
-                raise ConfigError(_bad_choice(f"data.sources.{i}.format", s.format, FORMATS))
+            if s.format not in FORMATS + PAIR_FORMATS:
+                raise ConfigError(_bad_choice(f"data.sources.{i}.format", s.format,
+                                              FORMATS + PAIR_FORMATS))
         _check_choice("data.template", self.template,
                       ("auto", "tokenizer", "chatml", "alpaca", "human_assistant"))
         _check_choice("data.truncation", self.truncation, ("right", "left"))
+        _check_choice("data.kind", self.kind, ("sft", "preference"))
+        if self.kind == "preference" and self.pack:
+            raise ConfigError("data.pack=true with data.kind=preference: preference pairs are "
+                              "not packed; set data.pack=false")
         if self.max_seq_len < 8:
             raise ConfigError(f"data.max_seq_len={self.max_seq_len}: must be >= 8")
         if not 0.0 <= self.val_ratio < 1.0:
@@ -206,6 +224,10 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) to pin."""
     attn_implementation: str | None = None
     """Attention kernel (eager, sdpa, flash_attention_2); None lets transformers choose."""
+    adapter: str = ""
+    """An existing LoRA adapter directory (local or s3://, e.g. an SFT run's final/) the
+    policy starts from instead of a new adapter: a new run whose lineage names it. For
+    train.objective=dpo the reference model is that adapter, frozen."""
 
     def __post_init__(self) -> None:
         _check_choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
@@ -345,6 +367,21 @@ class TrainConfig:
     """Seed for init, dropout and data order. Each epoch visits the train rows in a full
     permutation drawn from (seed, epoch), which is what lets a resumed run find its data
     position."""
+    objective: Literal["sft", "dpo", "simpo", "orpo"] = "sft"
+    """sft (next-token loss on the replies), or a preference objective on a preference
+    dataset (data.kind=preference): dpo, simpo (reference-free, length-normalised) or orpo
+    (SFT loss on the chosen reply plus an odds-ratio term)."""
+    beta: float = 0.1
+    """dpo: inverse temperature of the implicit reward; simpo: reward scale; also the scale
+    of the reported rewards of simpo and orpo."""
+    label_smoothing: float = 0.0
+    """dpo (sigmoid): assumed probability that a pair's preference label is flipped."""
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """dpo: the sigmoid (DPO) loss or the squared IPO loss."""
+    simpo_gamma: float = 0.5
+    """simpo: target reward margin gamma."""
+    orpo_lambda: float = 0.1
+    """orpo: weight lambda of the odds-ratio term beside the SFT loss."""
 
     def __post_init__(self) -> None:
         _check_choice("train.strategy", self.strategy, ("ddp", "fsdp"))
@@ -363,6 +400,14 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         if self.optimizer == "adamw_8bit" and not self.use_gpu:
             raise ConfigError("train.optimizer=adamw_8bit needs train.use_gpu=true")
+        _check_choice("train.objective", self.objective, ("sft", "dpo", "simpo", "orpo"))
+        _check_choice("train.dpo_loss", self.dpo_loss, ("sigmoid", "ipo"))
+        if self.beta <= 0:
+            raise ConfigError(f"train.beta={self.beta}: must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"train.label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
+        if self.orpo_lambda < 0:
+            raise ConfigError(f"train.orpo_lambda={self.orpo_lambda}: must be >= 0")
 
     @property
     def global_batch_size(self) -> int:

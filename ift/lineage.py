@@ -186,8 +186,16 @@ def manifest_stages(manifest: dict[str, Any], path: str) -> list[dict[str, Any]]
 def record_stages(record: dict[str, Any], artifact_path: str | None) -> list[dict[str, Any]]:
     """The stages a lineage record describes, oldest first. `artifact_path` is where the
     record was read (the final/ or merged dir); None leaves out the artifact stages (a run
-    that has not written final/ yet)."""
+    that has not written final/ yet). A run that started from an existing adapter
+    (model.adapter) lists that adapter's own chain first."""
     stages: list[dict[str, Any]] = []
+    parent_adapter = record.get("parent_adapter")
+    if isinstance(parent_adapter, dict) and isinstance(parent_adapter.get("lineage"), dict):
+        stages.extend(record_stages(parent_adapter["lineage"], parent_adapter.get("path")))
+    elif isinstance(parent_adapter, dict):
+        stages.append({"stage": "adapter", "path": parent_adapter.get("path"),
+                       "notes": [f"no {LINEAGE_FILE} recorded for the parent adapter"]})
+    own = len(stages)
     sources = record.get("sources")
     if sources:
         stages.append({"stage": "sources", "sources": list(sources)})
@@ -219,9 +227,16 @@ def record_stages(record: dict[str, Any], artifact_path: str | None) -> list[dic
         kind = "model" if record.get("artifact") == "model" else "adapter"
         stages.append({"stage": kind, "path": artifact_path, "method": record.get("method"),
                        "base_model": record.get("base_model"), "created": record.get("created")})
-    if len(stages) == 1:
-        stages[0]["notes"] = [f"no {LINEAGE_FILE} recorded: where this came from is unknown"]
+    if len(stages) == own + 1:
+        stages[own]["notes"] = [f"no {LINEAGE_FILE} recorded: where this came from is unknown"]
     return stages
+
+
+def parent_adapter_record(path: str) -> dict[str, Any]:
+    """What a run that starts from an existing adapter (model.adapter) records of it: its
+    path and its own lineage record, so base -> SFT adapter -> DPO adapter, with the data
+    of each, stays on file."""
+    return {"path": absolute(path), "lineage": read_record(path)}
 
 
 def serving_stage(row: dict[str, Any], url: str) -> dict[str, Any]:

@@ -143,7 +143,8 @@ def prepare_sample(sample_dir, model_dir: str, out: str, max_seq_len: int = 64) 
     # The chain-of-thought file is left out: its prompts alone exceed 64 tokens, so every
     # row would be dropped at this length.
     files = sorted(p for p in os.listdir(sample_dir)
-                   if p.endswith((".json", ".jsonl", ".tsv")) and not p.startswith("cot_"))
+                   if p.endswith((".json", ".jsonl", ".tsv"))
+                   and not p.startswith(("cot_", "pref_")))
     for i, name in enumerate(files):
         overrides.append(f"data.sources.{i}.path={os.path.join(str(sample_dir), name)}")
     prepare(load_config(None, overrides))

@@ -471,13 +471,15 @@ def input_hash(files: list[dict], data_cfg: dict, tokenizer_sha: str) -> str:
     return h.hexdigest()
 
 
-def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> dict:
-    """Run the whole preparation; returns the manifest. Re-running with unchanged inputs and
-    config reuses a complete output; `fresh` rebuilds it."""
+def plan_inputs(cfg: Config) -> tuple[str, str, str, dict, list[SourceConfig], list, list[dict],
+                                      str, list[dict | None]]:
+    """(output dir, tokenizer name, template, tokenizer identity, sources, read tasks, file
+    infos, input hash, IE schemas per source) of a preparation; PrepareError when a source names no file or holds
+    the other data kind (preference pairs in an sft preparation, or the reverse)."""
+    from ift.data.preference import PAIR_FORMATS
     from ift.data.readers import plan_reads
     from ift.data.templates import resolve_template
     from ift.models import load_tokenizer, tokenizer_identity
-    from ift.raycluster import init_ray
 
     d = cfg.data
     if not d.sources:
@@ -493,7 +495,6 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
     sources = resolve_sources(d.sources)
 
     # Plan: files, formats, byte ranges, content hashes.
-    t0 = time.time()
     tasks, files = [], []
     for si, src in enumerate(sources):
         paths = storage.expand(src.path)
@@ -508,12 +509,27 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
                                          d.read_chunk_mb << 20, len(files))
         except ValueError as e:
             raise PrepareError(f"data.sources.{si} ({src.name}): {e}") from e
+        for f in info:
+            if (f["format"] in PAIR_FORMATS) != (d.kind == "preference"):
+                raise PrepareError(
+                    f"data.sources.{si} ({src.name}): {f['path']} holds "
+                    + ("preference pairs (chosen/rejected); prepare them with "
+                       "data.kind=preference" if d.kind == "sft" else
+                       f"{f['format']} conversations, not preference pairs (data.kind="
+                       f"preference expects {', '.join(PAIR_FORMATS)}); set the source's "
+                       "format or data.kind=sft"))
         tasks.extend(src_tasks)
         files.extend({**f, "source": src.name} for f in info)
     schemas = [load_source_schema(si, src, files) for si, src in enumerate(sources)]
     digest = input_hash(files + [{"source": f"schema:{s.name}", "sha256": json.dumps(
         schemas[i], sort_keys=True, ensure_ascii=False)} for i, s in enumerate(sources)
         if schemas[i] is not None], dataclasses.asdict(d), identity["sha256"])
+    return out, tok_name, template, identity, sources, tasks, files, digest, schemas
+
+
+def reuse_or_clear(out: str, digest: str, fresh: bool) -> dict | None:
+    """The manifest of a complete output prepared from the same inputs (unless `fresh`);
+    otherwise None, with whatever is at `out` removed."""
     if not fresh and storage.is_complete(out):
         old = read_manifest(out)
         if old.get("hash") == digest:
@@ -521,6 +537,24 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
             return old
     if storage.exists(out):
         storage.rmtree(out)
+    return None
+
+
+def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> dict:
+    """Run the whole preparation; returns the manifest. Re-running with unchanged inputs and
+    config reuses a complete output; `fresh` rebuilds it."""
+    from ift.raycluster import init_ray
+
+    d = cfg.data
+    if d.kind == "preference":
+        from ift.data.prepare_pairs import prepare_pairs
+
+        return prepare_pairs(cfg, fresh=fresh, address=address)
+    t0 = time.time()
+    out, tok_name, template, identity, sources, tasks, files, digest, schemas = plan_inputs(cfg)
+    old = reuse_or_clear(out, digest, fresh)
+    if old is not None:
+        return old
     _log(f"planned {len(tasks)} read tasks over {len(files)} files from {len(sources)} sources "
          f"in {time.time() - t0:.1f}s")
 

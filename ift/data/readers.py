@@ -121,6 +121,11 @@ def _looks_multiturn(text: Any) -> bool:
 
 
 def _format_of(rec: dict[str, Any]) -> str | None:
+    from ift.data.preference import pair_format_of
+
+    pair = pair_format_of(rec)  # chosen/rejected keys make any layout a preference pair
+    if pair:
+        return pair
     if "conversations" in rec:
         return "sharegpt"
     if "messages" in rec:
@@ -196,6 +201,7 @@ def detect_format(path: str, head: bytes) -> str:
         "messages (openai), chat with turn_N (moss), instruction/output (alpaca), "
         "text with spo_list (duie), event_list (duee), label (cluener) or entity_list "
         "(ner_spans); "
+        "chosen/rejected or preferred_output/non_preferred_output (preference pairs); "
         "set format and columns on the source"
     )
 

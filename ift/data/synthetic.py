@@ -1030,6 +1030,8 @@ def _dumps_jsonl(rows: list[dict]) -> str:
 
 def sample_data_texts(seed: int = 0) -> dict[str, str]:
     """File name -> file content of every bundled sample data file."""
+    from ift.data.synthetic_pairs import pair_texts
+
     rng = lambda name: random.Random(f"{seed}-{name}")  # noqa: E731 - one seed per file
     en = _alpaca_en(rng("alpaca_en"))
     zh = _alpaca_zh(rng("alpaca_zh"))
@@ -1053,6 +1055,7 @@ def sample_data_texts(seed: int = 0) -> dict[str, str]:
         "multiturn_sharegpt.json": _dumps_json(sharegpt),
         "chat_openai.jsonl": _dumps_jsonl(openai),
         "identity_en.json": _dumps_json(_identity()),
+        **pair_texts(seed),
     }
 
 

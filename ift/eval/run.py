@@ -30,6 +30,7 @@ from ift import storage
 from ift.artifacts import ADAPTER_CONFIG, FINAL_DIR, RUN_FILE
 from ift.config import Config, ConfigError, build_config, load_config
 from ift.eval import heldout, metrics
+from ift.eval import preference as pref_eval
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -257,7 +258,16 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
     e = cfg.eval
     fmt = _prompt_format(cfg, model_dir, prepared, tokenizer)
 
-    if heldout.is_prepared(data):
+    pairs = pref_eval.held_out_pairs(
+        cfg, data, tokenizer, None if heldout.is_prepared(data) else
+        fmt.template)
+    if pairs is not None:  # preference pairs: loss and generation on the chosen side
+        if heldout.is_prepared(data):
+            _check_tokenizer(data, tokenizer, model_dir)
+        rows = pairs
+        items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
+        source = {"kind": "preference"}
+    elif heldout.is_prepared(data):
         _check_tokenizer(data, tokenizer, model_dir)
         rows = heldout.prepared_rows(data, "val")
         items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
@@ -299,6 +309,9 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
         "loss": loss, "perplexity": metrics.perplexity(loss), "loss_rows": len(rows),
         "loss_tokens": loss_tokens, **agg, **ie_metrics,
     }
+    if pairs is not None:
+        result_metrics.update(pref_eval.pair_metrics(model, pairs, pad_id, max(1, e.batch_size),
+                                                     device, cfg.train.beta))
     result = {
         "metrics": result_metrics,
         **desc,
@@ -387,7 +400,11 @@ def summary_text(result: dict[str, Any]) -> str:
             + "".join(f"  {k[3:]} {m[k]:.3f}" for k in ("ie_ner_f1", "ie_re_f1",
                                                         "ie_ee_trigger_f1", "ie_ee_argument_f1")
                       if k in m)
-            + (f"  IE unparseable {m['ie_unparseable']}" if "ie_unparseable" in m else ""))
+            + (f"  IE unparseable {m['ie_unparseable']}" if "ie_unparseable" in m else "")
+            + (f"  preference accuracy {num(m['pref_accuracy'], '.3f')} margin "
+               f"{num(m['pref_margin'], '.3f')} (n={m['pref_pairs']})"
+               + (f"  reward accuracy {num(m['reward_accuracy'], '.3f')}"
+                  if "reward_accuracy" in m else "") if "pref_accuracy" in m else ""))
 
 
 # ---------------------------------------------------------------------------------------

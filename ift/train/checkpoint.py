@@ -110,7 +110,10 @@ def save_model(model: nn.Module, out_dir: str, method: str,
     from ift.train.fsdp import clean_module_names
 
     with clean_module_names(unwrap(model)) as inner:
-        inner.save_pretrained(out_dir, state_dict=state_dict)
+        # A frozen reference adapter beside the trained one (DPO from model.adapter) stays out.
+        extra = {"selected_adapters": ["default"]} if len(getattr(inner, "peft_config", {})) > 1 \
+            else {}
+        inner.save_pretrained(out_dir, state_dict=state_dict, **extra)
     if is_adapter(method) and method != "adalora":
         _check_adapter_file(out_dir)
 

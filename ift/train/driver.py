@@ -33,6 +33,7 @@ from ift.artifacts import CONFIG_FILE, RUN_FILE
 from ift.config import Config, ConfigError, load_config
 from ift.train import fsdp, methods, multinode
 from ift.train.loop import Plan, make_plan, read_metrics, train_loop_per_worker
+from ift.train.preference import PAIR_COLUMNS
 
 LOSS_PNG = "loss_curve.png"
 
@@ -142,6 +143,7 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
     splits = manifest["splits"]
     plan = make_plan(int(splits["train"]["rows"]), int(splits.get("val", {}).get("rows", 0)),
                      cfg.train, packed=packed, data_hash=str(manifest.get("hash", "")))
+    plan.pairs = check_objective(cfg, manifest, prepared)
 
     # Method checks on a weightless copy of the architecture.
     with torch.device("meta"):
@@ -213,6 +215,7 @@ def _datasets(prepared: str, plan: Plan) -> dict[str, Any]:
     from ift.data.pipeline import split_files
 
     cols = ["id", "input_ids", "labels"] + (["position_ids", "seq_ids"] if plan.packed else [])
+    cols += list(PAIR_COLUMNS) if plan.pairs else []
     ctx = ray.data.DataContext.get_current()
     keep = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
@@ -239,6 +242,26 @@ def _datasets(prepared: str, plan: Plan) -> dict[str, Any]:
     finally:
         ctx.execution_options.preserve_order = keep
     return out
+
+
+def check_objective(cfg: Config, manifest: dict[str, Any], prepared: str) -> bool:
+    """Whether the prepared rows are preference pairs; a ConfigError when train.objective
+    or model.adapter do not fit the data or the method."""
+    pairs = manifest.get("kind") == "preference"
+    objective = cfg.train.objective
+    if objective != "sft" and not pairs:
+        raise ConfigError(
+            f"train.objective={objective} needs preference pairs, but {prepared} holds "
+            "conversations; prepare pair sources with data.kind=preference")
+    if cfg.model.adapter:
+        if cfg.peft.method not in ("lora", "dora"):
+            raise ConfigError(f"model.adapter={cfg.model.adapter!r} continues a LoRA adapter: "
+                              f"use peft.method=lora or dora, not {cfg.peft.method}")
+        config = storage.join(cfg.model.adapter, "adapter_config.json")
+        if not storage.exists(config):
+            raise ConfigError(f"model.adapter={cfg.model.adapter!r}: no adapter_config.json "
+                              "there (expected a run's final/ adapter directory)")
+    return pairs
 
 
 def _storage(output: str) -> tuple[str, Any]:
@@ -391,7 +414,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
                                     parent_run_id=parent_run_id or None,
                                     tags={"ift.command": "train", "ift.method": cfg.peft.method,
                                           "ift.run_dir": run_dir,
-                                          "ift.data_hash": plan.data_hash})
+                                          "ift.data_hash": plan.data_hash,
+                                          "ift.objective": cfg.train.objective})
         tracking.log_params(run_id, {
             "model": asdict(cfg.model), "peft": asdict(cfg.peft), "train": asdict(cfg.train),
             "data": {"prepared": prepared, "hash": plan.data_hash,
@@ -418,6 +442,11 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     }
     storage.write_text(run_file, json.dumps(info, indent=2))
     record = lineage_record(cfg, manifest, prepared, run_dir, run_id, tracking_uri)
+    record["objective"] = cfg.train.objective
+    if cfg.model.adapter:
+        from ift.lineage import parent_adapter_record
+
+        record["parent_adapter"] = parent_adapter_record(cfg.model.adapter)
     print(f"[ift train] run {cfg.train.run_name}: {plan.num_rows} train rows, global batch "
           f"{plan.micro_batch_size} × {plan.world_size} workers × {plan.grad_accum} accum = "
           f"{plan.global_batch_size}, {plan.total_steps} steps -> {run_dir}", flush=True)

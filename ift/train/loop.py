@@ -46,7 +46,7 @@ from torch import nn
 
 from ift import storage
 from ift.config import Config, ConfigError, TrainConfig, build_config
-from ift.train import checkpoint, fsdp, methods
+from ift.train import checkpoint, fsdp, methods, preference
 from ift.train.collate import (
     IGNORE_INDEX,
     collate,
@@ -54,6 +54,7 @@ from ift.train.collate import (
     model_inputs,
     trainable_tokens,
 )
+from ift.train.preference import PAIR_COLUMNS, add_sums, means
 
 METRICS_FILE = "metrics.jsonl"
 PID_DIR = "worker_pids"
@@ -88,6 +89,8 @@ class Plan:
     """Rows are packed bins (position_ids, seq_ids)."""
     data_hash: str = ""
     """The prepared dataset's manifest hash (a resumed run must train on the same data)."""
+    pairs: bool = False
+    """Rows are preference pairs (the rejected side in rejected_input_ids/rejected_labels)."""
 
     @property
     def global_batch_size(self) -> int:
@@ -146,7 +149,7 @@ def epoch_rows_needed(plan: Plan, rank: int, order: np.ndarray, first_step: int,
     return needed
 
 
-ROW_COLUMNS = ("id", "input_ids", "labels", "position_ids", "seq_ids")
+ROW_COLUMNS = ("id", "input_ids", "labels", "position_ids", "seq_ids", *PAIR_COLUMNS)
 
 
 def collect_rows(batches: Iterable[dict[str, Any]], needed: set[int] | None,
@@ -248,6 +251,9 @@ class StepEnv:
     max_grad_norm: float = 1.0
     world_size: int = 1
     strategy: str = "ddp"
+    objective: Any = None
+    """A preference objective (ift.train.preference.Objective); None: the model's own
+    next-token loss."""
 
 
 def _all_reduce(values: list[float], world_size: int, device: torch.device) -> list[float]:
@@ -285,6 +291,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
     lr = optimizer.param_groups[0]["lr"]
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
     ddp = hasattr(model, "no_sync") and env.world_size > 1 and env.strategy == "ddp"
+    pref_sums: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if (last or not ddp) else model.no_sync()
@@ -292,8 +299,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                               dtype=env.dtype, device=env.device)
         with sync:
             with _autocast(env):
-                out = model(**inputs, num_items_in_batch=denom, use_cache=False)
-            loss = out.loss
+                if env.objective is not None:
+                    loss, sums = env.objective.loss(model, inputs)
+                    add_sums(pref_sums, sums)
+                else:
+                    loss = model(**inputs, num_items_in_batch=denom, use_cache=False).loss
             if env.scaler is not None:
                 env.scaler.scale(loss).backward()
             else:
@@ -311,13 +321,23 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     (loss_total,) = _all_reduce([float(loss_sum)], env.world_size, env.device)
-    return {
+    result = {
         "loss": loss_total / env.world_size,
         "grad_norm": grad_norm,
         "lr": lr,
         "tokens": global_tokens,
         "trainable_tokens": global_trainable,
     }
+    if env.objective is not None:
+        result.update(means(reduce_sums(pref_sums, env.world_size, env.device)))
+    return result
+
+
+def reduce_sums(sums: dict[str, float], world_size: int, device: torch.device
+                ) -> dict[str, float]:
+    """A dict of per-rank sums summed over every rank (same keys on every rank)."""
+    keys = sorted(sums)
+    return dict(zip(keys, _all_reduce([sums[k] for k in keys], world_size, device)))
 
 
 def _clip(model: nn.Module, optimizer: torch.optim.Optimizer, env: StepEnv) -> float:
@@ -432,8 +452,13 @@ def progress_line(step: int, total: int, metrics: dict[str, float], elapsed: flo
     eta = rate * (total - step)
     parts = [f"step {step}/{total}", f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}",
              f"{metrics.get('tokens_per_s', 0):,.0f} tok/s"]
+    if "rewards/accuracy" in metrics:
+        parts.append(f"acc {metrics['rewards/accuracy']:.2f} margin "
+                     f"{metrics['rewards/margin']:.3f}")
     if "eval_loss" in metrics:
         parts.append(f"eval_loss {metrics['eval_loss']:.4f}")
+    if "eval_rewards/accuracy" in metrics:
+        parts.append(f"eval_acc {metrics['eval_rewards/accuracy']:.2f}")
     parts.append(f"ETA {_hms(eta)}")
     return " | ".join(parts)
 
@@ -552,8 +577,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(train.seed)  # identical adapter init on every rank
     model = load_model(cfg.model, device=fsdp.load_device(train, device),
                        quantization=methods.quantization(cfg), dtype=load_dtype(cfg))
-    model = methods.build(model, cfg, plan.total_steps)
+    model = (methods.from_adapter(model, cfg) if cfg.model.adapter
+             else methods.build(model, cfg, plan.total_steps))
     trainable, total = methods.parameter_counts(model)
+    objective = preference.objective_for(cfg, model, plan, lambda: load_model(
+        cfg.model, device=str(device), quantization=methods.quantization(cfg),
+        dtype=load_dtype(cfg)))
 
     state: dict[str, Any] | None = None
     opt_state = sched_state = None
@@ -589,7 +618,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         autocast_dtype=amp,
         scaler=fsdp.grad_scaler(train.strategy, amp),
         max_grad_norm=train.max_grad_norm, world_size=world, strategy=train.strategy,
+        objective=objective,
     )
+    make_batch = preference.collate_pairs if objective is not None else collate
     pad_id = tokenizer.pad_token_id
     _log(rank, f"{cfg.peft.method}: {trainable:,} trainable of {total:,} parameters "
                f"({100.0 * trainable / max(total, 1):.3f}%)")
@@ -608,7 +639,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def eval_batches() -> list[dict[str, torch.Tensor]]:
         nonlocal val_batches
         if val_batches is None:
-            val_batches = _val_batches(cfg, plan, rank, world, pad_id)
+            val_batches = _val_batches(cfg, plan, rank, world, pad_id, make_batch)
         return val_batches
 
     metrics_log = MetricsLog(run_dir) if rank == 0 else None
@@ -629,7 +660,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    f"streamed in {time.time() - t_load:.1f}s")
         while step < epoch_end:
             t0 = time.time()
-            micro = [collate([rows[int(i)] for i in order[pos]], pad_id, packed=plan.packed)
+            micro = [make_batch([rows[int(i)] for i in order[pos]], pad_id, packed=plan.packed)
                      for pos in step_slots(plan, rank, step)]
             result = train_step(model, optimizer, scheduler, micro, env, step + 1)
             step += 1
@@ -645,11 +676,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "trainable_tokens_per_s": result["trainable_tokens"] / dt,
                 "global_batch_size": plan.global_batch_size,
                 "resumed_from": resumed_from,
+                **{k: result[k] for k in preference.METRIC_KEYS if k in result},
             }
             final = step == plan.total_steps
             if plan.num_val_rows and ((train.eval_every and step % train.eval_every == 0)
                                       or final):
-                metrics.update(evaluate(model, eval_batches(), env))
+                metrics.update(evaluate(model, eval_batches(), env) if objective is None
+                               else preference.evaluate(model, eval_batches(), env))
             if not math.isfinite(result["loss"]):
                 raise FloatingPointError(f"loss is {result['loss']} at step {step}")
             want_ckpt = final or (train.checkpoint_every and step % train.checkpoint_every == 0)
@@ -731,6 +764,12 @@ def check_resumable(state: dict[str, Any], plan: Plan, cfg: Config, where: str) 
             f"{state.get('method')}, this run asks for {cfg.peft.method}; use another "
             "train.run_name"
         )
+    if state.get("objective", cfg.train.objective) != cfg.train.objective:
+        raise ConfigError(
+            f"cannot resume: checkpoint {where} was trained with train.objective="
+            f"{state['objective']}, this run asks for {cfg.train.objective}; use "
+            "another train.run_name"
+        )
     if state.get("global_batch_size") != plan.global_batch_size:
         raise ConfigError(
             f"cannot resume: checkpoint {where} used a global batch of "
@@ -775,6 +814,7 @@ def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, ste
         "total_steps": plan.total_steps,
         "seed": cfg.train.seed,
         "method": cfg.peft.method,
+        "objective": cfg.train.objective,
         "data_hash": plan.data_hash,
         "rng": rngs,
     }
@@ -798,8 +838,8 @@ def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, ste
         ray.train.report(metrics, checkpoint_dir_name=name)
 
 
-def _val_batches(cfg: Config, plan: Plan, rank: int, world: int, pad_id: int
-                 ) -> list[dict[str, torch.Tensor]]:
+def _val_batches(cfg: Config, plan: Plan, rank: int, world: int, pad_id: int,
+                 make_batch=collate) -> list[dict[str, torch.Tensor]]:
     """This rank's share of the evaluation rows, collated.
 
     The evaluation set is the first eval_max_batches × micro_batch_size val rows, whatever
@@ -814,11 +854,12 @@ def _val_batches(cfg: Config, plan: Plan, rank: int, world: int, pad_id: int
     rows, _ = collect_rows(shard.iter_batches(batch_size=1024, batch_format="numpy"),
                            None, limit=limit)
     mine = [rows[i] for i in sorted(rows) if i % world == rank]
-    batches = [collate(chunk, pad_id, packed=plan.packed) for chunk in _batches_of(mine, micro)]
+    batches = [make_batch(chunk, pad_id, packed=plan.packed)
+               for chunk in _batches_of(mine, micro)]
     if cfg.train.strategy == "fsdp":
         n_batches = math.ceil(math.ceil(limit / world) / micro)
         while len(batches) < n_batches:
-            filler = dict(collate([next(iter(rows.values()))], pad_id, packed=plan.packed))
+            filler = dict(make_batch([next(iter(rows.values()))], pad_id, packed=plan.packed))
             filler["_weight"] = 0
             batches.append(filler)
     return batches

@@ -283,6 +283,24 @@ def build(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
     return METHODS[method](model, cfg, total_steps)
 
 
+def from_adapter(model: nn.Module, cfg: Config) -> nn.Module:
+    """The base model with the existing adapter at cfg.model.adapter on it, trainable (a
+    new run continuing that adapter). For train.objective=dpo the same adapter is loaded a
+    second time, frozen, as the reference (ift.train.preference.REFERENCE_ADAPTER)."""
+    from peft import PeftModel
+
+    from ift import storage
+    from ift.train.preference import REFERENCE_ADAPTER
+
+    path = storage.local_copy(cfg.model.adapter)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)
+    if cfg.train.objective == "dpo":
+        peft_model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    return peft_model
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     # Non-reentrant checkpointing works with frozen inputs (adapters) and with DDP.
     # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).

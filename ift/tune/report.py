@@ -39,7 +39,8 @@ REPORT_DIR = "report"
 IE_METRICS = ("ie_ner_f1", "ie_re_f1", "ie_ee_trigger_f1", "ie_ee_argument_f1")
 # Columns of metrics, in table order, with how they read.
 METRICS = ("exact_match", "mc_accuracy", "rouge_l", "answered", "heldout_loss", "heldout_ppl",
-           "eval_loss", "final_loss", *IE_METRICS)
+           "eval_loss", "final_loss", *IE_METRICS, "pref_accuracy", "pref_margin",
+           "reward_accuracy")
 LOWER_IS_BETTER = {"heldout_loss", "heldout_ppl", "eval_loss", "final_loss"}
 PLOT_METRICS = ("exact_match", "mc_accuracy", "rouge_l", "heldout_loss", "eval_loss")
 
@@ -100,6 +101,9 @@ def trial_rows(sweep_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             "heldout_loss": ev.get("loss"),
             "heldout_ppl": ev.get("perplexity"),
             **{k: v for k, v in ev.items() if k.startswith("ie_")},
+            "pref_accuracy": ev.get("pref_accuracy"),
+            "pref_margin": ev.get("pref_margin"),
+            "reward_accuracy": ev.get("reward_accuracy"),
             "mlflow_run_id": run.get("mlflow_run_id") or trial.get("mlflow_run_id") or "",
             "history": history,
         })

@@ -27,6 +27,7 @@ from typing import Any
 
 from ift import storage
 from ift.artifacts import RUN_FILE
+from ift.config import ConfigError
 from ift.tune import space
 
 TRIAL_FILE = "trial.json"
@@ -34,7 +35,9 @@ DATA_DIR = "data"
 RUNS_DIR = "runs"
 # Metrics a trial reports to Tune after its evaluation (eval.json name -> result key).
 EVAL_KEYS = {"exact_match": "exact_match", "mc_accuracy": "mc_accuracy", "rouge_l": "rouge_l",
-             "answered": "answered", "loss": "heldout_loss", "perplexity": "heldout_ppl"}
+             "answered": "answered", "loss": "heldout_loss", "perplexity": "heldout_ppl",
+             "pref_accuracy": "pref_accuracy", "pref_margin": "pref_margin",
+             "reward_accuracy": "reward_accuracy"}
 
 
 def _log(name: str, msg: str) -> None:
@@ -52,6 +55,11 @@ def ensure_mixture(prepared: str, out: str, point: dict[str, Any]) -> dict[str, 
 
     base = read_manifest(prepared)
     request = space.mixture_request(point)
+    if base.get("kind") == "preference":  # pairs are trained on as prepared, not re-mixed
+        if request["weights"] or request["include_tags"] or request["exclude_tags"]:
+            raise ConfigError(f"tune.space: {prepared} holds preference pairs, which sweeps "
+                              "do not re-mix; sweep train.* and peft.* keys only")
+        return base
     kept = space.mixture_sources(base["sources"], request)
     if storage.is_complete(out):
         try:
@@ -181,6 +189,8 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     # One line per trial in the sweep's log, not a progress bar per re-mix stage.
     ray.data.DataContext.get_current().enable_progress_bars = False
     manifest = ensure_mixture(sweep["prepared"], data_dir, point)
+    if manifest.get("kind") == "preference":
+        data_dir = sweep["prepared"]
     cfg = space.trial_config(base, point, {"train.run_name": name, "train.output": runs,
                                            "train.data": data_dir})
     child = child_run(cfg, run_dir, point, sweep, manifest.get("mixture") or {})

@@ -33,7 +33,7 @@ def chain(ray_cluster, s3_server, tiny_model, sample_data_dir, tmp_path_factory)
     # The sources are read from the bucket too (the chain-of-thought file is left out: its
     # prompts alone exceed 64 tokens).
     names = sorted(p for p in os.listdir(sample_data_dir)
-                   if p.endswith((".json", ".jsonl")) and not p.startswith("cot_"))
+                   if p.endswith((".json", ".jsonl")) and not p.startswith(("cot_", "pref_")))
     for name in names:
         storage.write_bytes(f"s3://{bucket}/sources/{name}",
                             (sample_data_dir / name).read_bytes())

@@ -467,3 +467,20 @@ def test_driver_record_for_remixed_data_reads_the_parent_manifest(tmp_path):
     os.unlink(os.path.join(base_dir, "manifest.json"))
     rec = lineage_record(cfg, remix, "rel/data", str(tmp_path / "r"), "", "")
     assert rec["data_parent"]["hash"] == base["hash"] and rec["sources"][0]["files"] == []
+
+
+def test_a_run_from_a_parent_adapter_lists_the_parent_chain_first():
+    from ift.lineage import record_stages, render
+
+    parent = {"run_dir": "/r/sft", "run_name": "sft", "method": "lora", "prepared": "/p1",
+              "data_manifest_hash": "h1", "sources": [{"name": "a", "path": "/a.json"}]}
+    rec = {"run_dir": "/r/dpo", "run_name": "dpo", "method": "lora", "prepared": "/p2",
+           "data_manifest_hash": "h2",
+           "parent_adapter": {"path": "/r/sft/final", "lineage": parent}}
+    stages = record_stages(rec, "/r/dpo/final")
+    assert [(s["stage"], s.get("path")) for s in stages] == [
+        ("sources", None), ("prepared", "/p1"), ("run", "/r/sft"), ("adapter", "/r/sft/final"),
+        ("prepared", "/p2"), ("run", "/r/dpo"), ("adapter", "/r/dpo/final")]
+    unknown = record_stages({**rec, "parent_adapter": {"path": "/q"}}, "/r/dpo/final")
+    assert unknown[0]["path"] == "/q" and "parent adapter" in unknown[0]["notes"][0]
+    assert "/r/sft/final" in render(stages)

@@ -25,6 +25,7 @@ from ift.data.synthetic import (
     write_arithmetic_corpus,
     write_sample_data,
 )
+from ift.data.synthetic_pairs import PAIR_FILES
 
 BUNDLED = Path(__file__).resolve().parents[2] / "ift" / "sample_data"
 EQUATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)\.$")
@@ -206,11 +207,12 @@ def test_tsv_line_refuses_tabs_and_newlines():
 
 def test_bundled_sample_data_matches_the_generator(tmp_path):
     written = write_sample_data(str(tmp_path), seed=0)
-    assert sorted(os.path.basename(p) for p in written) == sorted(SAMPLE_FILES)
-    bundled = sorted(p.name for p in BUNDLED.iterdir()
-                     if p.name != "README.md" and p.is_file())  # ie/: test_ie_formats.py
-    assert bundled == sorted(SAMPLE_FILES), "stale or missing files in ift/sample_data"
-    for name in SAMPLE_FILES:
+    every = SAMPLE_FILES + PAIR_FILES
+    assert sorted(os.path.basename(p) for p in written) == sorted(every)
+    bundled = sorted(p.name for p in BUNDLED.iterdir() if p.name != "README.md"
+                     and p.is_file())  # ie/: test_ie_formats.py
+    assert bundled == sorted(every), "stale or missing files in ift/sample_data"
+    for name in every:
         assert (tmp_path / name).read_bytes() == (BUNDLED / name).read_bytes(), (
             f"ift/sample_data/{name} differs from the generator; run "
             "`python -m ift.data.synthetic ift/sample_data`"

@@ -1,0 +1,168 @@
+"""Preference tuning end to end on a local Ray cluster and a tiny llama: `ift data prepare`
+with data.kind=preference (rejects, duplicates, the manifest), DPO on the bundled
+concise-vs-rambling pairs (loss from ln 2 down, reward accuracy up), 1 worker with
+accumulation against 2 workers, a killed worker resuming at the same step, and the
+SFT -> DPO chain through model.adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+from test_train_resume import WorkerKiller
+
+from ift.config import load_config
+from ift.data.pipeline import prepare
+from ift.eval.run import evaluate, evaluate_run
+from ift.lineage import read_record, record_stages
+from ift.train import driver
+from ift.train.loop import read_metrics
+
+BAD_ROWS = [
+    {"instruction": "What is 1 plus 1?", "chosen": "2.", "rejected": "2."},
+    {"instruction": "What is 1 plus 2?", "chosen": "", "rejected": "Well, 3."},
+    {"instruction": "", "chosen": "A.", "rejected": "B."},
+    {"instruction": "What is 2 plus 2?", "chosen": "4."},
+]
+
+
+@pytest.fixture(scope="module")
+def pairs(ray_cluster, tiny_model, sample_data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pref")
+    extra = root / "extra.jsonl"
+    dup = json.loads((sample_data_dir / "pref_concise_train.jsonl").read_text().splitlines()[0])
+    extra.write_text("".join(json.dumps(r) + "\n" for r in [*BAD_ROWS, dup]))
+    cfg = load_config(None, [
+        f"model.name_or_path={tiny_model}", f"data.output={root}/prepared", "data.kind=preference",
+        "data.max_seq_len=96", "data.val_ratio=0.15", "tracking.enabled=false",
+        f"data.sources.0.path={sample_data_dir / 'pref_concise_train.jsonl'}",
+        f"data.sources.1.path={extra}", "data.sources.1.format=auto",
+    ])
+    return prepare(cfg), f"{root}/prepared", root
+
+
+def test_prepare_counts_pairs_rejects_duplicates_and_lengths(pairs):
+    manifest, prepared, _ = pairs
+    assert manifest["kind"] == "preference"
+    main, extra = manifest["sources"]["pref_concise_train"], manifest["sources"]["extra"]
+    assert main["rows_read"] == 200 and main["rows_rejected"] == 0
+    assert main["rows_kept"] == 200 and main["rows_duplicate"] == 0
+    assert extra["rows_read"] == 5 and extra["rows_rejected"] == 4
+    assert extra["rows_duplicate"] == 1 and extra["rows_kept"] == 0
+    rejects = [json.loads(x) for x in open(f"{prepared}/rejects/extra.jsonl")]
+    assert [r["line"] for r in rejects] == [1, 2, 3, 4]
+    assert [r["reason"].split(":")[0] for r in rejects] == [
+        "chosen equals rejected", "empty reply", "chosen", "missing field 'rejected'"]
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert train["pairs"] + val["pairs"] == 200 - main["rows_dropped"] and val["pairs"] > 10
+    # Rambling rejected replies are longer than concise chosen ones.
+    assert train["rejected_reply_length"]["mean"] > 5 * train["chosen_reply_length"]["mean"]
+    rows = pads.dataset(f"{prepared}/train", format="parquet").to_table().to_pylist()
+    assert len(rows) == train["rows"]
+    for r in rows[:20]:
+        n = r["prompt_tokens"]
+        assert r["input_ids"][:n] == r["rejected_input_ids"][:n]
+        assert set(r["labels"][:n]) == {-100} and set(r["rejected_labels"][:n]) == {-100}
+        assert r["num_trainable"] == sum(1 for x in r["labels"] if x != -100)
+
+
+def _cfg(tiny_model, prepared, root, name, *extra):
+    return load_config(None, [
+        f"model.name_or_path={tiny_model}", f"train.data={prepared}",
+        f"train.output={root}/runs", f"train.run_name={name}", f"storage.root={root}/work",
+        "tracking.enabled=false", "peft.dropout=0.0", "peft.r=8", "train.objective=dpo",
+        "train.beta=0.1", "train.micro_batch_size=4", "train.lr=1e-2", "train.warmup_ratio=0",
+        "train.scheduler=constant", "train.eval_every=0", "train.eval_max_batches=4",
+        "train.checkpoint_every=0", *extra,
+    ])
+
+
+def _mean(rows, key):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def test_dpo_learns_the_preference(pairs, tiny_model):
+    _, prepared, root = pairs
+    cfg = _cfg(tiny_model, prepared, root, "dpo", "train.max_steps=24", "train.grad_accum=2",
+               "eval.max_samples=4", "eval.max_new_tokens=8")
+    summary = driver.train(cfg)
+    rows = read_metrics(summary["run_dir"])
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    # Step 1: the new adapter is zero, so the policy is the reference.
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert rows[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)
+    first, last = rows[:4], rows[-4:]
+    assert _mean(last, "loss") < _mean(first, "loss") - 0.2
+    assert _mean(last, "rewards/accuracy") > max(_mean(first, "rewards/accuracy"), 0.9)
+    assert _mean(last, "rewards/margin") > 0.5
+    assert rows[-1]["eval_rewards/accuracy"] > 0.9
+    final = os.path.join(summary["run_dir"], "final")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(final))
+    assert read_record(final)["objective"] == "dpo"
+    # ift eval on the raw held-out pairs (another layout, prompts unseen in training).
+    held = str(Path(__file__).resolve().parents[2] / "ift" / "sample_data"
+               / "pref_concise_heldout.jsonl")
+    trained = evaluate_run(cfg, summary["run_dir"], data=held, output=f"{root}/eval-dpo")
+    base = evaluate(cfg, model_dir=tiny_model, data=held, output=f"{root}/eval-base")
+    assert trained["data_kind"] == {"kind": "preference"}
+    assert trained["metrics"]["pref_pairs"] == base["metrics"]["pref_pairs"] == 40
+    assert trained["metrics"]["reward_accuracy"] > 0.9
+    assert trained["metrics"]["pref_accuracy"] > max(base["metrics"]["pref_accuracy"], 0.9)
+    assert "reward_accuracy" not in base["metrics"]
+
+
+def test_one_worker_with_accumulation_matches_two_workers(pairs, tiny_model):
+    """Same global batch (4 pairs × 2 workers = 4 × 1 worker × 2 accumulation)."""
+    _, prepared, root = pairs
+    runs = [driver.train(_cfg(tiny_model, prepared, root, name, "train.max_steps=4", *extra))
+            for name, extra in (("w2", ["train.num_workers=2"]), ("w1", ["train.grad_accum=2"]))]
+    a, b = (read_metrics(s["run_dir"]) for s in runs)
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=2e-4), (ra, rb)
+        assert ra["rewards/margin"] == pytest.approx(rb["rewards/margin"], abs=2e-4)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=2e-3, abs=1e-5)
+    assert a[-1]["eval_loss"] == pytest.approx(b[-1]["eval_loss"], abs=2e-4)
+
+
+def test_killed_worker_resumes_at_the_same_step(pairs, tiny_model):
+    _, prepared, root = pairs
+    cfg = _cfg(tiny_model, prepared, root, "dpo-killed", "train.max_steps=9",
+               "train.checkpoint_every=3", "train.max_failures=1")
+    killer = WorkerKiller(driver.run_dir_of(cfg), after_step=4)
+    killer.start()
+    summary = driver.train(cfg)
+    killer.join(timeout=5)
+    assert killer.error is None and killer.pid is not None
+    lines = read_metrics(summary["run_dir"], latest_per_step=False)
+    resumed = [r for r in lines if r["resumed_from"] == 3]
+    assert resumed and resumed[0]["step"] == 4
+    by_step: dict[int, list[float]] = {}
+    for r in lines:
+        by_step.setdefault(r["step"], []).append(r["loss"])
+    assert max(by_step) == 9
+    for losses in by_step.values():  # a step taken again has the same loss
+        assert max(losses) - min(losses) < 1e-4
+
+
+def test_sft_then_dpo_from_the_sft_adapter(pairs, tiny_model):
+    _, prepared, root = pairs
+    sft = driver.train(_cfg(tiny_model, prepared, root, "chain-sft", "train.objective=sft",
+                            "train.max_steps=6"))
+    parent = os.path.join(sft["run_dir"], "final")
+    summary = driver.train(_cfg(tiny_model, prepared, root, "chain-dpo", f"model.adapter={parent}",
+                                "train.max_steps=4"))
+    rows = read_metrics(summary["run_dir"])
+    # The reference is the SFT adapter frozen: the policy starts equal to it.
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(rows[0]["logps/chosen"]) > 0
+    final = os.path.join(summary["run_dir"], "final")
+    assert not os.path.exists(os.path.join(final, "reference"))
+    record = read_record(final)
+    assert record["parent_adapter"]["path"] == parent
+    assert record["parent_adapter"]["lineage"]["run_name"] == "chain-sft"
+    kinds = [s["stage"] for s in record_stages(record, final)]
+    assert kinds.count("adapter") == 2 and kinds.count("run") == 2
