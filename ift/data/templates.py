@@ -511,11 +511,12 @@ def _single_token_id(tokenizer, text: str) -> int | None:
 def _tokenizer_end_marker(tokenizer) -> str | None:
     """The end-of-turn marker the tokenizer's own template puts after a reply, when it is
     one token (None: the template has none, or it is several tokens)."""
-    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    content = "Fine."
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]
     prompt = _apply(tokenizer, probe[:1], True)
-    reply = _apply(tokenizer, probe, False)[len(prompt):].rstrip()
-    at = reply.rfind("a")
-    marker = reply[at + 1:].strip() if at >= 0 else ""
+    reply = _apply(tokenizer, probe, False)[len(prompt):]
+    at = reply.find(content)
+    marker = reply[at + len(content):].strip() if at >= 0 else ""
     if marker and _single_token_id(tokenizer, marker) is not None:
         return marker
     return None

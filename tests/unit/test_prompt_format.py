@@ -68,8 +68,23 @@ def training_prompt_ids(messages: list[dict], tokenizer, template: str) -> list[
     return ids[:start]
 
 
+# ChatML with a default system prompt when none is given (as instruct models ship it):
+# not ift's own jinja, so "auto" resolves to the tokenizer's template.
+CHATML_DEFAULT_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 def tokenizers(tiny_tok, llama_tok):
-    out = {"tiny": tiny_tok, "llama": llama_tok}
+    import copy
+
+    default_system = copy.deepcopy(tiny_tok)
+    default_system.chat_template = CHATML_DEFAULT_SYSTEM
+    out = {"tiny": tiny_tok, "llama": llama_tok, "default-system": default_system}
     real = os.environ.get("IFT_REAL_MODEL_DIR")
     if real:
         from transformers import AutoTokenizer
@@ -130,6 +145,9 @@ def test_prompt_format_names_stop_tokens_and_system_policy(tiny_tok, llama_tok):
     alpaca = prompt_format("alpaca", tiny_tok)
     assert (alpaca.stop_tokens, alpaca.system_policy, alpaca.default_system) == (
         ["<|endoftext|>"], "replaces_preamble", ALPACA_PREAMBLE)
+    marked = prompt_format("auto", tokenizers(tiny_tok, llama_tok)["default-system"])
+    assert (marked.template, marked.chat_template, marked.stop_tokens) == (
+        "tokenizer", CHATML_DEFAULT_SYSTEM, ["<|im_end|>", "<|endoftext|>"])
     own = prompt_format("tokenizer", llama_tok)  # replies end with eos in its template
     assert (own.template, own.chat_template, own.stop_tokens, own.system_policy) == (
         "tokenizer", llama_tok.chat_template, ["</s>"], "template")
