@@ -127,8 +127,16 @@ def wrap_policy(model: nn.Module, *, adapter: bool) -> Callable[..., bool]:
 
 def wrap(model: nn.Module, train: TrainConfig, device: torch.device, *, adapter: bool,
          amp: torch.dtype | None) -> nn.Module:
-    """The FSDP model for a worker on `device` (cuda:N or cpu). The model may be on CPU."""
+    """The FSDP model for a worker on `device` (cuda:N or cpu). The model may be on CPU.
+
+    One worker has nothing to shard: it trains the plain model (FSDP's NO_SHARD fallback
+    cannot gather a state dict with frozen tensors). Its checkpoints have the same format,
+    so runs move between 1 and N workers."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model.to(device)
 
     kwargs: dict[str, Any] = {
         "auto_wrap_policy": wrap_policy(model, adapter=adapter),
