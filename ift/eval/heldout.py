@@ -46,6 +46,8 @@ class Item:
     """Multiple-choice options found in the last user turn or prompt."""
     prompt: str = ""
     """Prompt text as the model reads it."""
+    task: str = ""
+    """The record's task (raw files), which picks extra metrics (metrics.TASK_METRICS)."""
 
 
 def split_last_turn(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
@@ -198,6 +200,7 @@ def items_from_records(records: list[dict[str, Any]], tokenizer, template: str) 
             id=str(rec["id"]),
             prompt_ids=tokenizer(text, add_special_tokens=False)["input_ids"],
             reference=reference, gold=gold, options=extract_options(user), prompt=text,
+            task=str(rec.get("task") or ""),
         ))
     return items
 

@@ -145,7 +145,7 @@ def test_option_loglik_matches_a_hand_computation(tiny):
     results, samples = bm.score_benchmark(model, enc)
     by_id = {s["id"]: s for s in samples}
     checked = 0
-    for subject, items in enc.subjects.items():
+    for items in enc.subjects.values():
         for e in items:
             hand = _hand_logliks(model, e.prefix_ids + e.question_ids, e.option_ids)
             got = by_id[e.question.id]["loglik"]
