@@ -46,6 +46,7 @@ from torch import nn
 
 from ift import storage
 from ift.config import Config, ConfigError, TrainConfig, build_config
+from ift.eval import during
 from ift.train import checkpoint, methods
 from ift.train.collate import (
     IGNORE_INDEX,
@@ -424,6 +425,8 @@ def progress_line(step: int, total: int, metrics: dict[str, float], elapsed: flo
              f"{metrics.get('tokens_per_s', 0):,.0f} tok/s"]
     if "eval_loss" in metrics:
         parts.append(f"eval_loss {metrics['eval_loss']:.4f}")
+    if during.progress_text(metrics):
+        parts.append(during.progress_text(metrics))
     parts.append(f"ETA {_hms(eta)}")
     return " | ".join(parts)
 
@@ -621,6 +624,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             val_batches = _val_batches(cfg, plan, rank, world, pad_id)
         return val_batches
 
+    probe = during.Probe.create(cfg, tokenizer, rank)  # eval.during_training (None: off)
     metrics_log = MetricsLog(run_dir) if rank == 0 else None
     resumed_from = state["step"] if state else 0
     step = resumed_from
@@ -660,6 +664,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if plan.num_val_rows and ((train.eval_every and step % train.eval_every == 0)
                                       or final):
                 metrics.update(evaluate(model, eval_batches(), env))
+            heldout_due = probe is not None and probe.due(step, plan.total_steps)
+            if heldout_due:
+                metrics.update(probe.run(methods.unwrap(model), device))
             if not math.isfinite(result["loss"]):
                 raise FloatingPointError(f"loss is {result['loss']} at step {step}")
             want_ckpt = final or (train.checkpoint_every and step % train.checkpoint_every == 0)
@@ -679,7 +686,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    metrics, metrics_log, run_dir, tokenizer, final,
                                    lineage=config.get("lineage"))
                 last_report = time.time()
-            elif due or "eval_loss" in metrics:
+            elif due or "eval_loss" in metrics or heldout_due:
                 ray.train.report(metrics)
                 last_report = time.time()
 

@@ -28,6 +28,7 @@ import tempfile
 from typing import Any
 
 from ift import storage
+from ift.eval.during import latest as latest_heldout
 from ift.eval.metrics import mean_spread
 from ift.tune import space
 
@@ -96,6 +97,8 @@ def trial_rows(sweep_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             "heldout_ppl": ev.get("perplexity"),
             "mlflow_run_id": run.get("mlflow_run_id") or trial.get("mlflow_run_id") or "",
             "history": history,
+            # heldout/* during training, so tune.metric heldout/exact_match picks the best
+            **latest_heldout(history),
         })
     return sweep, rows
 
