@@ -3,13 +3,16 @@
     ift eval -c CONFIG [key=value ...]            the run <train.output>/<train.run_name>
     ift eval --run RUN_DIR [--data DIR]           a run directory (its config.yaml is used)
     ift eval --adapter PATH [--data DIR] -c ...   an adapter or full model directory
+    ift eval --models base,A,B,MERGED [--data ...] several models side by side (compare.py)
+    ... --benchmarks mmlu=PATH,ceval              multiple choice by log-likelihood
 
 The model is the run's `final/` directory: a PEFT adapter (loaded on its base model,
 `model.name_or_path` of the run's config) or a full HF model. Held-out data is `--data`,
 else `eval.data`, else the run's prepared dataset (its val split); see ift.eval.heldout.
 
 Loss and perplexity cover every held-out row (mean over trained tokens). Generation is
-greedy, batched with left padding, on the first `eval.max_samples` rows. Results go to
+greedy, through the serving engine (ift.eval.generate), on the first `eval.max_samples`
+rows. `eval.benchmarks` are scored too (ift.eval.benchmarks). Results go to
 `<output>/eval.json` (metrics and what was evaluated) and `<output>/samples.jsonl` (one
 line per generated sample: prompt, reference, output, gold, predicted, correct, ...);
 output is `eval.output`, else the run directory. Metrics are logged as `heldout/*` to the
