@@ -25,7 +25,8 @@ serves every model that shares the tokenizer (a base model and its adapters in
 `ift eval --models`). Per model, each subject's header and k shots (the same for all its
 questions) run through the model once; each question then extends that KV cache, and all
 of its options are scored in one batched pass on top of it. Prompt-learning adapters
-(which prepend virtual tokens) are scored on whole rows instead.
+(which prepend virtual tokens) are scored on whole rows instead. A prompt longer than the
+model's context loses tokens from its left (the shots first); results count them.
 """
 
 from __future__ import annotations
@@ -394,20 +395,32 @@ def score_benchmark(model, enc: EncodedBenchmark, device: str = "cpu"
     results: {overall: {acc, acc_norm, n, macro_acc}, subjects: {subject: {acc, acc_norm,
     n}}, split, k_shot, rejected}.
     """
+    from ift.eval.generate import context_limit
+
     whole_rows = _is_prompt_learning(model)
+    limit = context_limit(model)
     samples: list[dict[str, Any]] = []
     subjects: dict[str, dict[str, Any]] = {}
+    truncated = 0
     for subject, items in enc.subjects.items():
         scorer: PrefixScorer | None = None
         right = right_norm = 0
+        # Longer than the model's context: every question of the subject loses the same
+        # number of tokens from the left of its prompt (the shots first), as lm-eval-harness
+        # truncates context, so questions still share one prefix.
+        over = max((len(e.prefix_ids) + len(e.question_ids) + max(map(len, e.option_ids))
+                    for e in items), default=0) - limit if limit else 0
         for e in items:
-            if whole_rows:
-                ll = option_logliks_full(model, e.prefix_ids + e.question_ids, e.option_ids,
-                                         device)
+            prefix, question = e.prefix_ids, e.question_ids
+            if over > 0:
+                truncated += 1
+                prefix, question = prefix[over:], question[max(0, over - len(prefix)):]
+            if whole_rows or not prefix:
+                ll = option_logliks_full(model, prefix + question, e.option_ids, device)
             else:
-                if scorer is None or scorer.prefix != e.prefix_ids:
-                    scorer = PrefixScorer(model, e.prefix_ids, device)
-                ll = scorer.score(e.question_ids, e.option_ids)
+                if scorer is None or scorer.prefix != prefix:
+                    scorer = PrefixScorer(model, prefix, device)
+                ll = scorer.score(question, e.option_ids)
             norm = [v / c for v, c in zip(ll, e.option_chars)]
             pred = LETTERS[max(range(len(ll)), key=lambda i: ll[i])]
             pred_norm = LETTERS[max(range(len(norm)), key=lambda i: norm[i])]
@@ -429,7 +442,7 @@ def score_benchmark(model, enc: EncodedBenchmark, device: str = "cpu"
         "n": n,
     }
     return ({"overall": overall, "subjects": subjects, "layout": enc.layout, "split": enc.split,
-             "k_shot": enc.k_shot, "rejected": len(enc.rejects),
+             "k_shot": enc.k_shot, "truncated": truncated, "rejected": len(enc.rejects),
              "rejects": [r.to_dict() for r in enc.rejects[:100]]}, samples)
 
 
@@ -459,5 +472,7 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"| **overall** | {o['n']} | {o['acc']:.3f} | {o['acc_norm']:.3f} |")
         if r["rejected"]:
             lines += ["", f"{r['rejected']} rows rejected (see eval.json)"]
+        if r.get("truncated"):
+            lines += ["", f"{r['truncated']} prompts cut from the left to fit the context"]
         lines.append("")
     return "\n".join(lines)

@@ -184,3 +184,25 @@ def test_chat_prompts_keep_the_shared_prefix(tiny):
     hand = _hand_logliks(model, e.prefix_ids + e.question_ids, e.option_ids)
     assert [samples[0]["loglik"][k] for k in bm.LETTERS] == pytest.approx(hand, abs=2e-4)
     assert results["overall"]["n"] == 3
+
+
+def test_prompts_longer_than_the_context_lose_shots_from_the_left(tmp_path):
+    from train_support import make_tiny_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = make_tiny_model(str(tmp_path / "m"), max_positions=128)
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), \
+        AutoTokenizer.from_pretrained(path)
+    limit = model.config.max_position_embeddings
+    enc = bm.encode("mmlu", _bench("mmlu", SAMPLES / "mmlu", k_shot=3), tok)
+    items = enc.subjects["arithmetic"]
+    need = max(len(e.prefix_ids) + len(e.question_ids) + max(map(len, e.option_ids))
+               for e in items)
+    assert need > limit  # 3 shots do not fit the tiny model's context
+    results, samples = bm.score_benchmark(model, enc)
+    assert results["truncated"] >= len(items)
+    over = need - limit
+    e = items[0]
+    hand = _hand_logliks(model, (e.prefix_ids + e.question_ids)[over:], e.option_ids)
+    assert [samples[0]["loglik"][k] for k in bm.LETTERS] == pytest.approx(hand, abs=2e-4)
+    assert "cut from the left" in bm.markdown_table({"mmlu": results})
