@@ -149,3 +149,25 @@ def test_models_errors_name_the_entry(models, tmp_path):
     with pytest.raises(ConfigError, match="--benchmarks mmlu: not in eval.benchmarks"):
         eval_cmd(_args(models="base", benchmarks="mmlu", overrides=[
             f"model.name_or_path={models['base']}", "tracking.enabled=false"]))
+
+
+def test_benchmarks_alone_go_to_eval_json_markdown_and_mlflow(models, tmp_path):
+    out = tmp_path / "bench"
+    assert eval_cmd(_args(adapter=models["a"], benchmarks=f"ceval={SAMPLES / 'ceval'}",
+                          overrides=[f"model.name_or_path={models['base']}",
+                                     f"storage.root={tmp_path / 'w'}", f"eval.output={out}",
+                                     "tracking.experiment=bench"])) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["metrics"] == {} and ev["data"] == ""
+    r = ev["benchmarks"]["ceval"]
+    assert (r["split"], r["k_shot"], r["overall"]["n"]) == ("val", 5, 3)
+    assert "| math | 3 |" in (out / "benchmarks.md").read_text()
+    lines = (out / "benchmark_samples.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["answer"] == "B"
+    assert not (out / "samples.jsonl").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'w'}/mlflow.db")
+    m = client.get_run(ev["mlflow_run_id"]).data.metrics
+    assert m["bench/ceval/acc"] == pytest.approx(r["overall"]["acc"])
+    assert m["bench/ceval/math/acc_norm"] == pytest.approx(r["subjects"]["math"]["acc_norm"])
