@@ -849,4 +849,6 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
         rows.append((key, repr(default), docs.get(f.name, "")))
         if f.name == "sources":
             rows.extend(describe(SourceConfig, key + "[]."))
+        if f.name == "benchmarks":
+            rows.extend(describe(BenchmarkConfig, key + ".<name>."))
     return rows
