@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run", help="training run directory (default: from the config)")
         p.add_argument("--adapter", help="adapter or full model directory to evaluate")
         p.add_argument("--data", help="held-out data: a prepared dir (val split) or raw files")
+        p.add_argument("--models", help="compare models side by side: base,ADAPTER,...,MERGED "
+                       "(adapter, run or model dirs; `base` is model.name_or_path)")
+        p.add_argument("--benchmarks", help="multiple-choice benchmarks: NAME=PATH (mmlu, "
+                       "ceval, cmmlu layouts) or configured NAMEs, comma-separated")
 
     _add(sub, "eval", "ift.eval.run:eval_cmd",
          "held-out loss, perplexity, exact match, multiple-choice accuracy and ROUGE-L",

@@ -454,6 +454,62 @@ class TuneConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """One multiple-choice benchmark under `eval.benchmarks.<name>`, scored by option
+    log-likelihood (see ift.eval.benchmarks)."""
+
+    path: str = ""
+    """Folder holding the benchmark's per-subject CSV files (split folders such as dev/ and
+    test/, or files named <subject>_<split>.csv); local or s3://."""
+    layout: Literal["", "mmlu", "ceval", "cmmlu"] = ""
+    """CSV layout: mmlu (no header: question, A-D, answer), ceval (header id, question,
+    A-D, answer, explanation) or cmmlu (header Question, A-D, Answer); empty: the name."""
+    split: str = ""
+    """Split scored; empty: test for mmlu and cmmlu, val for ceval (its test answers are
+    withheld)."""
+    dev_split: str = "dev"
+    """Split the k-shot examples come from (the first k rows of the same subject)."""
+    k_shot: int = 5
+    """Solved examples before each question."""
+    subjects: list[str] = field(default_factory=list)
+    """Subjects to score (file stems without the split suffix); empty: all."""
+    max_per_subject: int = 0
+    """Questions scored per subject; 0: all."""
+    choices: Literal["letter", "text"] = "letter"
+    """Continuation scored per option: letter (" A", lm-eval-harness's MMLU) or text (the
+    option's own text, where length normalisation matters)."""
+    chat: bool = False
+    """Wrap the prompt in the model's chat template as one user turn (instruction-tuned
+    models); false: plain text, as for base models."""
+
+    def __post_init__(self) -> None:
+        if self.k_shot < 0 or self.max_per_subject < 0:
+            raise ValueError(f"k_shot={self.k_shot} and max_per_subject="
+                              f"{self.max_per_subject} must be >= 0")
+
+
+@dataclass
+class DuringTrainingConfig:
+    """Generation metrics on a fixed held-out sample every train.eval_every steps."""
+
+    max_samples: int = 0
+    """Held-out rows generated on at each evaluation; 0: off."""
+    max_new_tokens: int = 32
+    """Generation budget per sample."""
+    batch_size: int = 8
+    """Prompts decoded together."""
+    data: str = ""
+    """Held-out data (prepared dir or raw files); empty: eval.data, else the val split of
+    the training data."""
+
+    def __post_init__(self) -> None:
+        if self.max_samples < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"max_samples={self.max_samples} must be >= 0, "
+                f"max_new_tokens={self.max_new_tokens} and batch_size={self.batch_size} >= 1")
+
+
+@dataclass
 class EvalConfig:
     """`ift eval`: loss, perplexity and generation metrics on a held-out set."""
 
@@ -467,6 +523,28 @@ class EvalConfig:
     """Prompts per generation batch."""
     output: str = ""
     """Where eval.json and samples.jsonl go; defaults to the run directory."""
+    benchmarks: dict[str, Any] = field(default_factory=dict)
+    """Multiple-choice benchmarks by option log-likelihood: name -> {path, layout, split,
+    dev_split, k_shot, subjects, max_per_subject, choices, chat} (BenchmarkConfig); the
+    names mmlu, ceval and cmmlu give their layout."""
+    during_training: DuringTrainingConfig = field(default_factory=DuringTrainingConfig)
+    """Exact match, MC accuracy and ROUGE-L on a held-out sample during training."""
+
+    def __post_init__(self) -> None:
+        built = {}
+        for name, value in (self.benchmarks or {}).items():
+            key = f"eval.benchmarks.{name}"
+            bench = value if isinstance(value, BenchmarkConfig) else _build(
+                BenchmarkConfig, value, key)
+            if not bench.layout:
+                if name not in ("mmlu", "ceval", "cmmlu"):
+                    raise ConfigError(f"{key}.layout: set mmlu, ceval or cmmlu (the name "
+                                      f"{name!r} is none of them)")
+                bench.layout = name
+            if not bench.path:
+                raise ConfigError(f"{key}.path: the folder of the benchmark's CSV files")
+            built[str(name)] = bench
+        self.benchmarks = built
 
 
 @dataclass
@@ -896,4 +974,6 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
         rows.append((key, repr(default), docs.get(f.name, "")))
         if f.name == "sources":
             rows.extend(describe(SourceConfig, key + "[]."))
+        if f.name == "benchmarks":
+            rows.extend(describe(BenchmarkConfig, key + ".<name>."))
     return rows

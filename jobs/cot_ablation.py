@@ -1,12 +1,15 @@
 """The CoT ablation at toy scale: write the corpus and a tiny model, then run the sweep.
 
-    python jobs/cot_ablation.py [--resume] [key=value ...]
+    python jobs/cot_ablation.py [--resume] [--task add|parity] [key=value ...]
 
 Steps (each skipped when its output already exists):
 
 1. `ift.data.synthetic.write_arithmetic_corpus` writes <work>/corpus/cot/{train,test}.tsv
    (rationales kept) and <work>/corpus/answers/{train,test}.tsv (the same problems with an
    empty rationale column). Held-out problems use numbers absent from training.
+   `--task add` or `--task parity` writes a positive control from ift.data.scratchpad
+   instead (digit-by-digit addition, running parity), where step-by-step targets are
+   known to help.
 2. `ift.models.init_tiny` trains a byte-level BPE tokenizer on the CoT training file and
    writes a random-init llama (4 layers, hidden 128) to <work>/model.
 3. `ift tune -c configs/cot-ablation.yaml` (the ordinary command): prepare both sources,
@@ -38,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--task", default="word_problems", choices=("word_problems", "add", "parity"),
+                   help="corpus: the synthetic word problems, or a positive control from "
+                        "ift.data.scratchpad (multi-digit addition, parity)")
+    p.add_argument("--size", type=int, default=None,
+                   help="add: digits per operand (3); parity: bits (12)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("overrides", nargs="*", help="config overrides for `ift tune`")
     args = p.parse_args(argv)
@@ -47,11 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     from ift.models import init_tiny
 
     corpus = os.path.join(WORK, "corpus")
+    marker = os.path.join(corpus, "task.txt")
+    if os.path.exists(marker) and open(marker).read().strip() != args.task:
+        raise SystemExit(f"{corpus} holds the {open(marker).read().strip()} corpus; move "
+                         f"{WORK} away to run --task {args.task}")
     for arm, rationale in (("cot", True), ("answers", False)):
         out = os.path.join(corpus, arm)
         if not os.path.exists(os.path.join(out, "test.tsv")):
-            info = write_arithmetic_corpus(out, args.n_train, args.n_test, args.seed,
-                                           with_rationale=rationale)
+            if args.task == "word_problems":
+                info = write_arithmetic_corpus(out, args.n_train, args.n_test, args.seed,
+                                               with_rationale=rationale)
+            else:
+                from ift.data.scratchpad import write_scratchpad_corpus
+
+                info = write_scratchpad_corpus(out, args.task, args.n_train, args.n_test,
+                                               args.seed, with_rationale=rationale,
+                                               size=args.size)
+            with open(marker, "w") as f:
+                f.write(args.task + "\n")
             print(f"[cot-ablation] wrote {info['n_train']} train and {info['n_test']} held-out "
                   f"problems to {out} (rationales: {rationale})", flush=True)
     model = os.path.join(WORK, "model")

@@ -424,6 +424,26 @@ def tsv_line(question: str, answer: str, rationale: str) -> str:
     return f"{question}\t{answer}\t{rationale}\n"
 
 
+def write_tsv_splits(out_dir: str, splits: dict[str, list[dict]],
+                     with_rationale: bool = True) -> dict[str, str]:
+    """Write <split>.tsv (FLAN CoT TSV, no header) per split of {question, answer,
+    rationale} rows under out_dir (local or s3://); with_rationale=False leaves the
+    rationale column empty. Returns split -> path."""
+    from ift import storage
+
+    storage.makedirs(out_dir)
+    paths = {}
+    for split, rows in splits.items():
+        text = "".join(
+            tsv_line(r["question"], r["answer"], r["rationale"] if with_rationale else "")
+            for r in rows
+        )
+        path = storage.join(out_dir, f"{split}.tsv")
+        storage.write_text(path, text)
+        paths[split] = path
+    return paths
+
+
 def write_arithmetic_corpus(
     out_dir: str, n_train: int, n_test: int, seed: int, with_rationale: bool = True
 ) -> dict:
@@ -435,19 +455,8 @@ def write_arithmetic_corpus(
     answer phrase without a rationale. Returns
     {train, test, n_train, n_test, with_rationale, train_numbers, test_numbers}.
     """
-    from ift import storage
-
     train, test = arithmetic_split(n_train, n_test, seed)
-    storage.makedirs(out_dir)
-    paths = {}
-    for split, rows in (("train", train), ("test", test)):
-        text = "".join(
-            tsv_line(r["question"], r["answer"], r["rationale"] if with_rationale else "")
-            for r in rows
-        )
-        path = storage.join(out_dir, f"{split}.tsv")
-        storage.write_text(path, text)
-        paths[split] = path
+    paths = write_tsv_splits(out_dir, {"train": train, "test": test}, with_rationale)
     train_nums, test_nums = split_numbers(seed)
     return {
         "train": paths["train"],

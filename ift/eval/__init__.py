@@ -1,1 +1,3 @@
-"""Evaluation: held-out loss, perplexity and generation metrics (`ift eval`)."""
+"""Evaluation (`ift eval`): held-out loss, perplexity and generation metrics, multiple-choice
+benchmarks by option log-likelihood, several models side by side, and task metrics during
+training."""

@@ -47,6 +47,8 @@ class Item:
     """Prompt text as the model reads it."""
     ie: dict[str, Any] | None = None
     """IE rows: {task, gold, labels, ...} from the record's meta (ift.data.ie)."""
+    task: str = ""
+    """The record's task (raw files), which picks extra metrics (metrics.TASK_METRICS)."""
 
 
 def split_last_turn(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
@@ -243,6 +245,7 @@ def items_from_records(records: list[dict[str, Any]], tokenizer, template: str) 
             prompt_ids=tokenizer(text, add_special_tokens=False)["input_ids"],
             reference=reference, gold=gold, options=extract_options(user), prompt=text,
             ie=meta.get("ie") if isinstance(meta.get("ie"), dict) else None,
+            task=str(rec.get("task") or ""),
         ))
     return items
 

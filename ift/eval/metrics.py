@@ -22,7 +22,7 @@ import math
 import re
 import statistics
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ift.data.cot_templates import normalize_answer, parse_final_answer
@@ -234,6 +234,22 @@ def aggregate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "answered": _mean(s.get("predicted") is not None for s in samples) if samples else None,
         "samples": len(samples),
     }
+
+
+# Metrics particular to one kind of task, computed over the samples whose record has that
+# `task` ("ie" for the IE tasks, ...): task -> function of those scored samples (each with
+# output, reference, gold) returning {metric name: value}. A task's module adds its entry.
+TASK_METRICS: dict[str, Callable[[Sequence[dict[str, Any]]], dict[str, Any]]] = {}
+
+
+def task_metrics(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The TASK_METRICS of every task present among the samples."""
+    out: dict[str, Any] = {}
+    for task, fn in TASK_METRICS.items():
+        mine = [s for s in samples if s.get("task") == task]
+        if mine:
+            out.update(fn(mine))
+    return out
 
 
 def perplexity(loss: float | None) -> float | None:

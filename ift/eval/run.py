@@ -3,13 +3,16 @@
     ift eval -c CONFIG [key=value ...]            the run <train.output>/<train.run_name>
     ift eval --run RUN_DIR [--data DIR]           a run directory (its config.yaml is used)
     ift eval --adapter PATH [--data DIR] -c ...   an adapter or full model directory
+    ift eval --models base,A,B,MERGED [--data ...] several models side by side (compare.py)
+    ... --benchmarks mmlu=PATH,ceval              multiple choice by log-likelihood
 
 The model is the run's `final/` directory: a PEFT adapter (loaded on its base model,
 `model.name_or_path` of the run's config) or a full HF model. Held-out data is `--data`,
 else `eval.data`, else the run's prepared dataset (its val split); see ift.eval.heldout.
 
 Loss and perplexity cover every held-out row (mean over trained tokens). Generation is
-greedy, batched with left padding, on the first `eval.max_samples` rows. Results go to
+greedy, through the serving engine (ift.eval.generate), on the first `eval.max_samples`
+rows. `eval.benchmarks` are scored too (ift.eval.benchmarks). Results go to
 `<output>/eval.json` (metrics and what was evaluated) and `<output>/samples.jsonl` (one
 line per generated sample: prompt, reference, output, gold, predicted, correct, ...);
 output is `eval.output`, else the run directory. Metrics are logged as `heldout/*` to the
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import yaml
@@ -29,11 +32,15 @@ import yaml
 from ift import storage
 from ift.artifacts import ADAPTER_CONFIG, FINAL_DIR, RUN_FILE
 from ift.config import Config, ConfigError, build_config, load_config
-from ift.eval import heldout, metrics
+from ift.eval import benchmarks, heldout, metrics
 from ift.eval import preference as pref_eval
+from ift.eval.generate import context_limit, generate
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
+BENCH_SAMPLES_FILE = "benchmark_samples.jsonl"
+BENCH_TABLE_FILE = "benchmarks.md"
+BENCH_PREFIX = "bench/"
 IE_REPORT = "ie_scores"  # .md and .csv: per-type IE scores, when the held-out data is IE
 METRIC_PREFIX = "heldout/"
 
@@ -93,26 +100,6 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _eos_ids(model, tokenizer, stop_ids: list[int] | None = None) -> list[int]:
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(e) for e in eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    ids.update(int(t) for t in stop_ids or [])  # the prompt format's end-of-turn tokens
-    return sorted(ids)
-
-
-def _max_positions(model) -> int | None:
-    from ift.train.driver import max_positions
-
-    return max_positions(getattr(model, "config", None))
-
-
 # ---------------------------------------------------------------------------------------
 # Loss and generation
 # ---------------------------------------------------------------------------------------
@@ -150,58 +137,23 @@ def token_loss(model, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
     return (total / count if count else None), count
 
 
-def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-             batch_size: int, device: str = "cpu",
-             stop_ids: list[int] | None = None) -> list[dict[str, Any]]:
-    """Greedy continuations of prompt token lists, batched with left padding, ending at eos
-    or at one of `stop_ids` (the prompt format's end-of-turn tokens).
-
-    Prompts are grouped by length (less padding) and results returned in input order, each
-    {text, tokens, finish_reason}. A prompt longer than the model's positions minus
-    `max_new_tokens` keeps its last tokens.
-    """
-    import torch
-
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
-    eos = _eos_ids(model, tokenizer, stop_ids)
-    limit = _max_positions(model)
-    keep = max(1, limit - max_new_tokens) if limit else None
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[dict[str, Any] | None] = [None] * len(prompts)
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = [list(prompts[i][-keep:] if keep else prompts[i]) or [pad_id] for i in idx]
-            width = max(len(p) for p in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, p in enumerate(batch):
-                ids[j, width - len(p):] = torch.tensor(p)
-                mask[j, width - len(p):] = 1
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=pad_id, eos_token_id=eos or None,
-            )
-            new = out[:, width:].tolist()
-            for j, i in enumerate(idx):
-                toks = new[j]
-                finish = "length"
-                for k, t in enumerate(toks):
-                    if t in eos:
-                        toks, finish = toks[:k], "stop"
-                        break
-                toks = [t for t in toks if t != pad_id]
-                results[i] = {"text": tokenizer.decode(toks, skip_special_tokens=True),
-                              "tokens": len(toks), "finish_reason": finish}
-    return [r for r in results if r is not None]
-
-
 # ---------------------------------------------------------------------------------------
 # The evaluation
 # ---------------------------------------------------------------------------------------
+
+
+def _template(cfg: Config, prepared: str | None, tokenizer) -> str:
+    """The chat template the model was trained with: the prepared manifest's, else the
+    config's (resolved for this tokenizer)."""
+    from ift.data.templates import resolve_template
+
+    if prepared and heldout.is_prepared(prepared):
+        from ift.data.pipeline import read_manifest
+
+        name = read_manifest(prepared).get("template")
+        if name:
+            return name
+    return resolve_template(cfg.data.template, tokenizer)
 
 
 def _prompt_format(cfg: Config, model_dir: str, prepared: str | None, tokenizer):
@@ -240,38 +192,41 @@ def _check_tokenizer(prepared: str, tokenizer, model_dir: str) -> None:
         )
 
 
-def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
-             prepared: str | None = None, mlflow_run_id: str | None = None,
-             step: int | None = None, run_name: str = "eval",
-             parent_run_id: str | None = None) -> dict[str, Any]:
-    """Evaluate `model_dir` on `data`; write eval.json and samples.jsonl under `output`;
-    log to MLflow run `mlflow_run_id` (a new run when empty and tracking is on).
+@dataclass
+class HeldOut:
+    """A held-out set made ready for one tokenizer: loss rows and generation items."""
 
-    `prepared` is the training data (its manifest names the chat template used to render
-    prompts of raw held-out files). Returns eval.json's content.
-    """
-    started = time.time()
-    device = _device()
-    model, tokenizer, desc = load_for_eval(model_dir, cfg, device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-        else tokenizer.eos_token_id
+    data: str
+    rows: list[dict[str, Any]]
+    """Tokenized rows (input_ids, labels) for the loss."""
+    items: list[heldout.Item]
+    """Generation items (the first eval.max_samples rows)."""
+    source: dict[str, Any]
+    """What kind of data it is (eval.json's data_kind)."""
+    stop_ids: list[int]
+    """The prompt format's end-of-turn tokens: generation stops at them."""
+    pairs: list[dict[str, Any]] | None = None
+    """Preference pairs (held-out pair data), scored for preference accuracy."""
+
+
+def heldout_set(cfg: Config, data: str, tokenizer, *, prepared: str | None, model_dir: str,
+                limit: int | None) -> HeldOut:
+    """Read `data` (a prepared dir's val split or raw files) for `tokenizer`; `limit` is
+    the model's context (raw rows are tokenized to fit it)."""
     e = cfg.eval
     fmt = _prompt_format(cfg, model_dir, prepared, tokenizer)
-
     pairs = pref_eval.held_out_pairs(
-        cfg, data, tokenizer, None if heldout.is_prepared(data) else
-        fmt.template)
+        cfg, data, tokenizer, None if heldout.is_prepared(data) else fmt.template)
     if pairs is not None:  # preference pairs: loss and generation on the chosen side
         if heldout.is_prepared(data):
             _check_tokenizer(data, tokenizer, model_dir)
         rows = pairs
         items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
-        source = {"kind": "preference"}
+        source: dict[str, Any] = {"kind": "preference"}
     elif heldout.is_prepared(data):
         _check_tokenizer(data, tokenizer, model_dir)
         rows = heldout.prepared_rows(data, "val")
         items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
-        template = None
         source = {"kind": "prepared", "split": "val"}
     else:
         records = heldout.raw_records(data, seed=cfg.data.seed, sources=cfg.data.sources)
@@ -281,56 +236,125 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
             records = [substitute_placeholders(r, cfg.data.placeholders) for r in records]
         template = fmt.template
         items = heldout.items_from_records(records[: e.max_samples], tokenizer, template)
-        limit = _max_positions(model) or cfg.data.max_seq_len
         rows = heldout.loss_rows_from_records(records, tokenizer, template,
-                                              min(limit, max(cfg.data.max_seq_len, 8)))
+                                              min(limit or cfg.data.max_seq_len,
+                                                  max(cfg.data.max_seq_len, 8)))
         source = {"kind": "raw", "template": template}
     if not items:
         raise ConfigError(f"eval.data={data}: no held-out rows")
-    _log(f"{len(rows)} held-out rows for loss, {len(items)} for generation "
-         f"(max {e.max_new_tokens} new tokens) on {device}")
+    return HeldOut(data=data, rows=rows, items=items, source=source,
+                   stop_ids=list(fmt.stop_token_ids), pairs=pairs)
 
-    loss, loss_tokens = token_loss(model, rows, pad_id, max(1, e.batch_size), device)
+
+def encode_benchmarks(cfg: Config, tokenizer, names: list[str] | None = None
+                      ) -> dict[str, benchmarks.EncodedBenchmark]:
+    """eval.benchmarks (or the named ones) read and tokenized for `tokenizer`."""
+    from ift.data.templates import resolve_template
+
+    chosen = cfg.eval.benchmarks if names is None else {
+        n: cfg.eval.benchmarks[n] for n in names}
+    template = resolve_template(cfg.data.template, tokenizer) \
+        if any(b.chat for b in chosen.values()) else "auto"
+    return {n: benchmarks.encode(n, b, tokenizer, template) for n, b in chosen.items()}
+
+
+def score_model(cfg: Config, model, tokenizer, held: HeldOut | None,
+                benches: dict[str, benchmarks.EncodedBenchmark], device: str = "cpu"
+                ) -> dict[str, Any]:
+    """Every metric of one model: {metrics, samples, benchmarks, benchmark_samples}.
+
+    metrics: held-out loss, perplexity and generation metrics (empty without held-out
+    data); benchmarks: per benchmark, per subject and overall accuracy.
+    """
+    e = cfg.eval
+    out: dict[str, Any] = {"metrics": {}, "samples": [], "benchmarks": {},
+                           "benchmark_samples": []}
+    if held is not None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+        loss, loss_tokens = token_loss(model, held.rows, pad_id, max(1, e.batch_size), device)
+        samples = generate_samples(model, tokenizer, held.items, max_new_tokens=e.max_new_tokens,
+                                   batch_size=max(1, e.batch_size), device=device,
+                                   stop_ids=held.stop_ids)
+        ie_metrics, out["ie_rows"] = _ie_scores(held.items, samples)
+        out["metrics"] = {"loss": loss, "perplexity": metrics.perplexity(loss),
+                          "loss_rows": len(held.rows), "loss_tokens": loss_tokens,
+                          **metrics.aggregate(samples), **metrics.task_metrics(samples),
+                          **ie_metrics}
+        if held.pairs is not None:
+            out["metrics"].update(pref_eval.pair_metrics(
+                model, held.pairs, pad_id, max(1, e.batch_size), device, cfg.train.beta))
+        out["samples"] = samples
+    for name, enc in benches.items():
+        res, bsamples = benchmarks.score_benchmark(model, enc, device)
+        out["benchmarks"][name] = res
+        out["benchmark_samples"] += bsamples
+    return out
+
+
+def generate_samples(model, tokenizer, items: list[heldout.Item], *, max_new_tokens: int,
+                     batch_size: int, device: str = "cpu",
+                     stop_ids: list[int] | None = None) -> list[dict[str, Any]]:
+    """Generate on held-out items and score each output (one samples.jsonl line each);
+    generation ends at eos or one of `stop_ids` (the prompt format's end-of-turn tokens)."""
     outs = generate(model, tokenizer, [it.prompt_ids for it in items],
-                    max_new_tokens=e.max_new_tokens, batch_size=max(1, e.batch_size),
-                    device=device, stop_ids=fmt.stop_token_ids)
+                    max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
+                    stop_ids=stop_ids)
     samples = []
-    for it, out in zip(items, outs):
-        scored = metrics.score_sample(out["text"], it.reference, it.gold, it.options)
+    for it, o in zip(items, outs):
+        scored = metrics.score_sample(o["text"], it.reference, it.gold, it.options)
         samples.append({
             "id": it.id, "prompt": it.prompt, "reference": it.reference,
-            "output": out["text"], "gold": it.gold, **scored,
-            "options": it.options or None, "finish_reason": out["finish_reason"],
-            "completion_tokens": out["tokens"],
+            "output": o["text"], "gold": it.gold, **scored,
+            "options": it.options or None, "finish_reason": o["finish_reason"],
+            "completion_tokens": o["tokens"], **({"task": it.task} if it.task else {}),
         })
-    agg = metrics.aggregate(samples)
-    ie_metrics, ie_paths = _ie_scores(items, samples, output)
-    result_metrics = {
-        "loss": loss, "perplexity": metrics.perplexity(loss), "loss_rows": len(rows),
-        "loss_tokens": loss_tokens, **agg, **ie_metrics,
-    }
-    if pairs is not None:
-        result_metrics.update(pref_eval.pair_metrics(model, pairs, pad_id, max(1, e.batch_size),
-                                                     device, cfg.train.beta))
+    return samples
+
+
+def evaluate(cfg: Config, *, model_dir: str, data: str | None, output: str,
+             prepared: str | None = None, mlflow_run_id: str | None = None,
+             step: int | None = None, run_name: str = "eval",
+             parent_run_id: str | None = None) -> dict[str, Any]:
+    """Evaluate `model_dir` on `data` and eval.benchmarks; write eval.json and
+    samples.jsonl (and benchmarks.md, benchmark_samples.jsonl) under `output`; log to
+    MLflow run `mlflow_run_id` (a new run when empty and tracking is on).
+
+    `prepared` is the training data (its manifest names the chat template used to render
+    prompts of raw held-out files). Returns eval.json's content.
+    """
+    started = time.time()
+    device = _device()
+    model, tokenizer, desc = load_for_eval(model_dir, cfg, device)
+    if not data and not cfg.eval.benchmarks:
+        raise ConfigError("nothing to evaluate: give held-out data (--data, eval.data) or "
+                          "eval.benchmarks")
+    held = heldout_set(cfg, data, tokenizer, prepared=prepared, model_dir=model_dir,
+                       limit=context_limit(model)) if data else None
+    benches = encode_benchmarks(cfg, tokenizer)
+    if held is not None:
+        _log(f"{len(held.rows)} held-out rows for loss, {len(held.items)} for generation "
+             f"(max {cfg.eval.max_new_tokens} new tokens) on {device}")
+    for name, enc in benches.items():
+        _log(f"benchmark {name}: {sum(len(v) for v in enc.subjects.values())} questions in "
+             f"{len(enc.subjects)} subjects, {enc.k_shot}-shot, {len(enc.rejects)} rows rejected")
+    scored = score_model(cfg, model, tokenizer, held, benches, device)
     result = {
-        "metrics": result_metrics,
+        "metrics": scored["metrics"],
         **desc,
-        "data": data,
-        "data_kind": source,
-        "max_samples": e.max_samples,
-        "max_new_tokens": e.max_new_tokens,
+        "data": data or "",
+        "data_kind": held.source if held is not None else None,
+        "max_samples": cfg.eval.max_samples,
+        "max_new_tokens": cfg.eval.max_new_tokens,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - started, 2),
         "mlflow_run_id": "",
     }
-
-    storage.makedirs(output)
-    samples_path = storage.join(output, SAMPLES_FILE)
-    storage.write_text(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n"
-                                             for s in samples))
+    if benches:
+        result["benchmarks"] = scored["benchmarks"]
+    artifacts = write_outputs(output, scored)
     eval_path = storage.join(output, EVAL_FILE)
-    run_id = _log_mlflow(cfg, result, mlflow_run_id, step, run_name, parent_run_id,
-                         [samples_path, *ie_paths])
+    run_id = _log_mlflow(cfg, result, mlflow_run_id, step, run_name, parent_run_id, artifacts)
     result["mlflow_run_id"] = run_id
     storage.write_text(eval_path, json.dumps(result, indent=2, ensure_ascii=False))
     if run_id:
@@ -341,10 +365,10 @@ def evaluate(cfg: Config, *, model_dir: str, data: str, output: str,
     return result
 
 
-def _ie_scores(items: list, samples: list[dict[str, Any]], output: str
-               ) -> tuple[dict[str, Any], list[str]]:
-    """IE metrics of the held-out rows that are IE records (ift.eval.ie): flat metrics, and
-    the per-type tables written beside eval.json (IE_REPORT .md and .csv)."""
+def _ie_scores(items: list, samples: list[dict[str, Any]]
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """IE metrics of the held-out rows that are IE records (ift.eval.ie): flat metrics and
+    the per-type rows (written beside eval.json as IE_REPORT .md and .csv)."""
     from ift.eval import ie
 
     scored = [(it.ie["task"], s["output"], it.ie.get("gold") or [])
@@ -356,12 +380,36 @@ def _ie_scores(items: list, samples: list[dict[str, Any]], output: str
             s["ie_task"] = it.ie["task"]
             s["ie_pred"] = ie.parse_output(it.ie["task"], s["output"])
     values, rows, _ = ie.score_samples(scored)
+    return values, rows
+
+
+def write_outputs(output: str, scored: dict[str, Any]) -> list[str]:
+    """samples.jsonl (held-out), benchmark_samples.jsonl and benchmarks.md, and for IE data
+    ie_scores.md/.csv, under `output`; returns the paths written."""
     storage.makedirs(output)
-    md = storage.join(output, IE_REPORT + ".md")
-    csv_path = storage.join(output, IE_REPORT + ".csv")
-    storage.write_text(md, "# IE scores per type\n\n" + ie.table_markdown(rows))
-    storage.write_text(csv_path, ie.table_csv(rows))
-    return values, [md, csv_path]
+    paths = []
+    if scored.get("ie_rows"):
+        from ift.eval import ie
+
+        md = storage.join(output, IE_REPORT + ".md")
+        csv_path = storage.join(output, IE_REPORT + ".csv")
+        storage.write_text(md, "# IE scores per type\n\n" + ie.table_markdown(scored["ie_rows"]))
+        storage.write_text(csv_path, ie.table_csv(scored["ie_rows"]))
+        paths += [md, csv_path]
+    if scored["samples"]:
+        paths.append(_write_jsonl(storage.join(output, SAMPLES_FILE), scored["samples"]))
+    if scored["benchmarks"]:
+        paths.append(_write_jsonl(storage.join(output, BENCH_SAMPLES_FILE),
+                                  scored["benchmark_samples"]))
+        path = storage.join(output, BENCH_TABLE_FILE)
+        storage.write_text(path, benchmarks.markdown_table(scored["benchmarks"]))
+        paths.append(path)
+    return paths
+
+
+def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> str:
+    storage.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
 
 
 def _log_mlflow(cfg: Config, result: dict[str, Any], run_id: str | None, step: int | None,
@@ -373,13 +421,16 @@ def _log_mlflow(cfg: Config, result: dict[str, Any], run_id: str | None, step: i
     new = not run_id
     run_id = tracking.start_run(
         cfg, run_name, run_id=run_id or None, parent_run_id=parent_run_id if new else None,
-        tags={"ift.eval.data": result["data"]} | ({"ift.command": "eval"} if new else {}))
+        tags={"ift.eval.data": result["data"] or ",".join(result.get("benchmarks") or {})}
+        | ({"ift.command": "eval"} if new else {}))
     if new:
-        tracking.log_params(run_id, {"eval": {**cfg.eval.__dict__, "data": result["data"]},
+        tracking.log_params(run_id, {"eval": {**asdict(cfg.eval), "data": result["data"]},
                                      **{k: result[k] for k in ("adapter", "base", "model")
                                         if k in result}})
     values = {METRIC_PREFIX + k: v for k, v in result["metrics"].items()
               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    values.update({BENCH_PREFIX + k: v for k, v in
+                   benchmarks.flat_metrics(result.get("benchmarks") or {}).items()})
     tracking.log_metrics(run_id, values, int(step or 0))
     for path in artifacts:
         tracking.log_artifact(run_id, path, "eval")
@@ -393,6 +444,11 @@ def summary_text(result: dict[str, Any]) -> str:
     def num(v, fmt=".4f"):
         return "-" if v is None else format(v, fmt)
 
+    bench = "  ".join(f"{name} acc {num(r['overall']['acc'], '.3f')} acc_norm "
+                      f"{num(r['overall']['acc_norm'], '.3f')} (n={r['overall']['n']})"
+                      for name, r in (result.get("benchmarks") or {}).items())
+    if not m:
+        return bench
     return (f"loss {num(m['loss'])}  ppl {num(m['perplexity'], '.2f')}  exact match "
             f"{num(m['exact_match'], '.3f')} (n={m['exact_match_n']})  mc accuracy "
             f"{num(m['mc_accuracy'], '.3f')} (n={m['mc_n']})  rouge-L {num(m['rouge_l'], '.3f')}"
@@ -404,7 +460,8 @@ def summary_text(result: dict[str, Any]) -> str:
             + (f"  preference accuracy {num(m['pref_accuracy'], '.3f')} margin "
                f"{num(m['pref_margin'], '.3f')} (n={m['pref_pairs']})"
                + (f"  reward accuracy {num(m['reward_accuracy'], '.3f')}"
-                  if "reward_accuracy" in m else "") if "pref_accuracy" in m else ""))
+                  if "reward_accuracy" in m else "") if "pref_accuracy" in m else "")
+            + (f"  {bench}" if bench else ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,11 +471,11 @@ def summary_text(result: dict[str, Any]) -> str:
 
 def data_path(cfg: Config, path: str) -> str:
     """A held-out path as configured: each comma-separated part is taken as given when it
-    exists there (source files, like data.sources paths; `@sample/`, `@quickstart/` name
-    bundled files), else under storage.root (a prepared directory, like data.output)."""
-    parts = []
+    exists there (source files, like data.sources paths), else under storage.root (a
+    prepared directory, like data.output)."""
     from ift.artifacts import bundled_path
 
+    parts = []
     for part in (bundled_path(p.strip()) for p in path.split(",")):
         if not part:
             continue
@@ -455,7 +512,7 @@ def evaluate_run(cfg: Config, run_dir: str, *, data: str | None = None,
         raise ConfigError(f"{run_dir} has no complete {FINAL_DIR}/: the run did not finish")
     prepared = info.get("prepared") or None
     data = data or (data_path(cfg, cfg.eval.data) if cfg.eval.data else None) or prepared
-    if not data:
+    if not data and not cfg.eval.benchmarks:
         raise ConfigError("no held-out data: pass --data, set eval.data, or evaluate a run "
                           "whose run.json names its prepared dataset")
     return evaluate(cfg, model_dir=model_dir, data=data,
@@ -471,7 +528,9 @@ def eval_cmd(args) -> int:
     run_dir = getattr(args, "run", None)
     adapter = getattr(args, "adapter", None)
     data = getattr(args, "data", None)
-    overrides = list(args.overrides or [])
+    models = getattr(args, "models", None)
+    bench_names, bench_overrides = parse_benchmarks_arg(getattr(args, "benchmarks", None))
+    overrides = list(args.overrides or []) + bench_overrides
     info: dict[str, Any] = {}
     if args.config:
         cfg = load_config(args.config, overrides)
@@ -491,11 +550,27 @@ def eval_cmd(args) -> int:
     if info.get("tracking_uri") and not cfg.tracking.uri:
         # Log to the store that holds the training run.
         cfg.tracking.uri = info["tracking_uri"]
+    if bench_names is not None:
+        missing = [n for n in bench_names if n not in cfg.eval.benchmarks]
+        if missing:
+            raise ConfigError(f"--benchmarks {','.join(missing)}: not in eval.benchmarks (give "
+                              "NAME=PATH, or configure eval.benchmarks.NAME.path)")
+        cfg.eval.benchmarks = {n: cfg.eval.benchmarks[n] for n in bench_names}
 
+    if models:
+        from ift.eval.compare import compare
+
+        data = data or (data_path(cfg, cfg.eval.data) if cfg.eval.data else None) \
+            or info.get("prepared") or (_prepared_of(cfg) if not cfg.eval.benchmarks else None)
+        out = (cfg.resolve(cfg.eval.output) if cfg.eval.output else None) or \
+            storage.join(cfg.resolve("runs/eval"), "compare")
+        compare(cfg, models, data=data, output=out,
+                prepared=info.get("prepared") or _prepared_of(cfg))
+        return 0
     if adapter:
         data = data or (data_path(cfg, cfg.eval.data) if cfg.eval.data else None) \
             or info.get("prepared") or _prepared_of(cfg)
-        if not data:
+        if not data and not cfg.eval.benchmarks:
             raise ConfigError("no held-out data: pass --data or set eval.data")
         out = (cfg.resolve(cfg.eval.output) if cfg.eval.output else None) or run_dir or \
             storage.join(cfg.resolve("runs/eval"), _slug(adapter))
@@ -505,9 +580,7 @@ def eval_cmd(args) -> int:
                  run_name=f"eval-{_slug(adapter)}")
         return 0
     if not run_dir:
-        from ift.train.driver import run_dir_of
-
-        run_dir = run_dir_of(cfg)
+        run_dir = storage.join(cfg.resolve(cfg.train.output), cfg.train.run_name)
         if not storage.exists(run_dir):
             raise ConfigError(f"run directory {run_dir} (train.output/train.run_name) does not "
                               "exist; pass --run RUN_DIR or --adapter PATH")
@@ -527,3 +600,24 @@ def _slug(path: str) -> str:
     parts = [p for p in path.rstrip("/").split("/") if p]
     tail = parts[-2:] if parts and parts[-1] == FINAL_DIR else parts[-1:]
     return "-".join(tail) or "model"
+
+
+def parse_benchmarks_arg(value: str | None) -> tuple[list[str] | None, list[str]]:
+    """`--benchmarks mmlu=PATH,ceval` -> (names to run, config overrides): NAME=PATH sets
+    eval.benchmarks.NAME.path, a bare NAME picks a configured benchmark. None: all."""
+    if not value:
+        return None, []
+    names, overrides = [], []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        name, eq, path = part.partition("=")
+        name = name.strip()
+        if eq:
+            if not path.strip():
+                raise ConfigError(f"--benchmarks {part!r}: give NAME=PATH")
+            path = path.strip()
+            path = path if storage.is_remote(path) else os.path.abspath(path)
+            overrides.append(f"eval.benchmarks.{name}.path={path}")
+        names.append(name)
+    return names, overrides

@@ -64,7 +64,11 @@ class Engine:
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "cpu",
                  template: str = "auto", max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, trust_remote_code: bool = False,
-                 num_threads: int | None = None, max_context: int | None = None):
+                 num_threads: int | None = None, max_context: int | None = None,
+                 model=None, tokenizer=None):
+        """`model` and `tokenizer`, when given, are used as they are instead of loading
+        `model_path` (which then only names them): `ift eval` and evaluation during
+        training decode with a model they already hold."""
         import torch
 
         from ift.config import ModelConfig
@@ -77,10 +81,13 @@ class Engine:
         self.device = device
         self.max_batch_size = max(1, int(max_batch_size))
         self.batch_wait_timeout_s = max(0.0, float(batch_wait_timeout_s))
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        mcfg = ModelConfig(name_or_path=model_path, dtype=dtype,
-                           trust_remote_code=trust_remote_code)
-        self.model = load_model(mcfg, device=device)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
+            model_path, trust_remote_code=trust_remote_code)
+        if model is None:
+            mcfg = ModelConfig(name_or_path=model_path, dtype=dtype,
+                               trust_remote_code=trust_remote_code)
+            model = load_model(mcfg, device=device)
+        self.model = model
         self.model.eval()
         self.peft = None  # the PeftModel wrapping self.model once an adapter is loaded
         self.stacked = None  # StackedLoRA over self.peft when its adapters qualify
@@ -239,8 +246,10 @@ class Engine:
         return {"text": "".join(parts), **{k: v for k, v in end.items() if k != "type"}}
 
     def generate_many(self, jobs: list[tuple[list[int], SamplingParams, str | None]],
-                      timeout: float | None = None) -> list[dict[str, Any]]:
-        """Blocking: submit every job at once (so they batch) and return results in order."""
+                      timeout: float | None = None, deltas: bool = True
+                      ) -> list[dict[str, Any]]:
+        """Blocking: submit every job at once (so they batch) and return results in order.
+        deltas=False decodes each output once, at its end (no streaming)."""
         results: list[dict[str, Any]] = [{} for _ in jobs]
         parts: list[list[str]] = [[] for _ in jobs]
         left = threading.Semaphore(0)
@@ -254,7 +263,7 @@ class Engine:
                     left.release()
             return sink
 
-        reqs = [self.submit(ids, params, adapter, sink_for(i))
+        reqs = [self.submit(ids, params, adapter, sink_for(i), deltas=deltas)
                 for i, (ids, params, adapter) in enumerate(jobs)]
         deadline = None if timeout is None else time.monotonic() + timeout
         for _ in jobs:

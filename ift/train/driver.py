@@ -166,6 +166,10 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
     fsdp.check(cfg)
     if cfg.train.eval_every and not plan.num_val_rows:
         print(f"[ift train] note: {prepared} has no val rows; evaluation is skipped", flush=True)
+    if cfg.eval.during_training.max_samples:
+        from ift.eval.during import check_config
+
+        check_config(cfg)  # before any worker starts
     return plan
 
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from ift import storage
 from ift.config import Config, ConfigError, TrainConfig, build_config
+from ift.eval import during
 from ift.train import checkpoint, fsdp, methods, preference
 from ift.train.collate import (
     IGNORE_INDEX,
@@ -459,6 +460,8 @@ def progress_line(step: int, total: int, metrics: dict[str, float], elapsed: flo
         parts.append(f"eval_loss {metrics['eval_loss']:.4f}")
     if "eval_rewards/accuracy" in metrics:
         parts.append(f"eval_acc {metrics['eval_rewards/accuracy']:.2f}")
+    if during.progress_text(metrics):
+        parts.append(during.progress_text(metrics))
     parts.append(f"ETA {_hms(eta)}")
     return " | ".join(parts)
 
@@ -642,6 +645,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             val_batches = _val_batches(cfg, plan, rank, world, pad_id, make_batch)
         return val_batches
 
+    probe = during.Probe.create(cfg, tokenizer, rank)  # eval.during_training (None: off)
     metrics_log = MetricsLog(run_dir) if rank == 0 else None
     resumed_from = state["step"] if state else 0
     step = resumed_from
@@ -683,6 +687,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                       or final):
                 metrics.update(evaluate(model, eval_batches(), env) if objective is None
                                else preference.evaluate(model, eval_batches(), env))
+            heldout_due = probe is not None and probe.due(step, plan.total_steps)
+            if heldout_due:
+                metrics.update(probe.run(methods.unwrap(model), device))
             if not math.isfinite(result["loss"]):
                 raise FloatingPointError(f"loss is {result['loss']} at step {step}")
             want_ckpt = final or (train.checkpoint_every and step % train.checkpoint_every == 0)
@@ -703,7 +710,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    lineage=config.get("lineage"),
                                    prompt_format=config.get("prompt_format"))
                 last_report = time.time()
-            elif due or "eval_loss" in metrics:
+            elif due or "eval_loss" in metrics or heldout_due:
                 ray.train.report(metrics)
                 last_report = time.time()
 

@@ -124,8 +124,15 @@ def _scheduler(cfg: Config):
     if cfg.train.eval_every < 1:
         raise ConfigError("tune.scheduler=asha compares eval losses during training: set "
                           "train.eval_every >= 1 (or tune.scheduler=none)")
+    metric, mode = "eval_loss", "min"
+    if t.metric.startswith("heldout/"):
+        # A generation metric reported during training (ift.eval.during).
+        if cfg.eval.during_training.max_samples <= 0:
+            raise ConfigError(f"tune.metric={t.metric} with tune.scheduler=asha needs the "
+                              "metric during training: set eval.during_training.max_samples")
+        metric, mode = t.metric, t.mode
     # Time is the optimizer step; the grace period counts evaluations.
-    return ASHAScheduler(time_attr="step", metric="eval_loss", mode="min",
+    return ASHAScheduler(time_attr="step", metric=metric, mode=mode,
                          grace_period=t.grace_period * cfg.train.eval_every,
                          reduction_factor=t.reduction_factor, max_t=ASHA_MAX_T,
                          stop_last_trials=False)

@@ -30,6 +30,7 @@ from typing import Any
 
 from ift import storage
 from ift.artifacts import RUN_FILE
+from ift.eval.during import latest as latest_heldout
 from ift.eval.metrics import mean_spread
 from ift.tune import space
 
@@ -106,6 +107,8 @@ def trial_rows(sweep_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             "reward_accuracy": ev.get("reward_accuracy"),
             "mlflow_run_id": run.get("mlflow_run_id") or trial.get("mlflow_run_id") or "",
             "history": history,
+            # heldout/* during training, so tune.metric heldout/exact_match picks the best
+            **latest_heldout(history),
         })
     return sweep, rows
 

@@ -197,6 +197,9 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     summary = driver.train(cfg, callbacks=train_callbacks(run_dir),
                            parent_run_id=sweep.get("parent_run_id") or None)
     child = summary.get("mlflow_run_id") or child
+    from ift.eval.during import last_metrics
+
+    summary.update(last_metrics(run_dir))  # heldout/* of the last step, for tune.metric
 
     eval_metrics: dict[str, Any] = {}
     if sweep.get("eval_after", True):
@@ -247,7 +250,8 @@ def _final_result(summary: dict[str, Any], eval_metrics: dict[str, Any]) -> dict
     result = {"step": summary.get("steps"), "eval_loss": summary.get("eval_loss"),
               "final_loss": summary.get("final_loss"),
               **{key: eval_metrics.get(src) for src, key in EVAL_KEYS.items()},
-              **{k: v for k, v in eval_metrics.items() if k.startswith("ie_")}}
+              **{k: v for k, v in eval_metrics.items() if k.startswith("ie_")},
+              **{k: v for k, v in summary.items() if k.startswith("heldout/")}}
     return {k: v for k, v in result.items() if v is not None}
 
 

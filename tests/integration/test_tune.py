@@ -268,3 +268,49 @@ def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
     rows = list(csv.DictReader((sweep_dir / "report" / "trials.csv").open()))
     assert [r["trial"] for r in rows] == ["t000", "t001"]
     assert all(r["status"] == "finished" and r["exact_match"] != "" for r in rows)
+
+
+def test_asha_stops_a_trial_on_a_generation_metric(tmp_path, tiny_model):
+    """tune.metric heldout/rouge_l (mode max), computed during training by
+    eval.during_training on a task a LoRA learns in a few steps (every reply is "yes, it
+    is."): the trial with a near-zero learning rate lags at a rung and is stopped."""
+    words = ["red", "blue", "green", "cat", "dog", "tree", "river", "stone"]
+
+    def rows(lo: int, hi: int) -> list[dict]:
+        return [{"instruction": f"Is {words[i % 8]} {i} a thing?", "output": "yes, it is."}
+                for i in range(lo, hi)]
+
+    (tmp_path / "train.json").write_text(json.dumps(rows(0, 64)))
+    (tmp_path / "heldout.json").write_text(json.dumps(rows(100, 104)))
+    cfg = write_config(tmp_path / "sweep.yaml", tmp_path / "work", tiny_model,
+                       tmp_path / "work" / "prepared", {
+                           "name": "asha-gen",
+                           "space": {"train.lr": [0.02, 1.0e-7]},
+                           "seeds": [1],
+                           "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+                           "metric": "heldout/rouge_l", "mode": "max", "eval_after": False,
+                       }, train={"max_steps": 12, "eval_every": 2})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["sources"] = [{"path": str(tmp_path / "train.json"), "name": "yes"}]
+    raw["eval"]["during_training"] = {"max_samples": 4, "max_new_tokens": 8,
+                                      "data": str(tmp_path / "heldout.json")}
+    cfg.write_text(yaml.safe_dump(raw))
+    run_ift(["tune", "-c", str(cfg)], tmp_path / "tune.log")
+
+    sweep_dir = tmp_path / "work" / "sweeps" / "asha-gen"
+    trials = {t["name"]: t for t in json.loads((sweep_dir / "trials.json").read_text())}
+    assert trials["t000"]["status"] == "finished", trials
+    assert trials["t001"]["status"] == "stopped", trials
+
+    def heldout(name):
+        rows = [json.loads(x) for x in (sweep_dir / "runs" / name / "metrics.jsonl")
+                .read_text().splitlines()]
+        return {r["step"]: r["heldout/rouge_l"] for r in rows if "heldout/rouge_l" in r}
+
+    learned, lagging = heldout("t000"), heldout("t001")
+    assert sorted(learned) == [2, 4, 6, 8, 10, 12]
+    last = max(lagging)
+    assert last < 12 and lagging[last] < learned[last], (learned, lagging)
+    # the report picks the best trial by the same metric
+    rows = list(csv.DictReader((sweep_dir / "report" / "trials.csv").open()))
+    assert next(r for r in rows if r["best"] == "best")["trial"] == "t000"

@@ -1,0 +1,122 @@
+"""Toy tasks on which step-by-step targets are known to matter: a positive control for the
+CoT ablation (an ablation that cannot show a known effect cannot be trusted on an unknown
+one).
+
+* `add`: multi-digit addition (`digits` digits per operand). The rationale is a detailed
+  scratchpad, digit by digit from the right with the carry ("2 + 9 = 11, write 1, carry 1.
+  8 + 3 + 1 = 12, write 2, carry 1. 4 + 7 + 1 = 12, write 12."), the kind of format with
+  which small transformers learn addition from far fewer samples (Lee et al. 2023,
+  "Teaching Arithmetic to Small Transformers").
+* `parity`: whether a bit string has an even or odd number of 1s (`bits` long). The
+  rationale is the running parity after each bit ("1 odd. 0 odd. 1 even. ..."), the
+  decomposition under which parity becomes learnable where the answer alone is not (Wies
+  et al. 2023, "Sub-task Decomposition Enables Learning in Sequence to Sequence Tasks").
+
+Train and held-out are disjoint: held-out additions use first operands that no training
+problem uses; held-out bit strings never occur in training. Both arms of an ablation get
+the same questions and answers, written as FLAN CoT TSV (question, answer, rationale) with
+or without the rationale, as `ift.data.synthetic.write_arithmetic_corpus` writes them, so
+`ift tune`'s `exclude_tags` arms and `jobs/cot_ablation.py --task` work unchanged.
+
+Everything here is pure and deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import random
+
+TASKS = ("add", "parity")
+
+
+def add_rationale(a: int, b: int) -> str:
+    """The digit-by-digit scratchpad of a + b, least significant digit first."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    n = max(len(da), len(db))
+    for i in range(n):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        total = x + y + carry
+        terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
+        if i == n - 1:
+            steps.append(f"{terms} = {total}, write {total}.")
+        else:
+            carry = total // 10
+            steps.append(f"{terms} = {total}, write {total % 10}"
+                         + (f", carry {carry}." if carry else "."))
+    return " ".join(steps)
+
+
+def parity_rationale(bits: str) -> str:
+    """The running parity of the 1s after each bit."""
+    ones = 0
+    steps = []
+    for b in bits:
+        ones += b == "1"
+        steps.append(f"{b} {'odd' if ones % 2 else 'even'}.")
+    return " ".join(steps)
+
+
+def addition_split(n_train: int, n_test: int, seed: int, digits: int = 3
+                   ) -> tuple[list[dict], list[dict]]:
+    """Addition problems {question, answer, rationale}; the first operands of held-out
+    problems never occur as first operands in training (half of the range each)."""
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    rng = random.Random(f"add-{seed}-{digits}")
+    firsts = list(range(lo, hi + 1))
+    rng.shuffle(firsts)
+    half = len(firsts) // 2
+    pools = {"train": firsts[:half], "test": firsts[half:]}
+    out: dict[str, list[dict]] = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        seen: set[tuple[int, int]] = set()
+        rows = []
+        if n > len(pools[split]) * (hi - lo + 1):
+            raise ValueError(f"{n} {split} problems: more than the {digits}-digit pairs")
+        while len(rows) < n:
+            a, b = rng.choice(pools[split]), rng.randint(lo, hi)
+            if (a, b) in seen:
+                continue
+            seen.add((a, b))
+            rows.append({"question": f"What is {a} + {b}?", "answer": str(a + b),
+                         "rationale": add_rationale(a, b)})
+        out[split] = rows
+    return out["train"], out["test"]
+
+
+def parity_split(n_train: int, n_test: int, seed: int, bits: int = 12
+                 ) -> tuple[list[dict], list[dict]]:
+    """Parity problems; no held-out bit string occurs in training."""
+    if n_train + n_test > 2 ** bits:
+        raise ValueError(f"{n_train} + {n_test} problems: more than the {2 ** bits} strings "
+                         f"of {bits} bits")
+    rng = random.Random(f"parity-{seed}-{bits}")
+    codes = rng.sample(range(2 ** bits), n_train + n_test)
+
+    def row(code: int) -> dict:
+        s = format(code, f"0{bits}b")
+        return {"question": f"Is the number of 1s in {s} even or odd?",
+                "answer": "odd" if s.count("1") % 2 else "even",
+                "rationale": parity_rationale(s)}
+
+    return [row(c) for c in codes[n_test:]], [row(c) for c in codes[:n_test]]
+
+
+def write_scratchpad_corpus(out_dir: str, task: str, n_train: int, n_test: int, seed: int,
+                            with_rationale: bool = True, size: int | None = None) -> dict:
+    """Write train.tsv and test.tsv of `task` (add: `size` digits, default 3; parity:
+    `size` bits, default 12) under out_dir. Returns {train, test, n_train, n_test, task,
+    size, with_rationale}."""
+    from ift.data.synthetic import write_tsv_splits
+
+    if task == "add":
+        size = size or 3
+        train, test = addition_split(n_train, n_test, seed, size)
+    elif task == "parity":
+        size = size or 12
+        train, test = parity_split(n_train, n_test, seed, size)
+    else:
+        raise ValueError(f"task {task!r}: one of {', '.join(TASKS)}")
+    paths = write_tsv_splits(out_dir, {"train": train, "test": test}, with_rationale)
+    return {"train": paths["train"], "test": paths["test"], "n_train": len(train),
+            "n_test": len(test), "task": task, "size": size, "with_rationale": with_rationale}

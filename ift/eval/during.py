@@ -1,0 +1,162 @@
+"""Task metrics during training (`eval.during_training`).
+
+Every `train.eval_every` steps (and at the last step), rank 0 generates greedily on a fixed
+held-out sample, the first `max_samples` rows of:
+
+* `eval.during_training.data`, else `eval.data` (a prepared dir's val split or raw files,
+  read as `ift eval` reads them), else
+* the val split of the training data.
+
+It reports exact match, multiple-choice accuracy, ROUGE-L, the share of outputs that state
+an answer, and the metrics of metrics.TASK_METRICS for the tasks present, as
+`heldout/<metric>` next to the loss: to the progress line, metrics.jsonl, MLflow and Ray
+Train (so Tune's ASHA can stop trials on them: `tune.metric: heldout/exact_match`,
+`tune.mode: max`). Generation goes through the serving engine (ift.eval.generate) on the
+model being trained, switched to eval mode for the pass and back after.
+
+The loop calls two things: `Probe.create(cfg, tokenizer, rank)` once (None when off) and
+`probe.run(model, device)` when `probe.due(step, total)`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ift import storage
+from ift.config import Config, ConfigError
+from ift.eval import heldout, metrics
+
+PREFIX = "heldout/"
+# What the progress line shows, in order.
+SHOWN = ("exact_match", "mc_accuracy", "rouge_l")
+PROMPT_METHODS = ("prefix", "p_tuning", "prompt_tuning")
+
+
+class Probe:
+    """The fixed held-out sample and how to score a model on it."""
+
+    def __init__(self, cfg: Config, items: list[heldout.Item], data: str, rank: int,
+                 tokenizer):
+        self.cfg = cfg
+        self.items = items
+        self.tokenizer = tokenizer
+        self.data = data
+        self.rank = rank
+        self.every = cfg.train.eval_every
+
+    @classmethod
+    def create(cls, cfg: Config, tokenizer, rank: int) -> Probe | None:
+        """The probe of a run (None when eval.during_training.max_samples is 0). Every rank
+        creates it (so all agree on when it runs); only rank 0 reads the data."""
+        dt = cfg.eval.during_training
+        if dt.max_samples <= 0:
+            return None
+        check_config(cfg)
+        data = held_out_path(cfg)
+        items = load_items(cfg, data, tokenizer) if rank == 0 else []
+        return cls(cfg, items, data, rank, tokenizer)
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether this step reports the held-out metrics (the same on every rank)."""
+        return step == total or bool(self.every and step % self.every == 0)
+
+    def run(self, model, device: Any = "cpu") -> dict[str, Any]:
+        """`heldout/*` metrics of `model` (the unwrapped model) on the sample; {} on ranks
+        other than 0. The model's train/eval mode is restored afterwards."""
+        if self.rank != 0:
+            return {}
+        from ift.eval.run import generate_samples
+
+        dt = self.cfg.eval.during_training
+        was_training = model.training
+        t0 = time.time()
+        try:
+            samples = generate_samples(model, self.tokenizer, self.items,
+                                       max_new_tokens=dt.max_new_tokens,
+                                       batch_size=dt.batch_size, device=str(device))
+        finally:
+            model.train(was_training)
+        agg = {**metrics.aggregate(samples), **metrics.task_metrics(samples)}
+        out = {PREFIX + k: float(v) for k, v in agg.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and not k.endswith("_n") and k != "samples"}
+        out[PREFIX + "seconds"] = time.time() - t0
+        return out
+
+
+def check_config(cfg: Config) -> None:
+    """Configurations the probe cannot run in, as errors naming the key."""
+    if cfg.train.strategy == "fsdp":
+        raise ConfigError("eval.during_training runs on rank 0 alone, which FSDP's sharded "
+                          "forward passes cannot do: set train.strategy=ddp or "
+                          "eval.during_training.max_samples=0")
+    if cfg.peft.method in PROMPT_METHODS:
+        raise ConfigError(f"eval.during_training: peft.method={cfg.peft.method} prepends "
+                          "virtual tokens, which the serving engine does not decode; set "
+                          "eval.during_training.max_samples=0")
+
+
+def held_out_path(cfg: Config) -> str:
+    """during_training.data, else eval.data, else the training data (its val split)."""
+    from ift.eval.run import data_path
+
+    for given in (cfg.eval.during_training.data, cfg.eval.data):
+        if given:
+            return data_path(cfg, given)
+    path = cfg.train.data or cfg.data.output
+    if not path:
+        raise ConfigError("eval.during_training: no held-out data: set "
+                          "eval.during_training.data, eval.data or train.data")
+    return cfg.resolve(path)
+
+
+def load_items(cfg: Config, data: str, tokenizer) -> list[heldout.Item]:
+    """The first max_samples held-out items of `data`, read as `ift eval` reads them."""
+    n = cfg.eval.during_training.max_samples
+    if heldout.is_prepared(data):
+        rows = []
+        for row in heldout.iter_prepared_rows(data, "val",
+                                              key="eval.during_training.data"):
+            rows.append(row)
+            if len(rows) >= n:
+                break
+        items = heldout.items_from_rows(rows, tokenizer)
+    else:
+        from ift.eval.run import _template
+
+        records = []
+        for _where, rec in heldout.iter_raw_records(data, seed=cfg.data.seed,
+                                                    key="eval.during_training.data"):
+            records.append(rec)
+            if len(records) >= n:
+                break
+        prepared = cfg.resolve(cfg.train.data or cfg.data.output) \
+            if (cfg.train.data or cfg.data.output) else None
+        items = heldout.items_from_records(records, tokenizer, _template(cfg, prepared,
+                                                                          tokenizer))
+    if not items:
+        raise ConfigError(f"eval.during_training: {data} has no held-out rows")
+    return items
+
+
+def progress_text(values: dict[str, Any]) -> str:
+    """The held-out part of the progress line ("" when the step has none)."""
+    parts = [f"{k} {values[PREFIX + k]:.3f}" for k in SHOWN if PREFIX + k in values]
+    return ("heldout " + " ".join(parts)) if parts else ""
+
+
+def latest(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The held-out metrics of the last metrics.jsonl row that has them."""
+    for row in reversed(history):
+        found = {k: v for k, v in row.items() if k.startswith(PREFIX)}
+        if found:
+            return found
+    return {}
+
+
+def last_metrics(run_dir: str) -> dict[str, Any]:
+    """The held-out metrics of a run's last step that has them (for Tune's final report)."""
+    from ift.train.loop import read_metrics
+
+    return latest(read_metrics(run_dir)) if storage.exists(run_dir) else {}

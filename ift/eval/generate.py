@@ -1,0 +1,94 @@
+"""Greedy generation for evaluation, through the serving engine (ift.serve.engine).
+
+`ift eval`, `ift eval --models` and the held-out metrics during training all decode here,
+with the engine the server uses: one implementation of batching, stopping and decoding.
+The engine wraps the model object it is given (a base model, a PeftModel with an active
+LoRA adapter, a merged model), so nothing is loaded twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# PEFT methods whose adapters prepend virtual tokens: the engine's KV-cache decoding does
+# not run them.
+PROMPT_LEARNING = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a reply: the generation config's and tokenizer's eos, and the
+    ChatML end-of-turn token when the vocabulary has it."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != getattr(tokenizer, "unk_token_id", None):
+        ids.add(im_end)
+    return ids
+
+
+def check_engine_can_run(model, where: str) -> None:
+    """A ValueError naming the adapter type when the engine cannot decode with `model`."""
+    cfg = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapter", None)
+    if isinstance(cfg, dict) and isinstance(active, str) and active in cfg:
+        ptype = str(getattr(cfg[active], "peft_type", "")).split(".")[-1].upper()
+        if ptype in PROMPT_LEARNING:
+            raise ValueError(
+                f"{where}: a {ptype.lower()} adapter prepends virtual tokens, which the "
+                "serving engine does not decode; set eval.max_samples=0 (loss and "
+                "benchmarks only) or evaluate a LoRA-family adapter")
+
+
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+             batch_size: int, device: str = "cpu",
+             stop_ids: list[int] | None = None) -> list[dict[str, Any]]:
+    """Greedy continuations of prompt token lists, `batch_size` decoded together, ending at
+    eos or at one of `stop_ids` (the prompt format's end-of-turn tokens).
+
+    Results come back in input order, each {text, tokens, finish_reason}. A prompt longer
+    than the model's context minus `max_new_tokens` keeps its last tokens. The model is
+    left in eval mode.
+    """
+    from ift.serve.engine import Engine
+    from ift.serve.generation import SamplingParams
+
+    if not prompts:
+        return []
+    check_engine_can_run(model, "generation")
+    engine = Engine("eval", model=model, tokenizer=tokenizer, device=device,
+                    max_batch_size=batch_size, batch_wait_timeout_s=0.0)
+    try:
+        engine.eos_ids |= eos_ids(model, tokenizer) | {int(t) for t in stop_ids or []}
+        keep = max(1, engine.max_context - max_new_tokens)
+        greedy = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+        # Similar lengths together: less left padding per batch.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        jobs = []
+        for i in order:
+            ids = list(prompts[i][-keep:]) or [engine.pad_id]
+            jobs.append((ids, engine.check_length(ids, greedy), None))
+        outs = engine.generate_many(jobs, deltas=False)  # each text decoded once, whole
+    finally:
+        engine.shutdown()
+    results: list[dict[str, Any]] = [{} for _ in prompts]
+    for i, out in zip(order, outs):
+        results[i] = {"text": out["text"], "tokens": out["completion_tokens"],
+                      "finish_reason": out["finish_reason"]}
+    return results
+
+
+def context_limit(model) -> int | None:
+    """Longest sequence the model's position embeddings cover (None: not stated)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,79 @@
+"""eval.during_training without Ray: when the probe runs, what it reports, the progress
+line, and the configurations it refuses (each error names the key)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ift.config import ConfigError, load_config
+from ift.eval import during
+from ift.train.loop import progress_line
+
+HELDOUT = ("What is 2 plus 3?\t5\t2 + 3 = 5.\n"
+           "Pick the prime:\\nOptions:\\n(A) 4\\n(B) 7\\n(C) 9\t(B)\t7 has no divisors.\n"
+           "What is 10 minus 4?\t6\t10 - 4 = 6.\n")
+
+
+def _cfg(tmp_path, *extra):
+    data = tmp_path / "heldout.tsv"
+    data.write_text(HELDOUT)
+    return load_config(None, [f"storage.root={tmp_path}", "train.eval_every=3",
+                              f"eval.during_training.data={data}", *extra])
+
+
+def test_off_by_default_and_due_at_eval_steps_and_the_last(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert during.Probe.create(_cfg(tmp_path), tok, 0) is None
+    probe = during.Probe.create(_cfg(tmp_path, "eval.during_training.max_samples=2"), tok, 0)
+    assert [s for s in range(1, 11) if probe.due(s, 10)] == [3, 6, 9, 10]
+    assert len(probe.items) == 2 and probe.items[0].gold == "5"
+    # other ranks read nothing and report nothing
+    other = during.Probe.create(_cfg(tmp_path, "eval.during_training.max_samples=2"), tok, 1)
+    assert other.items == [] and other.run(object()) == {}
+
+
+def test_run_reports_heldout_metrics_and_restores_train_mode(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ift.eval import metrics
+    from ift.eval.run import generate_samples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.train()
+    cfg = _cfg(tmp_path, "eval.during_training.max_samples=3",
+               "eval.during_training.max_new_tokens=5")
+    probe = during.Probe.create(cfg, tok, 0)
+    got = probe.run(model)
+    assert model.training
+    expected = metrics.aggregate(generate_samples(model, tok, probe.items, max_new_tokens=5,
+                                                  batch_size=8))
+    for k in ("exact_match", "mc_accuracy", "rouge_l", "answered"):
+        assert got[f"heldout/{k}"] == pytest.approx(expected[k]), k
+    assert "heldout/exact_match_n" not in got and got["heldout/seconds"] >= 0
+    line = progress_line(3, 10, {"loss": 1.0, "lr": 1e-3, **got}, 1.0, 3)
+    assert f"heldout exact_match {got['heldout/exact_match']:.3f}" in line
+    assert "rouge_l" in line
+
+
+def test_refused_configurations_name_the_key(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    with pytest.raises(ConfigError, match="train.strategy=ddp"):
+        during.Probe.create(_cfg(tmp_path, "eval.during_training.max_samples=2",
+                                 "train.strategy=fsdp", "train.use_gpu=true"), tok, 0)
+    with pytest.raises(ConfigError, match="peft.method=prefix"):
+        during.Probe.create(_cfg(tmp_path, "eval.during_training.max_samples=2",
+                                 "peft.method=prefix"), tok, 0)
+    with pytest.raises(ConfigError, match="eval.during_training: max_samples=-1"):
+        _cfg(tmp_path, "eval.during_training.max_samples=-1")
+    from ift.tune.driver import _scheduler
+
+    with pytest.raises(ConfigError, match="eval.during_training.max_samples"):
+        _scheduler(_cfg(tmp_path, "tune.metric=heldout/exact_match", "tune.mode=max"))
+    asha = _scheduler(_cfg(tmp_path, "tune.metric=heldout/exact_match", "tune.mode=max",
+                           "eval.during_training.max_samples=2"))
+    assert (asha._metric, asha._mode) == ("heldout/exact_match", "max")
