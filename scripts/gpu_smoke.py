@@ -144,11 +144,11 @@ class Smoke:
             import vllm  # noqa: F401
         except ImportError as e:
             raise Skip("vllm is not installed (pip install 'ift[vllm]')") from e
+        from train_support import random_lora_adapter
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
 
         from ift.serve import vllm as ift_vllm
-        from train_support import random_lora_adapter
 
         paths = {f"a{r}": random_lora_adapter(self.model, os.path.join(self.workdir, f"a{r}"),
                                               seed=r, r=r) for r in (8, 32)}
