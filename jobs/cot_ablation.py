@@ -31,6 +31,38 @@ sys.path.insert(0, REPO)
 
 CONFIG = os.path.join("configs", "cot-ablation.yaml")
 WORK = os.path.join("ift-work", "cot-ablation")
+# corpus/<arm>/: with rationales or answers only (the config's sources tag them so).
+ARMS = {"cot": True, "answers": False}
+DEFAULT_TASK = "word_problems"
+
+
+def write_corpus(task: str, n_train: int, n_test: int, seed: int, size: int | None = None
+                 ) -> str:
+    """Both arms' corpora under <work>/corpus (each skipped when written already); returns
+    the corpus dir. A corpus of another task there is an error."""
+    from ift.data.synthetic import write_arithmetic_corpus
+
+    corpus = os.path.join(WORK, "corpus")
+    marker = os.path.join(corpus, "task.txt")
+    if os.path.exists(marker) and open(marker).read().strip() != task:
+        raise SystemExit(f"{corpus} holds the {open(marker).read().strip()} corpus; move "
+                         f"{WORK} away to run --task {task}")
+    for arm, rationale in ARMS.items():
+        out = os.path.join(corpus, arm)
+        if os.path.exists(os.path.join(out, "test.tsv")):
+            continue
+        if task == "word_problems":
+            info = write_arithmetic_corpus(out, n_train, n_test, seed, with_rationale=rationale)
+        else:
+            from ift.data.scratchpad import write_scratchpad_corpus
+
+            info = write_scratchpad_corpus(out, task, n_train, n_test, seed,
+                                           with_rationale=rationale, size=size)
+        with open(marker, "w") as f:
+            f.write(task + "\n")
+        print(f"[cot-ablation] wrote {info['n_train']} train and {info['n_test']} held-out "
+              f"problems to {out} (rationales: {rationale})", flush=True)
+    return corpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=512)
-    p.add_argument("--task", default="word_problems", choices=("word_problems", "add", "parity"),
+    p.add_argument("--task", default=DEFAULT_TASK, choices=("word_problems", "add", "parity"),
                    help="corpus: the synthetic word problems, or a positive control from "
                         "ift.data.scratchpad (multi-digit addition, parity)")
     p.add_argument("--size", type=int, default=None,
@@ -51,30 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from ift.cli import main as ift_main
-    from ift.data.synthetic import write_arithmetic_corpus
     from ift.models import init_tiny
 
-    corpus = os.path.join(WORK, "corpus")
-    marker = os.path.join(corpus, "task.txt")
-    if os.path.exists(marker) and open(marker).read().strip() != args.task:
-        raise SystemExit(f"{corpus} holds the {open(marker).read().strip()} corpus; move "
-                         f"{WORK} away to run --task {args.task}")
-    for arm, rationale in (("cot", True), ("answers", False)):
-        out = os.path.join(corpus, arm)
-        if not os.path.exists(os.path.join(out, "test.tsv")):
-            if args.task == "word_problems":
-                info = write_arithmetic_corpus(out, args.n_train, args.n_test, args.seed,
-                                               with_rationale=rationale)
-            else:
-                from ift.data.scratchpad import write_scratchpad_corpus
-
-                info = write_scratchpad_corpus(out, args.task, args.n_train, args.n_test,
-                                               args.seed, with_rationale=rationale,
-                                               size=args.size)
-            with open(marker, "w") as f:
-                f.write(args.task + "\n")
-            print(f"[cot-ablation] wrote {info['n_train']} train and {info['n_test']} held-out "
-                  f"problems to {out} (rationales: {rationale})", flush=True)
+    corpus = write_corpus(args.task, args.n_train, args.n_test, args.seed, args.size)
     model = os.path.join(WORK, "model")
     if not os.path.exists(os.path.join(model, "config.json")):
         init_tiny(model, arch="llama", data=[os.path.join(corpus, "cot", "train.tsv")],

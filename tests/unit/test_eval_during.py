@@ -122,3 +122,19 @@ def test_probe_renders_in_the_runs_format_and_stops_at_its_end_of_turn(tmp_path,
     # without the format, nothing stops the reply before max_new_tokens
     free = generate_samples(model, tok, probe.items, max_new_tokens=6, batch_size=2)
     assert [(s["finish_reason"], s["completion_tokens"]) for s in free] == [("length", 6)] * 2
+
+
+def test_eval_max_loss_rows_limits_the_loss_not_the_generation(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from ift.eval.run import heldout_set
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    data = str(tmp_path / "heldout.tsv")
+    for limit, n in ((0, 3), (2, 2)):
+        cfg = _cfg(tmp_path, f"eval.max_loss_rows={limit}", "eval.max_samples=3")
+        held = heldout_set(cfg, data, tok, prepared=None, model_dir=tiny_model, limit=None)
+        assert (len(held.rows), len(held.items)) == (n, 3)
+        assert held.prompt_format.template == "chatml"
+    with pytest.raises(ConfigError, match="eval.max_loss_rows=-1"):
+        _cfg(tmp_path, "eval.max_loss_rows=-1")
