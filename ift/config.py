@@ -516,7 +516,9 @@ class EvalConfig:
     data: str = ""
     """Held-out data: a prepared directory (its val split) or raw source files."""
     max_samples: int = 200
-    """Rows scored by generation (loss uses the whole split)."""
+    """Rows scored by generation (loss uses the whole split, or max_loss_rows)."""
+    max_loss_rows: int = 0
+    """Rows the loss and perplexity are computed on, the first of the split (0: all)."""
     max_new_tokens: int = 128
     """Generation budget per sample."""
     batch_size: int = 8
@@ -531,6 +533,8 @@ class EvalConfig:
     """Exact match, MC accuracy and ROUGE-L on a held-out sample during training."""
 
     def __post_init__(self) -> None:
+        if self.max_loss_rows < 0:
+            raise ConfigError(f"eval.max_loss_rows={self.max_loss_rows} must be >= 0 (0: all)")
         built = {}
         for name, value in (self.benchmarks or {}).items():
             key = f"eval.benchmarks.{name}"

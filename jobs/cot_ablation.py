@@ -1,15 +1,16 @@
 """The CoT ablation at toy scale: write the corpus and a tiny model, then run the sweep.
 
-    python jobs/cot_ablation.py [--resume] [--task add|parity] [key=value ...]
+    python jobs/cot_ablation.py [--resume] [--task TASK] [--size N] [key=value ...]
 
 Steps (each skipped when its output already exists):
 
-1. `ift.data.synthetic.write_arithmetic_corpus` writes <work>/corpus/cot/{train,test}.tsv
-   (rationales kept) and <work>/corpus/answers/{train,test}.tsv (the same problems with an
-   empty rationale column). Held-out problems use numbers absent from training.
-   `--task add` or `--task parity` writes a positive control from ift.data.scratchpad
-   instead (digit-by-digit addition, running parity), where step-by-step targets are
-   known to help.
+1. Both arms' corpora: <work>/corpus/cot/{train,test}.tsv (rationales kept) and
+   <work>/corpus/answers/{train,test}.tsv (the same problems with an empty rationale
+   column); held-out problems never occur in training. The default task,
+   `parity_indexed` (10 bits, 900 training strings), is ift.data.scratchpad's parity with
+   index hints, on which the rationale arm learns and the answers-only arm stays at
+   chance; `add` and `parity` are the other scratchpad tasks, `word_problems` the
+   synthetic arithmetic word problems of ift.data.synthetic.
 2. `ift.models.init_tiny` trains a byte-level BPE tokenizer on the CoT training file and
    writes a random-init llama (4 layers, hidden 128) to <work>/model.
 3. `ift tune -c configs/cot-ablation.yaml` (the ordinary command): prepare both sources,
@@ -29,52 +30,68 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from ift.data.scratchpad import TASKS  # noqa: E402
+
 CONFIG = os.path.join("configs", "cot-ablation.yaml")
 WORK = os.path.join("ift-work", "cot-ablation")
+# corpus/<arm>/: with rationales or answers only (the config's sources tag them so).
+ARMS = {"cot": True, "answers": False}
+DEFAULT_TASK = "parity_indexed"
+DEFAULT_SIZE = {"parity_indexed": 10}  # else ift.data.scratchpad's own default
+
+
+def write_corpus(task: str, n_train: int, n_test: int, seed: int, size: int | None = None
+                 ) -> str:
+    """Both arms' corpora under <work>/corpus (each skipped when written already); returns
+    the corpus dir. A corpus of another task there is an error."""
+    from ift.data.synthetic import write_arithmetic_corpus
+
+    corpus = os.path.join(WORK, "corpus")
+    marker = os.path.join(corpus, "task.txt")
+    if os.path.exists(marker) and open(marker).read().strip() != task:
+        raise SystemExit(f"{corpus} holds the {open(marker).read().strip()} corpus; move "
+                         f"{WORK} away to run --task {task}")
+    for arm, rationale in ARMS.items():
+        out = os.path.join(corpus, arm)
+        if os.path.exists(os.path.join(out, "test.tsv")):
+            continue
+        if task == "word_problems":
+            info = write_arithmetic_corpus(out, n_train, n_test, seed, with_rationale=rationale)
+        else:
+            from ift.data.scratchpad import write_scratchpad_corpus
+
+            info = write_scratchpad_corpus(out, task, n_train, n_test, seed,
+                                           with_rationale=rationale, size=size)
+        with open(marker, "w") as f:
+            f.write(task + "\n")
+        print(f"[cot-ablation] wrote {info['n_train']} train and {info['n_test']} held-out "
+              f"problems to {out} (rationales: {rationale})", flush=True)
+    return corpus
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n-train", type=int, default=3000, help="training problems")
+    p.add_argument("--n-train", type=int, default=900, help="training problems")
     p.add_argument("--n-test", type=int, default=100, help="held-out problems")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (numbers split, problems)")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=512)
-    p.add_argument("--task", default="word_problems", choices=("word_problems", "add", "parity"),
+    p.add_argument("--task", default=DEFAULT_TASK, choices=("word_problems", *TASKS),
                    help="corpus: the synthetic word problems, or a positive control from "
                         "ift.data.scratchpad (multi-digit addition, parity)")
     p.add_argument("--size", type=int, default=None,
-                   help="add: digits per operand (3); parity: bits (12)")
+                   help="add: digits per operand (3); parity: bits (12); parity_indexed: "
+                        "bits (10)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("overrides", nargs="*", help="config overrides for `ift tune`")
     args = p.parse_args(argv)
 
     from ift.cli import main as ift_main
-    from ift.data.synthetic import write_arithmetic_corpus
     from ift.models import init_tiny
 
-    corpus = os.path.join(WORK, "corpus")
-    marker = os.path.join(corpus, "task.txt")
-    if os.path.exists(marker) and open(marker).read().strip() != args.task:
-        raise SystemExit(f"{corpus} holds the {open(marker).read().strip()} corpus; move "
-                         f"{WORK} away to run --task {args.task}")
-    for arm, rationale in (("cot", True), ("answers", False)):
-        out = os.path.join(corpus, arm)
-        if not os.path.exists(os.path.join(out, "test.tsv")):
-            if args.task == "word_problems":
-                info = write_arithmetic_corpus(out, args.n_train, args.n_test, args.seed,
-                                               with_rationale=rationale)
-            else:
-                from ift.data.scratchpad import write_scratchpad_corpus
-
-                info = write_scratchpad_corpus(out, args.task, args.n_train, args.n_test,
-                                               args.seed, with_rationale=rationale,
-                                               size=args.size)
-            with open(marker, "w") as f:
-                f.write(args.task + "\n")
-            print(f"[cot-ablation] wrote {info['n_train']} train and {info['n_test']} held-out "
-                  f"problems to {out} (rationales: {rationale})", flush=True)
+    corpus = write_corpus(args.task, args.n_train, args.n_test, args.seed,
+                          args.size or DEFAULT_SIZE.get(args.task))
     model = os.path.join(WORK, "model")
     if not os.path.exists(os.path.join(model, "config.json")):
         init_tiny(model, arch="llama", data=[os.path.join(corpus, "cot", "train.tsv")],

@@ -11,6 +11,12 @@ one).
   rationale is the running parity after each bit ("1 odd. 0 odd. 1 even. ..."), the
   decomposition under which parity becomes learnable where the answer alone is not (Wies
   et al. 2023, "Sub-task Decomposition Enables Learning in Sequence to Sequence Tasks").
+* `parity_indexed`: the same with index hints: every bit of the question carries a letter
+  ("a1 b0 c1 ...") and every step of the rationale repeats it ("a1 odd. b0 odd. c1
+  even."), so a step finds its bit by content (the letter after the previous step's)
+  instead of by counting positions, which a small model trained from scratch does not
+  learn in a few hundred steps (index hints: Zhou et al. 2023, "What Algorithms can
+  Transformers Learn?").
 
 Train and held-out are disjoint: held-out additions use first operands that no training
 problem uses; held-out bit strings never occur in training. Both arms of an ablation get
@@ -25,7 +31,8 @@ from __future__ import annotations
 
 import random
 
-TASKS = ("add", "parity")
+TASKS = ("add", "parity", "parity_indexed")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def add_rationale(a: int, b: int) -> str:
@@ -47,13 +54,21 @@ def add_rationale(a: int, b: int) -> str:
     return " ".join(steps)
 
 
-def parity_rationale(bits: str) -> str:
-    """The running parity of the 1s after each bit."""
+def indexed(bits: str) -> str:
+    """The bits with their index hints: "101" -> "a1 b0 c1"."""
+    if len(bits) > len(LETTERS):
+        raise ValueError(f"{len(bits)} bits: index hints go up to {len(LETTERS)}")
+    return " ".join(f"{LETTERS[i]}{b}" for i, b in enumerate(bits))
+
+
+def parity_rationale(bits: str, hints: bool = False) -> str:
+    """The running parity of the 1s after each bit (each step led by its index hint when
+    `hints`)."""
     ones = 0
     steps = []
-    for b in bits:
+    for i, b in enumerate(bits):
         ones += b == "1"
-        steps.append(f"{b} {'odd' if ones % 2 else 'even'}.")
+        steps.append(f"{LETTERS[i] if hints else ''}{b} {'odd' if ones % 2 else 'even'}.")
     return " ".join(steps)
 
 
@@ -84,9 +99,10 @@ def addition_split(n_train: int, n_test: int, seed: int, digits: int = 3
     return out["train"], out["test"]
 
 
-def parity_split(n_train: int, n_test: int, seed: int, bits: int = 12
+def parity_split(n_train: int, n_test: int, seed: int, bits: int = 12, hints: bool = False
                  ) -> tuple[list[dict], list[dict]]:
-    """Parity problems; no held-out bit string occurs in training."""
+    """Parity problems (with index hints when `hints`); no held-out bit string occurs in
+    training."""
     if n_train + n_test > 2 ** bits:
         raise ValueError(f"{n_train} + {n_test} problems: more than the {2 ** bits} strings "
                          f"of {bits} bits")
@@ -95,9 +111,9 @@ def parity_split(n_train: int, n_test: int, seed: int, bits: int = 12
 
     def row(code: int) -> dict:
         s = format(code, f"0{bits}b")
-        return {"question": f"Is the number of 1s in {s} even or odd?",
+        return {"question": f"Is the number of 1s in {indexed(s) if hints else s} even or odd?",
                 "answer": "odd" if s.count("1") % 2 else "even",
-                "rationale": parity_rationale(s)}
+                "rationale": parity_rationale(s, hints)}
 
     return [row(c) for c in codes[n_test:]], [row(c) for c in codes[:n_test]]
 
@@ -112,9 +128,9 @@ def write_scratchpad_corpus(out_dir: str, task: str, n_train: int, n_test: int, 
     if task == "add":
         size = size or 3
         train, test = addition_split(n_train, n_test, seed, size)
-    elif task == "parity":
+    elif task in ("parity", "parity_indexed"):
         size = size or 12
-        train, test = parity_split(n_train, n_test, seed, size)
+        train, test = parity_split(n_train, n_test, seed, size, hints=task == "parity_indexed")
     else:
         raise ValueError(f"task {task!r}: one of {', '.join(TASKS)}")
     paths = write_tsv_splits(out_dir, {"train": train, "test": test}, with_rationale)

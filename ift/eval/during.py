@@ -12,7 +12,10 @@ an answer, and the metrics of metrics.TASK_METRICS for the tasks present, as
 `heldout/<metric>` next to the loss: to the progress line, metrics.jsonl, MLflow and Ray
 Train (so Tune's ASHA can stop trials on them: `tune.metric: heldout/exact_match`,
 `tune.mode: max`). Generation goes through the serving engine (ift.eval.generate) on the
-model being trained, switched to eval mode for the pass and back after.
+model being trained, switched to eval mode for the pass and back after. Prompts are
+rendered in, and replies end at the end-of-turn tokens of, the prompt format the run
+records beside its models (`ift.eval.run.training_prompt_format`), as `ift eval` does
+with the recorded one.
 
 The loop calls two things: `Probe.create(cfg, tokenizer, rank)` once (None when off) and
 `probe.run(model, device)` when `probe.due(step, total)`.
@@ -24,6 +27,7 @@ import time
 from typing import Any
 
 from ift import storage
+from ift.artifacts import PromptFormat
 from ift.config import Config, ConfigError
 from ift.eval import heldout, metrics
 
@@ -37,9 +41,10 @@ class Probe:
     """The fixed held-out sample and how to score a model on it."""
 
     def __init__(self, cfg: Config, items: list[heldout.Item], data: str, rank: int,
-                 tokenizer):
+                 tokenizer, prompt_format: PromptFormat):
         self.cfg = cfg
         self.items = items
+        self.prompt_format = prompt_format
         self.tokenizer = tokenizer
         self.data = data
         self.rank = rank
@@ -53,30 +58,38 @@ class Probe:
         if dt.max_samples <= 0:
             return None
         check_config(cfg)
+        from ift.eval.run import training_prompt_format
+
         data = held_out_path(cfg)
-        items = load_items(cfg, data, tokenizer) if rank == 0 else []
-        return cls(cfg, items, data, rank, tokenizer)
+        fmt = training_prompt_format(cfg, _prepared(cfg), tokenizer)
+        items = load_items(cfg, data, tokenizer, fmt) if rank == 0 else []
+        return cls(cfg, items, data, rank, tokenizer, fmt)
 
     def due(self, step: int, total: int) -> bool:
         """Whether this step reports the held-out metrics (the same on every rank)."""
         return step == total or bool(self.every and step % self.every == 0)
 
-    def run(self, model, device: Any = "cpu") -> dict[str, Any]:
-        """`heldout/*` metrics of `model` (the unwrapped model) on the sample; {} on ranks
-        other than 0. The model's train/eval mode is restored afterwards."""
-        if self.rank != 0:
-            return {}
+    def samples(self, model, device: Any = "cpu") -> list[dict[str, Any]]:
+        """The scored generations of `model` (the unwrapped model) on the sample; the
+        model's train/eval mode is restored afterwards."""
         from ift.eval.run import generate_samples
 
         dt = self.cfg.eval.during_training
         was_training = model.training
-        t0 = time.time()
         try:
-            samples = generate_samples(model, self.tokenizer, self.items,
-                                       max_new_tokens=dt.max_new_tokens,
-                                       batch_size=dt.batch_size, device=str(device))
+            return generate_samples(model, self.tokenizer, self.items,
+                                    max_new_tokens=dt.max_new_tokens,
+                                    batch_size=dt.batch_size, device=str(device),
+                                    prompt_format=self.prompt_format)
         finally:
             model.train(was_training)
+
+    def run(self, model, device: Any = "cpu") -> dict[str, Any]:
+        """`heldout/*` metrics of `model` on the sample; {} on ranks other than 0."""
+        if self.rank != 0:
+            return {}
+        t0 = time.time()
+        samples = self.samples(model, device)
         agg = {**metrics.aggregate(samples), **metrics.task_metrics(samples)}
         out = {PREFIX + k: float(v) for k, v in agg.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -104,15 +117,23 @@ def held_out_path(cfg: Config) -> str:
     for given in (cfg.eval.during_training.data, cfg.eval.data):
         if given:
             return data_path(cfg, given)
-    path = cfg.train.data or cfg.data.output
-    if not path:
+    prepared = _prepared(cfg)
+    if not prepared:
         raise ConfigError("eval.during_training: no held-out data: set "
                           "eval.during_training.data, eval.data or train.data")
-    return cfg.resolve(path)
+    return prepared
 
 
-def load_items(cfg: Config, data: str, tokenizer) -> list[heldout.Item]:
-    """The first max_samples held-out items of `data`, read as `ift eval` reads them."""
+def _prepared(cfg: Config) -> str | None:
+    """The run's prepared training data (None when the config names none)."""
+    path = cfg.train.data or cfg.data.output
+    return cfg.resolve(path) if path else None
+
+
+def load_items(cfg: Config, data: str, tokenizer, prompt_format: PromptFormat
+               ) -> list[heldout.Item]:
+    """The first max_samples held-out items of `data`, read as `ift eval` reads them; raw
+    records are rendered in `prompt_format`."""
     n = cfg.eval.during_training.max_samples
     if heldout.is_prepared(data):
         rows = []
@@ -123,18 +144,13 @@ def load_items(cfg: Config, data: str, tokenizer) -> list[heldout.Item]:
                 break
         items = heldout.items_from_rows(rows, tokenizer)
     else:
-        from ift.eval.run import _template
-
         records = []
         for _where, rec in heldout.iter_raw_records(data, seed=cfg.data.seed,
                                                     key="eval.during_training.data"):
             records.append(rec)
             if len(records) >= n:
                 break
-        prepared = cfg.resolve(cfg.train.data or cfg.data.output) \
-            if (cfg.train.data or cfg.data.output) else None
-        items = heldout.items_from_records(records, tokenizer, _template(cfg, prepared,
-                                                                          tokenizer))
+        items = heldout.items_from_records(records, tokenizer, prompt_format.template)
     if not items:
         raise ConfigError(f"eval.during_training: {data} has no held-out rows")
     return items

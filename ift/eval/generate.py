@@ -8,29 +8,23 @@ LoRA adapter, a merged model), so nothing is loaded twice.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ift.artifacts import PromptFormat
 
 # PEFT methods whose adapters prepend virtual tokens: the engine's KV-cache decoding does
 # not run them.
 PROMPT_LEARNING = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
 
 
-def eos_ids(model, tokenizer) -> set[int]:
+def stop_ids(model, tokenizer, prompt_format: PromptFormat | None) -> set[int]:
     """Token ids that end a reply: the generation config's and tokenizer's eos, and the
-    ChatML end-of-turn token when the vocabulary has it."""
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(e) for e in eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != getattr(tokenizer, "unk_token_id", None):
-        ids.add(im_end)
-    return ids
+    prompt format's end-of-turn tokens (none without a format)."""
+    from ift.serve.engine import eos_ids
+
+    fmt_ids = prompt_format.stop_token_ids if prompt_format is not None else []
+    return eos_ids(model, tokenizer) | {int(t) for t in fmt_ids}
 
 
 def check_engine_can_run(model, where: str) -> None:
@@ -48,9 +42,10 @@ def check_engine_can_run(model, where: str) -> None:
 
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
              batch_size: int, device: str = "cpu",
-             stop_ids: list[int] | None = None) -> list[dict[str, Any]]:
-    """Greedy continuations of prompt token lists, `batch_size` decoded together, ending at
-    eos or at one of `stop_ids` (the prompt format's end-of-turn tokens).
+             prompt_format: PromptFormat | None = None) -> list[dict[str, Any]]:
+    """Greedy continuations of prompt token lists (rendered in `prompt_format`),
+    `batch_size` decoded together, ending at eos or at one of the format's end-of-turn
+    tokens (`stop_ids`).
 
     Results come back in input order, each {text, tokens, finish_reason}. A prompt longer
     than the model's context minus `max_new_tokens` keeps its last tokens. The model is
@@ -65,7 +60,11 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     engine = Engine("eval", model=model, tokenizer=tokenizer, device=device,
                     max_batch_size=batch_size, batch_wait_timeout_s=0.0)
     try:
-        engine.eos_ids |= eos_ids(model, tokenizer) | {int(t) for t in stop_ids or []}
+        # The stops of the format the prompts were rendered in, not of the engine's own
+        # default template.
+        engine.eos_ids = stop_ids(model, tokenizer, prompt_format)
+        if prompt_format is not None:
+            engine.prompt_format = prompt_format
         keep = max(1, engine.max_context - max_new_tokens)
         greedy = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
         # Similar lengths together: less left padding per batch.

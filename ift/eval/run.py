@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from ift import storage
-from ift.artifacts import ADAPTER_CONFIG, FINAL_DIR, RUN_FILE
+from ift.artifacts import ADAPTER_CONFIG, FINAL_DIR, RUN_FILE, PromptFormat
 from ift.config import Config, ConfigError, build_config, load_config
 from ift.eval import benchmarks, heldout, metrics
 from ift.eval import preference as pref_eval
@@ -142,18 +142,27 @@ def token_loss(model, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
 # ---------------------------------------------------------------------------------------
 
 
-def _template(cfg: Config, prepared: str | None, tokenizer) -> str:
-    """The chat template the model was trained with: the prepared manifest's, else the
-    config's (resolved for this tokenizer)."""
-    from ift.data.templates import resolve_template
+def _manifest_format(prepared: str | None, tokenizer):
+    """The prompt format of the template a prepared dataset was rendered with (None when
+    `prepared` is not a prepared dir or names no template)."""
+    from ift.data.templates import prompt_format
 
     if prepared and heldout.is_prepared(prepared):
         from ift.data.pipeline import read_manifest
 
         name = read_manifest(prepared).get("template")
         if name:
-            return name
-    return resolve_template(cfg.data.template, tokenizer)
+            return prompt_format(name, tokenizer)
+    return None
+
+
+def training_prompt_format(cfg: Config, prepared: str | None, tokenizer):
+    """The prompt format of the model being trained (what the run records beside its
+    models): the prepared manifest's template, else data.template, for this tokenizer."""
+    from ift.data.templates import prompt_format
+
+    return _manifest_format(prepared, tokenizer) or prompt_format(cfg.data.template or "auto",
+                                                                  tokenizer)
 
 
 def _prompt_format(cfg: Config, model_dir: str, prepared: str | None, tokenizer):
@@ -163,15 +172,9 @@ def _prompt_format(cfg: Config, model_dir: str, prepared: str | None, tokenizer)
     import logging
 
     from ift.artifacts import read_prompt_format
-    from ift.data.templates import choose_prompt_format, prompt_format
+    from ift.data.templates import choose_prompt_format
 
-    recorded = read_prompt_format(model_dir)
-    if recorded is None and prepared and heldout.is_prepared(prepared):
-        from ift.data.pipeline import read_manifest
-
-        name = read_manifest(prepared).get("template")
-        if name:
-            recorded = prompt_format(name, tokenizer)
+    recorded = read_prompt_format(model_dir) or _manifest_format(prepared, tokenizer)
     return choose_prompt_format(recorded, cfg.data.template, tokenizer, model_dir,
                                 logging.getLogger("ift.eval"))
 
@@ -203,8 +206,9 @@ class HeldOut:
     """Generation items (the first eval.max_samples rows)."""
     source: dict[str, Any]
     """What kind of data it is (eval.json's data_kind)."""
-    stop_ids: list[int]
-    """The prompt format's end-of-turn tokens: generation stops at them."""
+    prompt_format: PromptFormat
+    """The format the items' prompts are rendered in; generation stops at its end-of-turn
+    tokens."""
     pairs: list[dict[str, Any]] | None = None
     """Preference pairs (held-out pair data), scored for preference accuracy."""
 
@@ -225,7 +229,7 @@ def heldout_set(cfg: Config, data: str, tokenizer, *, prepared: str | None, mode
         source: dict[str, Any] = {"kind": "preference"}
     elif heldout.is_prepared(data):
         _check_tokenizer(data, tokenizer, model_dir)
-        rows = heldout.prepared_rows(data, "val")
+        rows = heldout.prepared_rows(data, "val")[: e.max_loss_rows or None]
         items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
         source = {"kind": "prepared", "split": "val"}
     else:
@@ -236,14 +240,15 @@ def heldout_set(cfg: Config, data: str, tokenizer, *, prepared: str | None, mode
             records = [substitute_placeholders(r, cfg.data.placeholders) for r in records]
         template = fmt.template
         items = heldout.items_from_records(records[: e.max_samples], tokenizer, template)
-        rows = heldout.loss_rows_from_records(records, tokenizer, template,
+        rows = heldout.loss_rows_from_records(records[: e.max_loss_rows or None],
+                                              tokenizer, template,
                                               min(limit or cfg.data.max_seq_len,
                                                   max(cfg.data.max_seq_len, 8)))
         source = {"kind": "raw", "template": template}
     if not items:
         raise ConfigError(f"eval.data={data}: no held-out rows")
     return HeldOut(data=data, rows=rows, items=items, source=source,
-                   stop_ids=list(fmt.stop_token_ids), pairs=pairs)
+                   prompt_format=fmt, pairs=pairs)
 
 
 def encode_benchmarks(cfg: Config, tokenizer, names: list[str] | None = None
@@ -275,7 +280,7 @@ def score_model(cfg: Config, model, tokenizer, held: HeldOut | None,
         loss, loss_tokens = token_loss(model, held.rows, pad_id, max(1, e.batch_size), device)
         samples = generate_samples(model, tokenizer, held.items, max_new_tokens=e.max_new_tokens,
                                    batch_size=max(1, e.batch_size), device=device,
-                                   stop_ids=held.stop_ids)
+                                   prompt_format=held.prompt_format)
         ie_metrics, out["ie_rows"] = _ie_scores(held.items, samples)
         out["metrics"] = {"loss": loss, "perplexity": metrics.perplexity(loss),
                           "loss_rows": len(held.rows), "loss_tokens": loss_tokens,
@@ -294,12 +299,13 @@ def score_model(cfg: Config, model, tokenizer, held: HeldOut | None,
 
 def generate_samples(model, tokenizer, items: list[heldout.Item], *, max_new_tokens: int,
                      batch_size: int, device: str = "cpu",
-                     stop_ids: list[int] | None = None) -> list[dict[str, Any]]:
-    """Generate on held-out items and score each output (one samples.jsonl line each);
-    generation ends at eos or one of `stop_ids` (the prompt format's end-of-turn tokens)."""
+                     prompt_format: PromptFormat | None = None) -> list[dict[str, Any]]:
+    """Generate on held-out items (prompts rendered in `prompt_format`) and score each
+    output (one samples.jsonl line each); generation ends at eos or at one of the format's
+    end-of-turn tokens."""
     outs = generate(model, tokenizer, [it.prompt_ids for it in items],
                     max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
-                    stop_ids=stop_ids)
+                    prompt_format=prompt_format)
     samples = []
     for it, o in zip(items, outs):
         scored = metrics.score_sample(o["text"], it.reference, it.gold, it.options)

@@ -103,7 +103,7 @@ class Engine:
         # or `template` for this tokenizer; each adapter brings its own (see _load).
         self.prompt_format = self._choose_format(model_path)
         self._formats: dict[str, PromptFormat] = {}
-        self.eos_ids = _eos_ids(self.model, self.tokenizer) | set(self.prompt_format.stop_token_ids)
+        self.eos_ids = eos_ids(self.model, self.tokenizer) | set(self.prompt_format.stop_token_ids)
         """Tokens that end a base-model reply: eos and the template's end-of-turn tokens."""
         self._stops: dict[str, set[int]] = {}  # the same per adapter
         pad = self.tokenizer.pad_token_id
@@ -430,7 +430,7 @@ class Engine:
         self._adapters[key] = name
         fmt = self._choose_format(path, fallback=self.prompt_format)
         self._formats[key] = fmt
-        self._stops[key] = _eos_ids(self.model, self.tokenizer) | set(fmt.stop_token_ids)
+        self._stops[key] = eos_ids(self.model, self.tokenizer) | set(fmt.stop_token_ids)
         self.adapter_loads += 1
         self._collect_adapters()
         self._restack()
@@ -737,7 +737,9 @@ class _Batch:
         return self
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
+    """The generation config's and the tokenizer's eos ids (a prompt format adds its
+    end-of-turn tokens to these)."""
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None

@@ -44,7 +44,7 @@ def _hf_greedy(base: str, adapter: str | None, prompts: list[list[int]], n: int)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ift.eval.generate import eos_ids
+    from ift.serve.engine import eos_ids
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)

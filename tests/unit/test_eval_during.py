@@ -77,3 +77,64 @@ def test_refused_configurations_name_the_key(tmp_path, tiny_model):
     asha = _scheduler(_cfg(tmp_path, "tune.metric=heldout/exact_match", "tune.mode=max",
                            "eval.during_training.max_samples=2"))
     assert (asha._metric, asha._mode) == ("heldout/exact_match", "max")
+
+
+def test_probe_renders_in_the_runs_format_and_stops_at_its_end_of_turn(tmp_path, tiny_model):
+    """With the tokenizer's own (non-ChatML) chat template, the probe renders prompts in it
+    and a reply ends at that template's end-of-turn token, which is neither eos nor
+    <|im_end|>. The model is rigged to say that token at every step."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ift.eval.run import generate_samples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+                         "<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n"
+                         "{% endif %}")
+    end = tok.convert_tokens_to_ids("<|end|>")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():  # every position's last hidden state is the same vector ...
+        emb = model.get_input_embeddings().weight
+        emb.copy_(emb[:1].expand_as(emb))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        h = model.model.norm(emb[:1])[0]
+        head = torch.zeros_like(emb)  # ... and only <|end|> scores it
+        head[end] = h
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.config.tie_word_embeddings = False
+
+    cfg = _cfg(tmp_path, "eval.during_training.max_samples=2",
+               "eval.during_training.max_new_tokens=6", "data.template=tokenizer")
+    probe = during.Probe.create(cfg, tok, 0)
+    assert probe.prompt_format.template == "tokenizer"
+    assert probe.prompt_format.stop_tokens[0] == "<|end|>"
+    assert "<|im_end|>" not in probe.prompt_format.stop_tokens
+    assert probe.items[0].prompt.startswith("<|user|>\n")
+    assert probe.items[0].prompt.endswith("What is 2 plus 3?<|end|>\n<|assistant|>\n")
+    got = probe.samples(model)
+    assert [(s["finish_reason"], s["completion_tokens"], s["output"]) for s in got] == \
+        [("stop", 1, "")] * 2
+    # without the format, nothing stops the reply before max_new_tokens
+    free = generate_samples(model, tok, probe.items, max_new_tokens=6, batch_size=2)
+    assert [(s["finish_reason"], s["completion_tokens"]) for s in free] == [("length", 6)] * 2
+
+
+def test_eval_max_loss_rows_limits_the_loss_not_the_generation(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from ift.eval.run import heldout_set
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    data = str(tmp_path / "heldout.tsv")
+    for limit, n in ((0, 3), (2, 2)):
+        cfg = _cfg(tmp_path, f"eval.max_loss_rows={limit}", "eval.max_samples=3")
+        held = heldout_set(cfg, data, tok, prepared=None, model_dir=tiny_model, limit=None)
+        assert (len(held.rows), len(held.items)) == (n, 3)
+        assert held.prompt_format.template == "chatml"
+    with pytest.raises(ConfigError, match="eval.max_loss_rows=-1"):
+        _cfg(tmp_path, "eval.max_loss_rows=-1")

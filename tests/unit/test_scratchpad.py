@@ -39,6 +39,19 @@ def test_parity_scratchpad_is_the_running_parity():
         assert len(r["rationale"].split(". ")) == 10
 
 
+def test_indexed_parity_leads_every_bit_and_step_with_its_letter():
+    assert sp.indexed("101") == "a1 b0 c1"
+    assert sp.parity_rationale("101", hints=True) == "a1 odd. b0 odd. c1 even."
+    train, test = sp.parity_split(100, 20, seed=0, bits=10, hints=True)
+    plain = sp.parity_split(100, 20, seed=0, bits=10)
+    for r, p in zip(train + test, plain[0] + plain[1]):  # the same strings, hinted
+        bits = re.search(r"[01]{10}", p["question"]).group(0)
+        assert sp.indexed(bits) in r["question"] and r["answer"] == p["answer"]
+        assert [s[:2] for s in r["rationale"].split(" ")[::2]] == sp.indexed(bits).split()
+    with pytest.raises(ValueError, match="up to 26"):
+        sp.indexed("0" * 27)
+
+
 def test_train_and_heldout_are_disjoint_and_deterministic():
     train, test = sp.addition_split(2000, 100, seed=1)
     firsts = {int(re.findall(r"\d+", r["question"])[0]) for r in train}
@@ -68,5 +81,5 @@ def test_both_arms_share_questions_and_convert(tmp_path, task):
                   id="x", source="s", seed=0)
     reply = rec["messages"][-1]["content"]
     assert reply.startswith(rationale) and exact_match(reply, answer)
-    with pytest.raises(ValueError, match="one of add, parity"):
+    with pytest.raises(ValueError, match="one of add, parity, parity_indexed"):
         sp.write_scratchpad_corpus(str(tmp_path / "x"), "sort", 1, 1, seed=0)
