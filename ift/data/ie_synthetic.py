@@ -10,7 +10,9 @@ lists below (no name is taken from a real data set); sentences state facts about
 
 Each split is written in every real layout (DuIE, DuEE, CLUENER, span lists, BIO and BIOES
 character-per-line files) with its schema files, so the converters meet their own formats.
-Train and held-out entities come from disjoint name pools: no name is shared.
+Train and held-out entities (people, works, organisations, places, awards) come from
+disjoint name pools, and no held-out name occurs anywhere in a train sentence; dates and
+earthquake magnitudes are values drawn from the same ranges on both sides.
 
     python -m ift.data.ie_synthetic OUT_DIR [--train N] [--heldout N] [--seed S]
 
@@ -36,6 +38,7 @@ ORG_B = ("科技有限公司", "集团", "研究院", "出版社", "影业")
 PLACE_A = "江河湖山川平安宁泰清丰临盛"
 PLACE_B = ("州", "阳", "城", "县", "镇")
 AWARDS = ("金星奖", "银河文学奖", "青峰电影奖", "长河创作奖", "白鹭表演奖", "远山科学奖")
+"""Award names: the first three for train, the rest held out."""
 
 ENTITY_TYPES = ["人物", "作品", "机构", "地点", "日期"]
 RELATIONS = {
@@ -77,6 +80,7 @@ def name_pools(seed: int) -> dict[str, tuple[list[str], list[str]]]:
         names = [n for n in names if not any(m != n and m in n for m in names)]
         half = len(names) // 2
         pools[kind] = (names[:half], names[half:])
+    pools["award"] = (list(AWARDS[:3]), list(AWARDS[3:]))
     return pools
 
 
@@ -146,7 +150,7 @@ def _facts(rng: random.Random, names: dict[str, list[str]]):
         spo.append({"predicate": "总部地点", "subject": o, "subject_type": "机构",
                     "object": {"@value": pl}, "object_type": {"@value": "地点"}})
     elif kind == 4:
-        d, award = _date(rng), rng.choice(AWARDS)
+        d, award = _date(rng), rng.choice(names["award"])
         s.add(d, "日期")
         s.add("，")
         _, ps = s.add(p, "人物")

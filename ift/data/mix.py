@@ -52,12 +52,15 @@ def split_scores(hashes: list[str], seed: int) -> np.ndarray:
 
 
 def assign_val(scores: np.ndarray, val_ratio: float, val_max_rows: int) -> np.ndarray:
-    """Boolean mask of rows held out: score < val_ratio, capped to the lowest-scored rows."""
+    """Boolean mask of rows held out: score < val_ratio, capped to the lowest-scored rows.
+
+    Rows of one split group share a score; the cap keeps or drops a group whole (so it may
+    hold out fewer than val_max_rows rows when a group straddles the cut).
+    """
     is_val = scores < val_ratio
     if is_val.sum() > val_max_rows:
-        order = np.argsort(scores, kind="stable")
-        is_val = np.zeros(len(scores), dtype=bool)
-        is_val[order[:val_max_rows]] = True
+        cut = np.sort(scores, kind="stable")[val_max_rows]
+        is_val = scores < cut
     return is_val
 
 

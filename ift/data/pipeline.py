@@ -6,8 +6,8 @@ passes through the driver or the object store:
 1. ingest  one Ray Data task per read task (a file, or a newline-aligned byte range of
            one): read -> convert -> validate -> placeholders -> language, hash -> render
            template -> tokenize and mask. The task writes its rows to its source's shards
-           (`sources/source=NAME/split=train|val/`; val if its hash scores it a val
-           candidate) and streams a few bytes per row read to the driver: key, hash,
+           (`sources/source=NAME/split=train|val/`; val if its split hash scores it a val
+           candidate: record.split_hash, shared by the schema chunks of one IE text) and streams a few bytes per row read to the driver: key, hash,
            length, language, and for dropped (no trainable token within max_seq_len) and
            rejected rows the reason.
    driver  drops exact duplicates across sources (the first in config order wins), caps
@@ -48,7 +48,7 @@ from ift import storage
 from ift.artifacts import MANIFEST_FILE
 from ift.config import Config, ConfigError, InputError, SourceConfig
 from ift.data import mix
-from ift.data.record import ConvertError, conversation_hash
+from ift.data.record import ConvertError, conversation_hash, split_hash
 
 MANIFEST = MANIFEST_FILE
 MANIFEST_VERSION = 2  # 2: sources/_index.parquet; shards may hold duplicates
@@ -65,7 +65,7 @@ SHARD_SCHEMA = pa.schema([
 # One row per row read, back to the driver: enough to dedupe, split, count and report.
 META_SCHEMA = pa.schema([
     ("key", pa.int64()), ("src", pa.int32()), ("split", pa.int8()), ("hash", pa.string()),
-    ("lang", pa.string()), ("num_tokens", pa.int32()), ("id", pa.string()),
+    ("group", pa.string()), ("lang", pa.string()), ("num_tokens", pa.int32()), ("id", pa.string()),
     ("reason", pa.string()), ("raw", pa.string()),
 ])
 
@@ -171,7 +171,7 @@ def _ingest_udf(batch: dict[str, np.ndarray], tok: dict, dest: dict) -> Iterator
     tokenizer = _tokenizer(tok["name"])
     shards = _ShardWriter(dest["fs"], f"{dest['root']}/{SOURCES_DIR}/source={task.source}",
                           int(batch["task_index"][0]), dest["shard_rows"])
-    pending: list[tuple[int, dict, str]] = []
+    pending: list[tuple[int, dict, str, str]] = []
     rejects: list[tuple[int, str, str]] = []
 
     def flush() -> pa.Table:
@@ -186,7 +186,7 @@ def _ingest_udf(batch: dict[str, np.ndarray], tok: dict, dest: dict) -> Iterator
             if rec is None:
                 rejects.append((key, reason, raw_text[:100_000]))
             else:
-                pending.append((key, rec, conversation_hash(rec)))
+                pending.append((key, rec, conversation_hash(rec), split_hash(rec)))
             if len(pending) + len(rejects) >= tok["batch_size"]:
                 yield flush()
         if pending or rejects:
@@ -253,21 +253,22 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def _tokenize_batch(src: int, pending: list[tuple[int, dict, str]],
+def _tokenize_batch(src: int, pending: list[tuple[int, dict, str, str]],
                     rejects: list[tuple[int, str, str]], tokenizer, tok: dict, seed: int,
                     shards: _ShardWriter) -> pa.Table:
     """Tokenize a batch of clean records, write them to the train/val shards, and return
     the batch's META_SCHEMA rows (kept, dropped and rejected)."""
     from ift.data.tokenize import tokenize_arrays
 
-    recs = [r for _, r, _ in pending]
+    recs = [r for _, r, _, _ in pending]
     arrays, dropped = tokenize_arrays(
         recs, tokenizer, template=tok["template"], max_seq_len=tok["max_seq_len"],
         train_on_prompt=tok["train_on_prompt"], truncation=tok["truncation"])
-    hashes = [h for _, _, h in pending]
-    keys = np.array([k for k, _, _ in pending], np.int64)
+    hashes = [h for _, _, h, _ in pending]
+    groups = [g for _, _, _, g in pending]
+    keys = np.array([k for k, _, _, _ in pending], np.int64)
     idx = arrays.index
-    is_val = mix.split_scores([hashes[i] for i in idx], seed) < tok["val_ratio"]
+    is_val = mix.split_scores([groups[i] for i in idx], seed) < tok["val_ratio"]
     offsets = pa.array(arrays.offsets.astype(np.int32))
     langs = [recs[i]["lang"] for i in idx]
     rows = pa.table({
@@ -294,6 +295,8 @@ def _tokenize_batch(src: int, pending: list[tuple[int, dict, str]],
                                           np.full(n_rej, REJECTED)]).astype(np.int8)),
         "hash": pa.array([hashes[i] for i in idx] + [hashes[i] for i in d] + [None] * n_rej,
                          pa.string()),
+        "group": pa.array([groups[i] for i in idx] + [groups[i] for i in d] + [None] * n_rej,
+                          pa.string()),
         "lang": pa.array(langs + [recs[i]["lang"] for i in d] + [None] * n_rej, pa.string()),
         "num_tokens": pa.array(np.concatenate([arrays.num_tokens, np.zeros(n_drop + n_rej,
                                                                            np.int32)])),
@@ -659,7 +662,7 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
 
 class _Rows:
     """The driver's view of the ingest: a few bytes per row read (key, source, split code,
-    content hash, length, language code), and the rejected and dropped rows spooled to
+    content hash, split group, length, language code), and the rejected and dropped rows spooled to
     local JSONL as they stream in."""
 
     def __init__(self, sources: list[SourceConfig], files: list[dict]) -> None:
@@ -681,6 +684,7 @@ class _Rows:
         self.parts["src"].append(b.column("src").to_numpy()[valid].astype(np.int16))
         self.parts["split"].append(split[valid])
         self.parts["hash"].append(_fixed_bytes(b.column("hash").filter(pa.array(valid)), 32))
+        self.parts["group"].append(_fixed_bytes(b.column("group").filter(pa.array(valid)), 32))
         self.parts["num_tokens"].append(b.column("num_tokens").to_numpy()[valid])
         self.parts["lang"].append(np.asarray(codes, dtype=np.int16))
         self.parts["rejected_src"].append(b.column("src").to_numpy()[~valid].astype(np.int16))
@@ -713,6 +717,7 @@ class _Rows:
         config order wins); val capped; the kept rows' index, rejects/ and dropped/ written."""
         keys, src = self._cat("key", np.int64), self._cat("src", np.int16)
         split, hashes = self._cat("split", np.int8), self._cat("hash", "S32")
+        groups = self._cat("group", "S32")
         num_tokens, lang = self._cat("num_tokens", np.int32), self._cat("lang", np.int16)
         rejected_src = self._cat("rejected_src", np.int16)
         self.parts.clear()
@@ -736,7 +741,7 @@ class _Rows:
             codes, counts = np.unique(lang[m], return_counts=True)
             langs[name] = {self.langs[c]: int(n) for c, n in zip(codes, counts)}
             cand = np.nonzero(m & keep & (split == VAL))[0]
-            scores = mix.split_scores([h.decode() for h in hashes[cand]], d.seed)
+            scores = mix.split_scores([g.decode() for g in groups[cand]], d.seed)
             final_val[cand] = mix.assign_val(scores, d.val_ratio, d.val_max_rows)
 
         rows = np.nonzero(keep & ~dropped)[0]

@@ -77,6 +77,20 @@ def conversation_hash(record: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def split_hash(record: dict[str, Any]) -> str:
+    """The hex digest that places a record in train or val.
+
+    Records made from one IE text (its schema chunks, and the same text under another IE
+    task) share it, so a text never sits on both sides of the split; any other record's is
+    its conversation hash.
+    """
+    text = ((record.get("meta") or {}).get("ie") or {}).get("text")
+    if text is None:
+        return conversation_hash(record)
+    return hashlib.blake2b(b"ie\x1f" + normalize_text(text).encode("utf-8"),
+                           digest_size=16).hexdigest()
+
+
 def record_to_row(record: dict[str, Any]) -> dict[str, Any]:
     """A record as a flat row for parquet: meta serialised to JSON text."""
     row = dict(record)

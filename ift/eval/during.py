@@ -8,14 +8,16 @@ held-out sample, the first `max_samples` rows of:
 * the val split of the training data.
 
 It reports exact match, multiple-choice accuracy, ROUGE-L, the share of outputs that state
-an answer, and the metrics of metrics.TASK_METRICS for the tasks present, as
-`heldout/<metric>` next to the loss: to the progress line, metrics.jsonl, MLflow and Ray
-Train (so Tune's ASHA can stop trials on them: `tune.metric: heldout/exact_match`,
-`tune.mode: max`). Generation goes through the serving engine (ift.eval.generate) on the
-model being trained, switched to eval mode for the pass and back after. Prompts are
-rendered in, and replies end at the end-of-turn tokens of, the prompt format the run
-records beside its models (`ift.eval.run.training_prompt_format`), as `ift eval` does
-with the recorded one.
+an answer, the metrics of metrics.TASK_METRICS for the tasks present, and on IE rows the IE
+scores of `ift eval` (ift.eval.ie: `ie_re_f1`, `ie_ner_f1`, `ie_ee_trigger_f1`,
+`ie_ee_argument_f1`, their precision and recall, `ie_unparseable`; raw IE files are read
+with the schemas of data.sources, as training read them), as `heldout/<metric>` next to the
+loss: to the progress line, metrics.jsonl, MLflow and Ray Train (so Tune's ASHA can stop
+trials on them: `tune.metric: heldout/exact_match` or `heldout/ie_re_f1`, `tune.mode:
+max`). Generation goes through the serving engine (ift.eval.generate) on the model being
+trained, switched to eval mode for the pass and back after. Prompts are rendered in, and
+replies end at the end-of-turn tokens of, the prompt format the run records beside its
+models (`ift.eval.run.training_prompt_format`), as `ift eval` does with the recorded one.
 
 The loop calls two things: `Probe.create(cfg, tokenizer, rank)` once (None when off) and
 `probe.run(model, device)` when `probe.due(step, total)`.
@@ -88,9 +90,12 @@ class Probe:
         """`heldout/*` metrics of `model` on the sample; {} on ranks other than 0."""
         if self.rank != 0:
             return {}
+        from ift.eval.run import ie_scores
+
         t0 = time.time()
         samples = self.samples(model, device)
-        agg = {**metrics.aggregate(samples), **metrics.task_metrics(samples)}
+        agg = {**metrics.aggregate(samples), **metrics.task_metrics(samples),
+               **ie_scores(self.items, samples)[0]}
         out = {PREFIX + k: float(v) for k, v in agg.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)
                and not k.endswith("_n") and k != "samples"}
@@ -146,7 +151,8 @@ def load_items(cfg: Config, data: str, tokenizer, prompt_format: PromptFormat
     else:
         records = []
         for _where, rec in heldout.iter_raw_records(data, seed=cfg.data.seed,
-                                                    key="eval.during_training.data"):
+                                                    key="eval.during_training.data",
+                                                    sources=cfg.data.sources):
             records.append(rec)
             if len(records) >= n:
                 break

@@ -281,7 +281,7 @@ def score_model(cfg: Config, model, tokenizer, held: HeldOut | None,
         samples = generate_samples(model, tokenizer, held.items, max_new_tokens=e.max_new_tokens,
                                    batch_size=max(1, e.batch_size), device=device,
                                    prompt_format=held.prompt_format)
-        ie_metrics, out["ie_rows"] = _ie_scores(held.items, samples)
+        ie_metrics, out["ie_rows"] = ie_scores(held.items, samples)
         out["metrics"] = {"loss": loss, "perplexity": metrics.perplexity(loss),
                           "loss_rows": len(held.rows), "loss_tokens": loss_tokens,
                           **metrics.aggregate(samples), **metrics.task_metrics(samples),
@@ -371,7 +371,7 @@ def evaluate(cfg: Config, *, model_dir: str, data: str | None, output: str,
     return result
 
 
-def _ie_scores(items: list, samples: list[dict[str, Any]]
+def ie_scores(items: list, samples: list[dict[str, Any]]
                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """IE metrics of the held-out rows that are IE records (ift.eval.ie): flat metrics and
     the per-type rows (written beside eval.json as IE_REPORT .md and .csv)."""

@@ -270,6 +270,41 @@ def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
     assert all(r["status"] == "finished" and r["exact_match"] != "" for r in rows)
 
 
+def sweep_lr_under_asha(tmp_path: Path, model: str, name: str, metric: str, source: dict,
+                        heldout: Path, train: dict, max_new_tokens: int) -> tuple[Path, dict]:
+    """Two trials (lr 0.02 and 1e-7) on one source under ASHA on `metric`, computed during
+    training on `heldout`; the learning trial finishes and the lagging one is stopped.
+    Returns the sweep folder and trial -> {step: metrics.jsonl row} at the evaluations."""
+    cfg = write_config(tmp_path / "sweep.yaml", tmp_path / "work", model,
+                       tmp_path / "work" / "prepared", {
+                           "name": name,
+                           "space": {"train.lr": [0.02, 1.0e-7]},
+                           "seeds": [1],
+                           "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+                           "metric": metric, "mode": "max", "eval_after": False,
+                       }, train=train)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["sources"] = [source]
+    raw["eval"]["during_training"] = {"max_samples": 4, "max_new_tokens": max_new_tokens,
+                                      "data": str(heldout)}
+    cfg.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    run_ift(["tune", "-c", str(cfg)], tmp_path / "tune.log")
+
+    sweep_dir = tmp_path / "work" / "sweeps" / name
+    trials = {t["name"]: t for t in json.loads((sweep_dir / "trials.json").read_text())}
+    assert trials["t000"]["status"] == "finished", trials
+    assert trials["t001"]["status"] == "stopped", trials
+    evaluated = {}
+    for trial in trials:
+        rows = [json.loads(x) for x in (sweep_dir / "runs" / trial / "metrics.jsonl")
+                .read_text().splitlines()]
+        evaluated[trial] = {r["step"]: r for r in rows if metric in r}
+    # the report picks the best trial by the same metric
+    rows = list(csv.DictReader((sweep_dir / "report" / "trials.csv").open()))
+    assert next(r for r in rows if r["best"] == "best")["trial"] == "t000"
+    return sweep_dir, evaluated
+
+
 def test_asha_stops_a_trial_on_a_generation_metric(tmp_path, tiny_model):
     """tune.metric heldout/rouge_l (mode max), computed during training by
     eval.during_training on a task a LoRA learns in a few steps (every reply is "yes, it
@@ -282,35 +317,44 @@ def test_asha_stops_a_trial_on_a_generation_metric(tmp_path, tiny_model):
 
     (tmp_path / "train.json").write_text(json.dumps(rows(0, 64)))
     (tmp_path / "heldout.json").write_text(json.dumps(rows(100, 104)))
-    cfg = write_config(tmp_path / "sweep.yaml", tmp_path / "work", tiny_model,
-                       tmp_path / "work" / "prepared", {
-                           "name": "asha-gen",
-                           "space": {"train.lr": [0.02, 1.0e-7]},
-                           "seeds": [1],
-                           "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
-                           "metric": "heldout/rouge_l", "mode": "max", "eval_after": False,
-                       }, train={"max_steps": 12, "eval_every": 2})
-    raw = yaml.safe_load(cfg.read_text())
-    raw["data"]["sources"] = [{"path": str(tmp_path / "train.json"), "name": "yes"}]
-    raw["eval"]["during_training"] = {"max_samples": 4, "max_new_tokens": 8,
-                                      "data": str(tmp_path / "heldout.json")}
-    cfg.write_text(yaml.safe_dump(raw))
-    run_ift(["tune", "-c", str(cfg)], tmp_path / "tune.log")
-
-    sweep_dir = tmp_path / "work" / "sweeps" / "asha-gen"
-    trials = {t["name"]: t for t in json.loads((sweep_dir / "trials.json").read_text())}
-    assert trials["t000"]["status"] == "finished", trials
-    assert trials["t001"]["status"] == "stopped", trials
-
-    def heldout(name):
-        rows = [json.loads(x) for x in (sweep_dir / "runs" / name / "metrics.jsonl")
-                .read_text().splitlines()]
-        return {r["step"]: r["heldout/rouge_l"] for r in rows if "heldout/rouge_l" in r}
-
-    learned, lagging = heldout("t000"), heldout("t001")
+    _, got = sweep_lr_under_asha(
+        tmp_path, tiny_model, "asha-gen", "heldout/rouge_l",
+        {"path": str(tmp_path / "train.json"), "name": "yes"}, tmp_path / "heldout.json",
+        {"max_steps": 12, "eval_every": 2}, max_new_tokens=8)
+    learned = {s: r["heldout/rouge_l"] for s, r in got["t000"].items()}
+    lagging = {s: r["heldout/rouge_l"] for s, r in got["t001"].items()}
     assert sorted(learned) == [2, 4, 6, 8, 10, 12]
     last = max(lagging)
     assert last < 12 and lagging[last] < learned[last], (learned, lagging)
-    # the report picks the best trial by the same metric
-    rows = list(csv.DictReader((sweep_dir / "report" / "trials.csv").open()))
-    assert next(r for r in rows if r["best"] == "best")["trial"] == "t000"
+
+
+def test_asha_stops_a_trial_on_an_ie_metric(tmp_path, tiny_model):
+    """tune.metric heldout/ie_ner_f1 (mode max), computed during training on held-out
+    CLUENER rows read with the source's schema: every sentence names one place, 北京, which
+    a LoRA learns to extract in a few steps; the near-zero learning rate trial lags and is
+    stopped."""
+    words = ["小明", "老王", "阿花", "大伟", "小李", "老张", "阿强", "小美"]
+
+    def rows(lo: int, hi: int) -> str:
+        out = []
+        for i in range(lo, hi):
+            who = f"{words[i % 8]}{i}"
+            out.append({"text": f"{who}住在北京。",
+                        "label": {"地点": {"北京": [[len(who) + 2, len(who) + 3]]}}})
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
+
+    (tmp_path / "train.jsonl").write_text(rows(0, 64), encoding="utf-8")
+    (tmp_path / "heldout.jsonl").write_text(rows(100, 104), encoding="utf-8")
+    (tmp_path / "types.json").write_text('["地点", "人物"]', encoding="utf-8")
+    _, got = sweep_lr_under_asha(
+        tmp_path, tiny_model, "asha-ie", "heldout/ie_ner_f1",
+        {"path": str(tmp_path / "train.jsonl"), "name": "ner",
+         "schema": str(tmp_path / "types.json")}, tmp_path / "heldout.jsonl",
+        {"max_steps": 12, "eval_every": 3}, max_new_tokens=40)
+    learned = {s: (r["heldout/ie_ner_f1"], r["heldout/ie_unparseable"])
+               for s, r in got["t000"].items()}
+    lagging = {s: r["heldout/ie_ner_f1"] for s, r in got["t001"].items()}
+    assert sorted(learned) == [3, 6, 9, 12]
+    assert learned[12] == (1.0, 0.0), learned
+    last = max(lagging)
+    assert last < 12 and lagging[last] < learned[last][0], (learned, lagging)

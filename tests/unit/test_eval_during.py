@@ -138,3 +138,27 @@ def test_eval_max_loss_rows_limits_the_loss_not_the_generation(tmp_path, tiny_mo
         assert held.prompt_format.template == "chatml"
     with pytest.raises(ConfigError, match="eval.max_loss_rows=-1"):
         _cfg(tmp_path, "eval.max_loss_rows=-1")
+
+
+def test_ie_heldout_reports_ie_scores_read_with_the_source_schema(tmp_path, tiny_model):
+    """Raw CLUENER rows as the held-out sample: the instruction lists the schema of the
+    matching data.sources entry (not just the row's gold types), and the probe reports the
+    IE scores of `ift eval` (an output that is no JSON counts as unparseable)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    held = tmp_path / "ner.jsonl"
+    held.write_text('{"text": "小明住在北京。", "label": {"地点": {"北京": [[4, 5]]}}}\n',
+                    encoding="utf-8")
+    types = tmp_path / "types.json"
+    types.write_text('["地点", "人物", "机构"]', encoding="utf-8")
+    cfg = load_config(None, [
+        f"storage.root={tmp_path}", "train.eval_every=3", f"eval.during_training.data={held}",
+        "eval.during_training.max_samples=1", "eval.during_training.max_new_tokens=4",
+        f"data.sources.0.path={held}", f"data.sources.0.schema={types}"])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    probe = during.Probe.create(cfg, tok, 0)
+    assert probe.items[0].ie["labels"] == ["地点", "人物", "机构"]
+    got = probe.run(AutoModelForCausalLM.from_pretrained(tiny_model))
+    assert got["heldout/ie_ner_f1"] == 0.0 and got["heldout/ie_ner_recall"] == 0.0
+    assert got["heldout/ie_unparseable"] == got["heldout/ie_ner_unparseable"] == 1.0
+    assert got["heldout/ie_ner_sentences"] == 1.0
