@@ -326,7 +326,6 @@ def test_trial_evaluation_is_a_ray_task_with_its_resources(tmp_path, tiny_model,
     }, train={"max_steps": 2, "cpus_per_worker": 2})
     raw = yaml.safe_load(cfg.read_text())
     raw["data"].pop("sources")
-    raw["tracking"]["enabled"] = False
     cfg.write_text(yaml.safe_dump(raw))
     run_ift(["tune", "-c", str(cfg)], tmp_path / "tune.log")
 
