@@ -35,11 +35,8 @@ def two_nodes(s3_server):
     if ray.is_initialized():
         ray.shutdown()
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    # A removed node is declared dead within seconds, not the default half minute.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 500, "health_check_timeout_ms": 1000,
-                           "health_check_failure_threshold": 3}})
+        "num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": env},
