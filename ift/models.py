@@ -519,8 +519,11 @@ def load_model(cfg, *, device: str = "cpu", quantization: dict[str, Any] | None 
     `quantization={"bits": 4|8}` loads the frozen weights through bitsandbytes (QLoRA);
     that needs a backend bitsandbytes supports on `device` (CUDA on GPU clusters) and
     fails with a message saying so otherwise.
+
+    `device="meta"` builds the architecture from the model's config without reading or
+    allocating any weight (the FSDP ranks that receive rank 0's weights, ift.train.fsdp).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype if dtype is not None else cfg.dtype, device)
     path = cfg.name_or_path
@@ -536,6 +539,16 @@ def load_model(cfg, *, device: str = "cpu", quantization: dict[str, Any] | None 
     }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if device == "meta":
+        import torch
+
+        if quantization:
+            raise ConfigError("a quantized model cannot be built on the meta device")
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+                                            revision=cfg.revision)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config, **{k: v for k, v in kwargs.items() if k != "revision"})
     if quantization:
         kwargs["quantization_config"] = quantization_config(quantization, torch_dtype)
         kwargs["device_map"] = {"": device}

@@ -99,7 +99,10 @@ class Smoke:
         n = len(load_file(os.path.join(run, "final", "adapter_model.safetensors")))
         if n == 0:
             raise AssertionError("the final adapter holds 0 tensors")
-        return f"{self.trained(run)}, adapter {n} tensors"
+        # With one worker FSDP does not shard (and no rank loads on the meta device).
+        shard = (f"{self.workers} ranks, ranks 1+ loaded on meta" if self.workers > 1
+                 else "1 worker: not sharded")
+        return f"{self.trained(run)}, adapter {n} tensors, {shard}"
 
     def fsdp_full(self) -> str:
         return self.trained(self.train("fsdp-full", "train.strategy=fsdp", "peft.method=full",

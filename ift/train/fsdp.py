@@ -10,10 +10,15 @@ path this repository's tests run) build the same `FullyShardedDataParallel`:
 - Original parameters are kept (`use_orig_params`), so frozen and trainable tensors can
   share a unit and the optimizer sees per-tensor parameters (as 1-D shard views: group
   them by name before wrapping, see `decay_names`).
-- Loading. Every rank loads the weights on CPU; FSDP moves each unit to the GPU as it
-  shards it (`device_id`) and broadcasts rank 0's values (`sync_module_states`), so no
-  GPU ever holds the whole model. CPU workers skip the broadcast (FSDP supports it only
-  on accelerators); every rank loads the same weights and seeds adapters identically.
+- Loading. Rank 0 reads the weights on CPU; every other rank builds the same model on
+  the meta device (shapes only, no memory) and adds the same adapters (`load_device`).
+  On GPUs FSDP allocates each meta unit on the rank's GPU as it wraps it (`materializer`,
+  FSDP's `param_init_fn`), moves rank 0's unit there (`device_id`) and broadcasts rank
+  0's values (`sync_module_states`), so no rank but 0 ever holds a full copy and no GPU
+  holds more than one unsharded unit. FSDP's broadcast refuses CPU tensors, so CPU
+  workers (gloo) allocate the meta ranks' tensors with the same `materializer` and
+  broadcast rank 0's parameters and buffers themselves before wrapping
+  (`broadcast_from_rank0`). Tied weights (input and output embeddings) stay one tensor.
 - Saving. `model_state_dict` gathers a full state dict with FSDP's wrapper prefixes
   removed; adapter methods gather only the trainable tensors, never the frozen base.
 
@@ -125,9 +130,47 @@ def wrap_policy(model: nn.Module, *, adapter: bool) -> Callable[..., bool]:
     return functools.partial(_or_policy, policies=policies)
 
 
+def materializer(model: nn.Module, device: torch.device) -> Callable[[nn.Module], None]:
+    """A function that gives a module's own meta-device parameters and buffers real,
+    uninitialized storage on `device` (FSDP's `param_init_fn`; the values come from rank 0
+    afterwards). A parameter several modules share (tied embeddings) becomes one tensor,
+    wherever in `model` it is met first."""
+    made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+
+    def materialize(module: nn.Module) -> None:
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in made:  # the meta original is kept: its id stays unique
+                made[id(param)] = (param, nn.Parameter(torch.empty_like(param, device=device),
+                                                       requires_grad=param.requires_grad))
+            module._parameters[name] = made[id(param)][1]
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                module._buffers[name] = torch.empty_like(buf, device=device)
+
+    return materialize
+
+
+def on_meta(model: nn.Module) -> bool:
+    """Whether any parameter or buffer of the model is still on the meta device."""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def broadcast_from_rank0(model: nn.Module) -> None:
+    """Every parameter and buffer takes rank 0's value (a collective; the models must have
+    the same structure on every rank)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
 def wrap(model: nn.Module, train: TrainConfig, device: torch.device, *, adapter: bool,
          amp: torch.dtype | None) -> nn.Module:
-    """The FSDP model for a worker on `device` (cuda:N or cpu). The model may be on CPU.
+    """The FSDP model for a worker on `device` (cuda:N or cpu). The model may be on CPU,
+    and on ranks other than 0 on the meta device (see the module docstring).
 
     One worker has nothing to shard: it trains the plain model (FSDP's NO_SHARD fallback
     cannot gather a state dict with frozen tensors). Its checkpoints have the same format,
@@ -138,23 +181,37 @@ def wrap(model: nn.Module, train: TrainConfig, device: torch.device, *, adapter:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return model.to(device)
 
+    on_cpu = device.type == "cpu"
+    if on_cpu:
+        materialize = materializer(model, device)
+        for module in model.modules():
+            materialize(module)
+        broadcast_from_rank0(model)
     kwargs: dict[str, Any] = {
         "auto_wrap_policy": wrap_policy(model, adapter=adapter),
         "use_orig_params": True,
         "device_id": device,
-        "sync_module_states": device.type != "cpu",
+        "sync_module_states": not on_cpu,
         "limit_all_gathers": True,
     }
+    if not on_cpu:
+        kwargs["param_init_fn"] = materializer(model, device)
     if amp is not None:
         kwargs["mixed_precision"] = MixedPrecision(param_dtype=amp, reduce_dtype=amp,
                                                    buffer_dtype=amp)
     return FullyShardedDataParallel(model, **kwargs)
 
 
-def load_device(train: TrainConfig, device: torch.device) -> str:
-    """Where a worker loads the weights before wrapping: CPU under FSDP (it shards them
-    onto the GPU), the worker's device otherwise."""
-    return "cpu" if train.strategy == "fsdp" else str(device)
+def load_device(cfg: Config, device: torch.device, rank: int, world: int) -> str:
+    """Where a worker loads the weights before wrapping. Under FSDP with several workers:
+    CPU on rank 0 (FSDP shards them onto the GPUs) and the meta device on the other ranks,
+    which receive rank 0's values; a run that starts from an adapter (model.adapter) reads
+    it on every rank, on CPU. The worker's device otherwise."""
+    if cfg.train.strategy != "fsdp":
+        return str(device)
+    if world > 1 and rank != 0 and not cfg.model.adapter:
+        return "meta"
+    return "cpu"
 
 
 def grad_scaler(strategy: str, amp: torch.dtype | None) -> Any:

@@ -553,7 +553,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from ift.models import load_model, load_tokenizer
+    from ift.models import load_model, load_tokenizer, resolve_dtype
 
     cfg = build_config(config["cfg"])
     plan = Plan(**config["plan"])
@@ -578,8 +578,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                trust_remote_code=cfg.model.trust_remote_code,
                                revision=cfg.model.revision)
     torch.manual_seed(train.seed)  # identical adapter init on every rank
-    model = load_model(cfg.model, device=fsdp.load_device(train, device),
-                       quantization=methods.quantization(cfg), dtype=load_dtype(cfg))
+    # The dtype the worker's device calls for, wherever the weights are loaded first.
+    model = load_model(cfg.model, device=fsdp.load_device(cfg, device, rank, world),
+                       quantization=methods.quantization(cfg),
+                       dtype=resolve_dtype(load_dtype(cfg), str(device)))
     model = (methods.from_adapter(model, cfg) if cfg.model.adapter
              else methods.build(model, cfg, plan.total_steps))
     trainable, total = methods.parameter_counts(model)
@@ -594,7 +596,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.local_dir(found[1]) as d:
             state = checkpoint.load_state(d)
             check_resumable(state, plan, cfg, found[1])
-            checkpoint.load_model_weights(d, model, cfg.peft.method, state)
+            if not fsdp.on_meta(model):  # a meta rank receives rank 0's weights at wrap
+                checkpoint.load_model_weights(d, model, cfg.peft.method, state)
             opt_state, sched_state = checkpoint.load_optimizer_states(d)
         _log(rank, f"resuming from step {state['step']} of {found[1]} (epoch "
                    f"{state['epoch']}, {state['rows_consumed_per_worker'][0]} rows per worker "

@@ -6,7 +6,8 @@ their own Ray actors. Training reports reach Tune through
 `ray.tune.integration.ray_train.TuneReportCallback`, so ASHA sees every eval loss while the
 run trains; after training the trial evaluates the final model on the sweep's held-out
 set, as a Ray task that reserves a training worker's CPUs and GPU (the trial process
-itself reserves none), and reports the task metrics once more.
+itself reserves none), and reports the task metrics once more; trial.json records where
+that task ran and what it reserved (eval_task).
 
 Everything a trial writes lives under the sweep directory:
 
@@ -202,8 +203,10 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     summary.update(last_metrics(run_dir))  # heldout/* of the last step, for tune.metric
 
     eval_metrics: dict[str, Any] = {}
+    eval_task: dict[str, Any] = {}
     if sweep.get("eval_after", True):
-        eval_metrics = eval_remote(cfg, run_dir, sweep.get("eval_data") or None)["metrics"]
+        evaluated = eval_remote(cfg, run_dir, sweep.get("eval_data") or None)
+        eval_metrics, eval_task = evaluated["metrics"], evaluated["task"]
     result = _final_result(summary, eval_metrics)
     trial = {
         "name": name,
@@ -217,6 +220,8 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
         "summary": {k: v for k, v in summary.items() if isinstance(v, (str, int, float))
                     or v is None},
         "eval": eval_metrics,
+        "eval_task": eval_task,
+        "trial_pid": os.getpid(),
     }
     storage.write_text(storage.join(run_dir, TRIAL_FILE), json.dumps(trial, indent=2,
                                                                       ensure_ascii=False))
@@ -230,19 +235,31 @@ def eval_resources(cfg) -> dict[str, float]:
     return {"num_cpus": t.cpus_per_worker, "num_gpus": t.gpus_per_worker if t.use_gpu else 0}
 
 
-def eval_remote(cfg, run_dir: str, data: str | None) -> dict[str, Any]:
-    """`evaluate_run` as a Ray task with its own resources (eval_resources), outside the
-    trial's placement group: the trial process reserves no CPU or GPU, so generation run
-    inside it would run on whatever the scheduler left it (the head's CPUs on a cluster)."""
+def _evaluate_task(cfg, run_dir: str, data: str | None) -> dict[str, Any]:
+    """The body of the evaluation task: `evaluate_run`, plus where it ran ("task": the
+    task id, node id, process id and the resources Ray assigned it)."""
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from ift.eval.run import evaluate_run
 
-    task = ray.remote(evaluate_run).options(
+    ctx = ray.get_runtime_context()
+    task = {"task_id": ctx.get_task_id(), "node_id": ctx.get_node_id(), "pid": os.getpid(),
+            "resources": ctx.get_assigned_resources()}
+    return {**evaluate_run(cfg, run_dir, data=data, output=run_dir), "task": task}
+
+
+def eval_remote(cfg, run_dir: str, data: str | None) -> dict[str, Any]:
+    """`evaluate_run` as a Ray task with its own resources (eval_resources), outside the
+    trial's placement group: the trial process reserves no CPU or GPU, so generation run
+    inside it would run on whatever the scheduler left it (the head's CPUs on a cluster).
+    The result carries "task" (see _evaluate_task), which trial.json keeps as eval_task."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    task = ray.remote(_evaluate_task).options(
         **eval_resources(cfg), max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    return ray.get(task.remote(cfg, run_dir, data=data, output=run_dir))
+    return ray.get(task.remote(cfg, run_dir, data))
 
 
 def _final_result(summary: dict[str, Any], eval_metrics: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,9 @@ code (ift.train.fsdp, ift.train.loop, ift.train.checkpoint), the code a GPU work
 - a LoRA model whose base is bf16 and whose adapters are fp32 wraps, trains and saves;
 - the gathered adapter has the unwrapped model's names and values, holds no frozen base
   weight, and PEFT writes it as a non-empty file;
-- weight decay reaches the LoRA matrices (parameter groups chosen by name before wrap).
+- weight decay reaches the LoRA matrices (parameter groups chosen by name before wrap);
+- rank 1 builds the model on the meta device (no weight memory) and after wrapping holds
+  what a normal load holds: the base weights, rank 0's adapter init, tied embeddings.
 """
 
 from __future__ import annotations
@@ -125,12 +127,15 @@ def test_weight_decay_is_applied_under_fsdp(model_dir, tmp_path):
 
 
 def test_fsdp_loads_on_cpu_and_refuses_what_it_cannot_shard(model_dir):
-    """Finding 5 (weights load on CPU; FSDP moves shards to the GPU) and the preflight
-    refusals of finding 4."""
+    """Finding 5 (rank 0 loads on CPU, the other ranks on meta; FSDP moves shards to the
+    GPU) and the preflight refusals of finding 4."""
     cfg = _cfg(model_dir)
-    assert fsdp.load_device(cfg.train, torch.device("cuda", 0)) == "cpu"
+    gpu = torch.device("cuda", 0)
+    assert fsdp.load_device(cfg, gpu, rank=0, world=2) == "cpu"
+    assert fsdp.load_device(cfg, gpu, rank=1, world=2) == "meta"
+    assert fsdp.load_device(cfg, gpu, rank=0, world=1) == "cpu"
     ddp = load_config(None, [f"model.name_or_path={model_dir}"])
-    assert fsdp.load_device(ddp.train, torch.device("cuda", 0)) == "cuda:0"
+    assert fsdp.load_device(ddp, gpu, rank=1, world=2) == "cuda:0"
     from ift.config import ConfigError
 
     with pytest.raises(ConfigError, match="peft.method=qlora with train.strategy=fsdp"):
@@ -141,3 +146,76 @@ def test_fsdp_loads_on_cpu_and_refuses_what_it_cannot_shard(model_dir):
 
     assert isinstance(fsdp.grad_scaler("fsdp", torch.float16), ShardedGradScaler)
     assert fsdp.grad_scaler("fsdp", torch.bfloat16) is None
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("qwen2")), arch="qwen2")
+
+
+def _full_params(wrapped) -> dict[str, torch.Tensor]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+        return {fsdp.clean_name(n): p.detach().clone()
+                for n, p in wrapped.named_parameters()}
+
+
+def _meta_load_rank(rank, world, model_dir):
+    out = {}
+    for method in METHODS_ON_META:
+        cfg = _cfg(model_dir, f"peft.method={method}")
+        torch.manual_seed(rank)  # differing seeds: equal adapters must come from rank 0
+        model = load_model(cfg.model, device=fsdp.load_device(cfg, torch.device("cpu"),
+                                                              rank, world))
+        model = methods.build(model, cfg, 4)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
+                           if not p.is_meta)
+        base = methods.unwrap(model)
+        tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
+        wrapped = fsdp.wrap(model, cfg.train, torch.device("cpu"), adapter=method != "full",
+                            amp=None)
+        tied_after = (base.get_output_embeddings().weight is
+                      base.get_input_embeddings().weight)
+        with torch.no_grad():
+            loss = float(wrapped(**_batch()).loss)
+        out[method] = {"meta": fsdp.on_meta(model), "weight_bytes": weight_bytes,
+                       "tied": tied, "tied_after": tied_after,
+                       "params": _full_params(wrapped), "loss": loss,
+                       "buffers": {n: b.clone() for n, b in wrapped.named_buffers()}}
+    return out
+
+
+METHODS_ON_META = ("lora", "full")
+
+
+def test_meta_ranks_receive_rank0_weights(tied_model_dir, tmp_path):
+    """Finding 5: rank 1 holds no weight memory before wrapping (LoRA: at most its
+    adapter matrices); after wrapping both ranks hold a normal load of the base with rank
+    0's adapter init (seed 0), embeddings still tied, and compute the same loss. LoRA and
+    full fine-tuning."""
+    by_rank = run_ranks(_meta_load_rank, tied_model_dir, out_dir=str(tmp_path))
+    for method in METHODS_ON_META:
+        results = [r[method] for r in by_rank]
+        cfg = _cfg(tied_model_dir, f"peft.method={method}")
+        torch.manual_seed(0)
+        reference = methods.build(load_model(cfg.model, device="cpu"), cfg, 4)
+        expected = {n: p.detach() for n, p in reference.named_parameters()}
+        adapter_bytes = sum(p.numel() * p.element_size() for p in reference.parameters()
+                            if p.requires_grad)
+        base_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+        assert results[1]["weight_bytes"] <= (adapter_bytes if method == "lora" else 0)
+        assert results[1]["weight_bytes"] < base_bytes / 4
+        assert results[0]["tied"] and results[1]["tied"] and results[1]["tied_after"]
+        for r in results:
+            assert not r["meta"]
+            assert set(r["params"]) == set(expected)
+            for name, value in expected.items():
+                torch.testing.assert_close(r["params"][name], value, rtol=0, atol=0,
+                                           msg=f"{method} {name}")
+        torch.testing.assert_close(results[1]["buffers"], results[0]["buffers"], rtol=0,
+                                   atol=0)
+        with torch.no_grad():
+            ref_loss = float(reference(**_batch()).loss)
+        assert results[0]["loss"] == pytest.approx(ref_loss, abs=1e-5), method
+        assert results[1]["loss"] == pytest.approx(ref_loss, abs=1e-5), method

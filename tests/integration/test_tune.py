@@ -358,3 +358,31 @@ def test_asha_stops_a_trial_on_an_ie_metric(tmp_path, tiny_model):
     assert learned[12] == (1.0, 0.0), learned
     last = max(lagging)
     assert last < 12 and lagging[last] < learned[last][0], (learned, lagging)
+
+
+def test_trial_evaluation_is_a_ray_task_with_its_resources(tmp_path, tiny_model, prepared):
+    """A trial reserves no CPU; its held-out evaluation runs as a Ray task of its own, in
+    another process, holding one training worker's CPUs (train.cpus_per_worker=2 here),
+    and its metrics reach trial.json and the report."""
+    cfg = write_config(tmp_path / "sweep.yaml", tmp_path / "work", tiny_model, prepared, {
+        "name": "evaltask", "space": {"train.lr": [0.02]}, "seeds": [1],
+        "scheduler": "none", "metric": "eval_loss", "mode": "min",
+    }, train={"max_steps": 2, "cpus_per_worker": 2})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"].pop("sources")
+    cfg.write_text(yaml.safe_dump(raw))
+    run_ift(["tune", "-c", str(cfg)], tmp_path / "tune.log")
+
+    sweep_dir = tmp_path / "work" / "sweeps" / "evaltask"
+    trials = json.loads((sweep_dir / "trials.json").read_text())
+    assert [t["status"] for t in trials] == ["finished"], trials  # the final report arrived
+    trial = json.loads((sweep_dir / "runs" / "t000" / "trial.json").read_text())
+    task = trial["eval_task"]
+    assert task["resources"] == {"CPU": 2.0}, task
+    assert task["task_id"] and task["pid"] != trial["trial_pid"]
+    ev = json.loads((sweep_dir / "runs" / "t000" / "eval.json").read_text())["metrics"]
+    assert trial["eval"]["exact_match_n"] == ev["exact_match_n"] == 4
+    rows = list(csv.DictReader((sweep_dir / "report" / "trials.csv").open()))
+    assert [r["trial"] for r in rows] == ["t000"]
+    assert float(rows[0]["heldout_loss"]) == pytest.approx(ev["loss"], rel=1e-4)
+    assert float(rows[0]["exact_match"]) == pytest.approx(ev["exact_match"], abs=1e-6)
