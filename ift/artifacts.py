@@ -60,6 +60,10 @@ FINAL_DIR = "final"
 ADAPTER_CONFIG = "adapter_config.json"
 LINEAGE_FILE = "ift_lineage.json"
 PROMPT_FORMAT_FILE = "ift_prompt_format.json"
+REF_LOGPS_DIR = "ref_logps"
+"""Beside a prepared preference dataset: DPO reference log-probs, one folder per key
+(ift.train.ref_logps)."""
+REF_LOGPS_DONE = "done.json"
 
 SYSTEM_POLICIES = ("optional", "replaces_preamble", "template")
 

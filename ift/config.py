@@ -382,6 +382,12 @@ class TrainConfig:
     """simpo: target reward margin gamma."""
     orpo_lambda: float = 0.1
     """orpo: weight lambda of the odds-ratio term beside the SFT loss."""
+    precompute_ref_logps: bool = False
+    """dpo (the other objectives have no reference): compute the reference model's
+    log-probs of every pair once, in a Ray task before training, and keep them beside the
+    prepared data (keyed by dataset hash, base model and reference adapter; reused by
+    later runs): the workers then run no reference forward pass and hold no reference
+    model."""
 
     def __post_init__(self) -> None:
         _check_choice("train.strategy", self.strategy, ("ddp", "fsdp"))

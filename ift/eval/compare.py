@@ -42,7 +42,8 @@ CHART = "compare.png"
 TABLE_JSON = "compare.json"
 DISAGREEMENTS = "disagreements.jsonl"
 # Held-out metrics in the table, in order (benchmark columns follow).
-HELDOUT_COLUMNS = ("loss", "perplexity", "exact_match", "mc_accuracy", "rouge_l", "answered")
+HELDOUT_COLUMNS = ("loss", "perplexity", "exact_match", "mc_accuracy", "rouge_l", "answered",
+                   "pref_accuracy", "pref_margin", "reward_accuracy", "reward_margin")
 
 
 def _log(msg: str) -> None:

@@ -110,8 +110,8 @@ def model_inputs(
     device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The keyword arguments for model(...) from a collated batch, for the given kernel."""
-    out = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids")
-           if k in batch}
+    out = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids",
+                                 "ref_logps") if k in batch}
     mask = out.get("attention_mask")
     if mask is not None and mask.dim() == 4:
         impl = attn_implementation or "sdpa"

@@ -233,7 +233,15 @@ def _datasets(prepared: str, plan: Plan) -> dict[str, Any]:
                 continue
             fs, _ = storage.arrow_fs(files[0])
             paths = [storage.arrow_fs(f)[1] for f in files]
-            ds = ray.data.read_parquet(paths, filesystem=fs, columns=cols).materialize()
+            ds = ray.data.read_parquet(paths, filesystem=fs, columns=cols)
+            if plan.ref_logps:
+                from functools import partial
+
+                from ift.train.ref_logps import attach, lookup
+
+                ds = ds.map_batches(partial(attach, table=lookup(plan.ref_logps, split)),
+                                    batch_format="numpy")
+            ds = ds.materialize()
             ds.context.enable_progress_bars = False
             rows = ds.count()
             expected = plan.num_rows if split == "train" else plan.num_val_rows
@@ -462,6 +470,11 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     _check_resources(cfg)
     storage_path, filesystem = _storage(output)
     t = cfg.train
+    if t.objective == "dpo" and t.precompute_ref_logps:
+        from ift.train.loop import load_dtype
+        from ift.train.ref_logps import precompute
+
+        plan.ref_logps = precompute(cfg, prepared, plan.data_hash, load_dtype(cfg))
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker

@@ -56,6 +56,7 @@ from ift.train.collate import (
     trainable_tokens,
 )
 from ift.train.preference import PAIR_COLUMNS, add_sums, means
+from ift.train.ref_logps import REF_COLUMNS
 
 METRICS_FILE = "metrics.jsonl"
 PID_DIR = "worker_pids"
@@ -92,6 +93,9 @@ class Plan:
     """The prepared dataset's manifest hash (a resumed run must train on the same data)."""
     pairs: bool = False
     """Rows are preference pairs (the rejected side in rejected_input_ids/rejected_labels)."""
+    ref_logps: str = ""
+    """DPO: the folder of precomputed reference log-probs (ift.train.ref_logps) the rows
+    carry; empty: the reference model runs on the worker."""
 
     @property
     def global_batch_size(self) -> int:
@@ -150,7 +154,8 @@ def epoch_rows_needed(plan: Plan, rank: int, order: np.ndarray, first_step: int,
     return needed
 
 
-ROW_COLUMNS = ("id", "input_ids", "labels", "position_ids", "seq_ids", *PAIR_COLUMNS)
+ROW_COLUMNS = ("id", "input_ids", "labels", "position_ids", "seq_ids", *PAIR_COLUMNS,
+               *REF_COLUMNS)
 
 
 def collect_rows(batches: Iterable[dict[str, Any]], needed: set[int] | None,
@@ -168,7 +173,8 @@ def collect_rows(batches: Iterable[dict[str, Any]], needed: set[int] | None,
             if limit is not None and i >= limit:
                 return rows, i
             if needed is None or i in needed:
-                rows[i] = {c: _ints(batch[c][j]) if c != "id" else batch[c][j] for c in cols}
+                rows[i] = {c: batch[c][j] if c == "id" or c in REF_COLUMNS else _ints(batch[c][j])
+                           for c in cols}
         index += n
     if expected_rows is not None and index != expected_rows:
         raise RuntimeError(

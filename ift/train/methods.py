@@ -296,7 +296,7 @@ def from_adapter(model: nn.Module, cfg: Config) -> nn.Module:
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)
-    if cfg.train.objective == "dpo":
+    if cfg.train.objective == "dpo" and not cfg.train.precompute_ref_logps:
         peft_model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
     return peft_model
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ift.train.collate import IGNORE_INDEX, collate
+from ift.train.ref_logps import REF_COLUMNS
 
 OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
 DPO_LOSSES = ("sigmoid", "ipo")
@@ -50,14 +51,19 @@ METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/
 
 def collate_pairs(rows: Sequence[dict[str, Any]], pad_id: int, *,
                   packed: bool | None = None) -> dict[str, torch.Tensor]:
-    """B pair rows -> one padded batch of 2B sequences: rows 0..B-1 chosen, B..2B-1 rejected."""
+    """B pair rows -> one padded batch of 2B sequences: rows 0..B-1 chosen, B..2B-1 rejected.
+    Rows carrying precomputed reference log-probs also give `ref_logps` (2B, same order)."""
     if packed:
         raise ValueError("collate_pairs: preference rows are never packed")
     chosen = [{"id": r.get("id"), "input_ids": r["input_ids"], "labels": r["labels"]}
               for r in rows]
     rejected = [{"id": r.get("id"), "input_ids": r["rejected_input_ids"],
                  "labels": r["rejected_labels"]} for r in rows]
-    return collate(chosen + rejected, pad_id, packed=False)
+    batch = collate(chosen + rejected, pad_id, packed=False)
+    if rows and REF_COLUMNS[0] in rows[0]:  # precomputed DPO reference (ift.train.ref_logps)
+        batch["ref_logps"] = torch.tensor([float(r[c]) for c in REF_COLUMNS for r in rows],
+                                          dtype=torch.float32)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,8 +155,9 @@ class Objective:
     lam: float = 0.1
     pairs_per_rank: float = 1.0
     """Global batch pairs / workers: a micro-batch's summed pair loss is divided by it."""
-    reference: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None
-    """DPO: (model inputs, labels) -> summed reply log-probs of the reference model (no grad)."""
+    reference: Callable[..., torch.Tensor] | None = None
+    """DPO: (model inputs, labels, the model being trained as the step holds it: wrapped
+    or not) -> summed reply log-probs of the reference model (no grad)."""
 
     def pair_losses(self, logits: torch.Tensor, labels: torch.Tensor,
                     ref: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -174,15 +181,24 @@ class Objective:
                 raise ValueError(f"objective {self.name!r} (allowed: dpo, simpo, orpo)")
         return loss, metric_sums(rc, rr, pol_c, pol_r)
 
+    def _split(self, model: nn.Module, inputs: dict[str, torch.Tensor]
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """(model inputs, DPO reference log-probs): the batch's precomputed `ref_logps`,
+        else the reference model run on the batch; None for reference-free objectives."""
+        fwd = {k: v for k, v in inputs.items() if k not in ("labels", "ref_logps")}
+        if self.name != "dpo":
+            return fwd, None
+        if "ref_logps" in inputs:
+            return fwd, inputs["ref_logps"]
+        if self.reference is None:
+            raise ValueError("dpo needs a reference model or precomputed ref_logps")
+        return fwd, self.reference(fwd, inputs["labels"], model)
+
     def loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """The micro-batch's share of the step loss (one forward pass over both sides)."""
         labels = inputs["labels"]
-        fwd = {k: v for k, v in inputs.items() if k != "labels"}
-        ref = None
-        if self.name == "dpo":
-            assert self.reference is not None, "dpo needs a reference"
-            ref = self.reference(fwd, labels)
+        fwd, ref = self._split(model, inputs)
         out = model(**fwd, use_cache=False)
         losses, sums = self.pair_losses(out.logits, labels, ref)
         sums["loss"] = float(losses.detach().sum())
@@ -191,8 +207,7 @@ class Objective:
     @torch.no_grad()
     def batch_sums(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metric sums (and the summed pair loss) of one collated pair batch, no grad."""
-        fwd = {k: v for k, v in inputs.items() if k != "labels"}
-        ref = self.reference(fwd, inputs["labels"]) if self.name == "dpo" else None
+        fwd, ref = self._split(model, inputs)
         out = model(**fwd, use_cache=False)
         losses, sums = self.pair_losses(out.logits, inputs["labels"], ref)
         sums["loss"] = float(losses.sum())
@@ -221,24 +236,34 @@ def means(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
 # ---------------------------------------------------------------------------------------
 
 
-def disabled_adapter_reference(model: nn.Module) -> Callable[[dict], torch.Tensor]:
+def _through(inner: nn.Module, wrapped: nn.Module | None) -> nn.Module:
+    """What to call for a reference pass: an FSDP wrapper itself (it gathers the sharded
+    weights around its forward), else the bare model (no DDP bookkeeping)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return wrapped if isinstance(wrapped, FullyShardedDataParallel) else inner
+
+
+def disabled_adapter_reference(model: nn.Module) -> Callable[..., torch.Tensor]:
     """The same PEFT model with its adapter disabled: the base model, no second copy."""
     from ift.train.methods import unwrap
 
-    def ref(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def ref(inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+            wrapped: nn.Module | None = None) -> torch.Tensor:
         inner = unwrap(model)
         with inner.disable_adapter():
-            return _forward_logps(inner, inputs, labels)
+            return _forward_logps(_through(inner, wrapped), inputs, labels)
     return ref
 
 
-def frozen_copy_reference(copy: nn.Module) -> Callable[[dict], torch.Tensor]:
+def frozen_copy_reference(copy: nn.Module) -> Callable[..., torch.Tensor]:
     """A frozen copy of the starting model (full and freeze fine-tuning)."""
     copy.eval()
     for p in copy.parameters():
         p.requires_grad_(False)
 
-    def ref(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def ref(inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+            wrapped: nn.Module | None = None) -> torch.Tensor:
         return _forward_logps(copy, inputs, labels)
     return ref
 
@@ -247,18 +272,19 @@ REFERENCE_ADAPTER = "reference"
 
 
 def frozen_adapter_reference(model: nn.Module, name: str = REFERENCE_ADAPTER
-                             ) -> Callable[[dict], torch.Tensor]:
+                             ) -> Callable[..., torch.Tensor]:
     """A second, frozen adapter of the same PEFT model (the parent adapter the policy
     started from): made active for the reference pass, then the policy's again."""
     from ift.train.methods import unwrap
 
-    def ref(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def ref(inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+            wrapped: nn.Module | None = None) -> torch.Tensor:
         inner = unwrap(model)
         active = inner.active_adapter
         flags = {n: p.requires_grad for n, p in inner.named_parameters()}
         try:
             inner.base_model.set_adapter(name, inference_mode=True)
-            return _forward_logps(inner, inputs, labels)
+            return _forward_logps(_through(inner, wrapped), inputs, labels)
         finally:
             inner.base_model.set_adapter(active)
             for n, p in inner.named_parameters():
@@ -292,7 +318,7 @@ def objective_for(cfg: Any, model: nn.Module, plan: Any,
     if t.objective == "sft":
         return None
     reference = None
-    if t.objective == "dpo":
+    if t.objective == "dpo" and not plan.ref_logps:  # precomputed: the rows carry them
         if cfg.model.adapter:
             reference = frozen_adapter_reference(model)
         elif is_adapter(cfg.peft.method):

@@ -166,3 +166,126 @@ def test_sft_then_dpo_from_the_sft_adapter(pairs, tiny_model):
     assert record["parent_adapter"]["lineage"]["run_name"] == "chain-sft"
     kinds = [s["stage"] for s in record_stages(record, final)]
     assert kinds.count("adapter") == 2 and kinds.count("run") == 2
+
+
+def test_precomputed_reference_logps_train_like_the_live_reference(pairs, tiny_model):
+    """train.precompute_ref_logps: one Ray task scores every pair with the reference (here
+    the SFT-free base, adapter disabled) before training, stored beside the prepared data
+    under its key and reused; the steps' losses and rewards equal the live reference's."""
+    from ift.artifacts import REF_LOGPS_DIR, REF_LOGPS_DONE
+
+    _, prepared, root = pairs
+    live = driver.train(_cfg(tiny_model, prepared, root, "ref-live", "train.max_steps=4",
+                             "train.eval_every=2"))
+    pre = driver.train(_cfg(tiny_model, prepared, root, "ref-pre", "train.max_steps=4",
+                            "train.eval_every=2", "train.precompute_ref_logps=true"))
+    keys = os.listdir(os.path.join(prepared, REF_LOGPS_DIR))
+    assert len(keys) == 1
+    done = json.loads(open(os.path.join(prepared, REF_LOGPS_DIR, keys[0], REF_LOGPS_DONE)).read())
+    manifest = json.loads(open(os.path.join(prepared, "manifest.json")).read())
+    assert done["pairs"] == {"train": manifest["splits"]["train"]["rows"],
+                             "val": manifest["splits"]["val"]["rows"]}
+    a, b = read_metrics(live["run_dir"]), read_metrics(pre["run_dir"])
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "rewards/chosen", "rewards/margin", "logps/rejected"):
+            assert rb[k] == pytest.approx(ra[k], abs=1e-5), (k, ra, rb)
+    assert b[-1]["eval_loss"] == pytest.approx(a[-1]["eval_loss"], abs=1e-5)
+    # A second run with the same data, base and reference reuses the stored values.
+    mtime = os.path.getmtime(os.path.join(prepared, REF_LOGPS_DIR, keys[0], REF_LOGPS_DONE))
+    driver.train(_cfg(tiny_model, prepared, root, "ref-pre2", "train.max_steps=1",
+                      "train.precompute_ref_logps=true"))
+    assert os.listdir(os.path.join(prepared, REF_LOGPS_DIR)) == keys
+    assert os.path.getmtime(os.path.join(prepared, REF_LOGPS_DIR, keys[0],
+                                         REF_LOGPS_DONE)) == mtime
+
+
+@pytest.fixture(scope="module")
+def chain(pairs, tiny_model, sample_data_dir, tmp_path_factory):
+    """SFT on conversations (its own prepared dataset), then DPO on the pairs from that
+    SFT adapter."""
+    _, prepared, root = pairs
+    sft_data = str(tmp_path_factory.mktemp("sft-data") / "prepared")
+    sft_manifest = prepare(load_config(None, [
+        f"model.name_or_path={tiny_model}", f"data.output={sft_data}", "data.max_seq_len=96",
+        "data.val_ratio=0.1", "tracking.enabled=false",
+        f"data.sources.0.path={sample_data_dir / 'alpaca_en.json'}"]))
+    sft = driver.train(_cfg(tiny_model, sft_data, root, "served-sft", "train.objective=sft",
+                            "train.max_steps=4"))
+    parent = os.path.join(sft["run_dir"], "final")
+    cfg = _cfg(tiny_model, prepared, root, "served-dpo", f"model.adapter={parent}",
+               "train.max_steps=4", "eval.max_samples=4", "eval.max_new_tokens=8")
+    dpo = driver.train(cfg)
+    pref_hash = json.loads(open(os.path.join(prepared, "manifest.json")).read())["hash"]
+    return {"cfg": cfg, "run_dir": dpo["run_dir"], "final": os.path.join(dpo["run_dir"], "final"),
+            "parent": parent, "sft_hash": sft_manifest["hash"], "pref_hash": pref_hash,
+            "root": root}
+
+
+def test_dpo_adapter_lineage_names_base_sft_and_dpo_with_both_datasets(chain, tiny_model):
+    final = chain["final"]
+    stages = record_stages(read_record(final), final)
+    assert [s["hash"] for s in stages if s["stage"] == "prepared"] == [
+        chain["sft_hash"], chain["pref_hash"]]
+    assert [s["run_name"] for s in stages if s["stage"] == "run"] == ["served-sft", "served-dpo"]
+    adapters = [s for s in stages if s["stage"] == "adapter"]
+    assert [s["path"] for s in adapters] == [chain["parent"], final]
+    assert {s["base_model"] for s in adapters} == {tiny_model}
+
+
+def test_dpo_adapter_through_merge_serve_and_eval_unchanged(chain, tiny_model):
+    """The DPO run's final/ is an ordinary adapter: merged, it computes what the adapter
+    does; served, it answers HTTP requests (as itself and merged, the same greedy reply);
+    `ift eval` scores it (and the merged model) on held-out pairs."""
+    import socket
+
+    import requests
+    import torch
+    from peft import PeftModel
+    from ray import serve
+    from transformers import AutoModelForCausalLM
+
+    from ift.config import build_config
+    from ift.serve.app import start
+    from ift.serve.merge import merge
+
+    final, root = chain["final"], chain["root"]
+    merged = str(root / "served-dpo-merged")
+    merge(tiny_model, final, merged)
+    assert read_record(merged)["merged_from"]["adapter"] == final
+    x = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                         final)(input_ids=x).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(input_ids=x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = start(build_config({"serve": {
+        "base_model": tiny_model, "port": port, "adapters": {"dpo": final},
+        "merged_models": {"dpo-merged": merged}, "max_tokens_limit": 16,
+        "cpus_per_replica": 0.25}}))
+    try:
+        replies = {}
+        for model in ("dpo", "dpo-merged"):
+            r = requests.post(url + "/v1/chat/completions", timeout=300, json={
+                "model": model, "temperature": 0, "max_tokens": 8,
+                "messages": [{"role": "user", "content": "What is 6 times 7?"}]})
+            assert r.status_code == 200, r.text
+            replies[model] = r.json()["choices"][0]["message"]["content"]
+        assert replies["dpo"] == replies["dpo-merged"]
+    finally:
+        serve.shutdown()
+
+    held = str(Path(__file__).resolve().parents[2] / "ift" / "sample_data"
+               / "pref_concise_heldout.jsonl")
+    cfg = chain["cfg"]
+    adapter = evaluate_run(cfg, chain["run_dir"], data=held, output=f"{root}/eval-served-dpo")
+    whole = evaluate(cfg, model_dir=merged, data=held, output=f"{root}/eval-served-merged")
+    assert adapter["metrics"]["pref_pairs"] == whole["metrics"]["pref_pairs"] == 40
+    assert adapter["metrics"]["pref_accuracy"] == whole["metrics"]["pref_accuracy"]
+    assert adapter["metrics"]["pref_margin"] == pytest.approx(whole["metrics"]["pref_margin"],
+                                                              abs=1e-4)
+    assert "reward_accuracy" in adapter["metrics"]

@@ -202,6 +202,45 @@ def test_dpo_with_adapter_disabled_reference_starts_at_ln2(tiny):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_precomputed_reference_logps_give_the_on_the_fly_loss_and_gradient(tiny):
+    """Reference log-probs scored once by the base model (ift.train.ref_logps, other batch
+    sizes and padding) and carried by the rows give the loss and gradient of running the
+    reference (the adapter disabled) on every batch."""
+    from ift.train.ref_logps import REF_COLUMNS, reference_logps
+
+    model = _lora(tiny)
+    torch.manual_seed(3)
+    with torch.no_grad():  # a non-zero adapter: policy and reference differ
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    rows = _pairs(6)
+    cfg = load_config(None, [f"model.name_or_path={tiny}"])
+    base = load_model(cfg.model, device="cpu", dtype="fp32")
+    scored = reference_logps(base, rows, pad_id=0, batch_size=4)
+    cached = [{**r, REF_COLUMNS[0]: float(c), REF_COLUMNS[1]: float(x)}
+              for r, (c, x) in zip(rows, scored)]
+    keys = ("input_ids", "labels", "attention_mask")
+
+    def run(obj, batch_rows, extra=()):
+        model.zero_grad()
+        batch = collate_pairs(batch_rows, pad_id=0)
+        loss, sums = obj.loss(model, {k: batch[k] for k in (*keys, *extra)})
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return loss.item(), sums, grads
+
+    live = run(Objective("dpo", beta=0.1, pairs_per_rank=6,
+                         reference=disabled_adapter_reference(model)), rows)
+    pre = run(Objective("dpo", beta=0.1, pairs_per_rank=6), cached, extra=("ref_logps",))
+    assert abs(live[0] - math.log(2)) > 1e-3
+    assert pre[0] == pytest.approx(live[0], abs=1e-6)
+    for key in ("rewards/chosen", "rewards/margin", "logps/rejected"):
+        assert pre[1][key] == pytest.approx(live[1][key], abs=1e-5)
+    for a, b in zip(pre[2], live[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_held_out_pair_metrics_of_an_untrained_adapter(tiny):
     from ift.eval.preference import pair_metrics
 
