@@ -489,11 +489,26 @@ class TextStream:
         self.sent = end
         return out
 
+    def _whole_characters(self) -> str:
+        """The decoded text without a character cut at the end (the tokens stop inside
+        its UTF-8 bytes): the tokens up to the last character boundary, decoded, then the
+        whole characters of the tokens after it."""
+        text = self._decode()
+        if not (text.endswith("\ufffd") and self.bytes.incomplete_tail(self.ids)):
+            return text
+        k = len(self.ids) - 1
+        while k > 0 and self.bytes.incomplete_tail(self.ids[:k]):
+            k -= 1
+        tail = codecs.getincrementaldecoder("utf-8")("replace")
+        return (self.tokenizer.decode(self.ids[:k], skip_special_tokens=True)
+                + tail.decode(self.bytes(self.ids[k:]), final=False))
+
     def flush(self) -> str:
-        """The held-back text at the end of generation."""
+        """The held-back text at the end of generation; a character cut at the end is
+        dropped, as push holds it back."""
         if self.stopped:
             return ""
-        text = self._decode()
+        text = self._whole_characters()
         for s in self.stop:  # a stop string completed by the held-back tail
             at = text.find(s, max(0, self.sent - len(s) + 1))
             if at != -1:

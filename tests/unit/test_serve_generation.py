@@ -213,6 +213,33 @@ def test_text_stream_never_sends_a_split_character_as_u_fffd(tiny_model):
     assert split > 100  # the texts do split characters across tokens
 
 
+def test_text_stream_drops_a_character_cut_at_the_end(tiny_model):
+    """A reply that ends inside a character (max_tokens or the end-of-turn token came before
+    its last byte): the incomplete tail is dropped, as push holds it back, in the streamed
+    deltas and in the whole text of a non-streamed reply; every whole character stays."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = "餮测天🚀习龘鬱饕餮魑魅魍魉"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    cut = 0
+    for k in range(1, len(ids) + 1):
+        whole = tok.decode(ids[:k])  # byte-level BPE: one U+FFFD for a cut character
+        cut += whole.endswith("\ufffd")
+        want = whole.removesuffix("\ufffd")
+        assert text.startswith(want)
+        for stop in ([], ["END"]):
+            streamed = TextStream(tok, stop)
+            deltas = [streamed.push(i) for i in ids[:k]] + [streamed.flush()]
+            assert "".join(deltas) == want == streamed.text, (k, deltas)
+            quiet = TextStream(tok, stop, deltas=False)
+            for i in ids[:k]:
+                quiet.push(i)
+            quiet.flush()
+            assert quiet.text == want, (k, quiet.text)
+    assert cut >= 5  # the cuts do fall inside characters
+
+
 def test_text_stream_sends_bytes_that_never_form_a_character(tiny_model):
     from transformers import AutoTokenizer
 
