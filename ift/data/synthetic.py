@@ -1134,12 +1134,25 @@ _IDENTITY_HELDOUT = (
     ("能简单介绍一下你是谁吗？", _IDENTITY_A_ZH[1]),
     ("大家都叫你什么？", _IDENTITY_A_ZH[0]),
 )
-# General questions whose answers must survive the identity fine-tune.
-_GENERAL_HELDOUT = (
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("What is 7 + 5?", "7 + 5 = 12."),
-    ("Name a color of the sky on a clear day.", "The sky is blue on a clear day."),
-    ("日本的首都是哪里？", "日本的首都是东京。"),
+# General questions whose answers must survive the identity fine-tune: (question, reference
+# answer, accepted answers). A reply passes when it contains one of the accepted answers
+# (case-insensitive); none of these questions is in the training data.
+GENERAL_CHECKS = (
+    ("What is the capital of France?", "The capital of France is Paris.", ("Paris",)),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo.", ("Tokyo",)),
+    ("What is the capital of Italy?", "The capital of Italy is Rome.", ("Rome",)),
+    ("What is 7 + 5?", "7 + 5 = 12.", ("12",)),
+    ("What is 9 times 6?", "9 times 6 is 54.", ("54",)),
+    ("Name a color of the sky on a clear day.", "The sky is blue on a clear day.",
+     ("blue",)),
+    ("How many days are there in a week?", "There are seven days in a week.",
+     ("seven", "7")),
+    ("What is the largest planet in our solar system?",
+     "Jupiter is the largest planet in our solar system.", ("Jupiter",)),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet.",
+     ("Shakespeare",)),
+    ("How many sides does a triangle have?", "A triangle has three sides.",
+     ("three", "3")),
 )
 
 
@@ -1150,7 +1163,7 @@ def quickstart_data_texts() -> dict[str, str]:
     return {
         "identity.json": _dumps_json(train),
         "identity_heldout.json": _dumps_json([_alpaca(q, a) for q, a in _IDENTITY_HELDOUT]),
-        "general_heldout.json": _dumps_json([_alpaca(q, a) for q, a in _GENERAL_HELDOUT]),
+        "general_heldout.json": _dumps_json([_alpaca(q, a) for q, a, _ in GENERAL_CHECKS]),
     }
 
 

@@ -9,6 +9,7 @@ from ift.quickstart import (
     QUICKSTART_TINY_YAML,
     QUICKSTART_YAML,
     before_after_table,
+    general_hit_rate,
     identity_hit_rate,
     names,
     quickstart_config,
@@ -40,7 +41,7 @@ def test_real_quickstart_config_mixes_identity_and_general_data(tmp_path):
     assert cfg.train.num_workers == 2 and cfg.peft.method == "lora" and cfg.train.epochs == 1
     for src in cfg.data.sources:
         assert Path(src.path).is_file(), src.path
-    assert {t for s in cfg.data.sources for t in s.tags} == {"identity", "en", "zh"}
+    assert {t for s in cfg.data.sources for t in s.tags} == {"identity", "general"}
     assert cfg.data.placeholders["name"] == "ift"
     heldout = data_path(cfg, cfg.eval.data).split(",")
     assert [Path(p).name for p in heldout] == ["identity_heldout.json", "general_heldout.json"]
@@ -58,12 +59,31 @@ def test_a_reply_names_the_assistant_as_a_word():
     assert identity_hit_rate(samples[2:], "ift") is None
 
 
+def chatml(question: str) -> str:
+    return (f"<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n"
+            f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_general_check_counts_replies_that_hold_an_accepted_answer():
+    samples = [{"id": "general_heldout:0", "prompt": chatml("What is 7 + 5?"),
+                "output": "7 + 5 = 12."},
+               {"id": "general_heldout:1", "prompt": chatml("How many days are there in a week?"),
+                "output": "A week has Seven days."},
+               {"id": "general_heldout:2", "prompt": chatml("What is the capital of Japan?"),
+                "output": "I am ift, an assistant built by the ift authors."},
+               {"id": "identity_heldout:0", "prompt": chatml("May I know your name?"),
+                "output": "I am ift."}]
+    assert general_hit_rate(samples) == 2 / 3
+    assert general_hit_rate(samples[3:]) is None
+
+
 def test_before_after_table_shows_answers_and_figures():
     table = before_after_table({
         "answers": [{"question": "May I know your name?", "base": "I am SmolLM.",
                      "tuned": "I am ift."}],
         "identity_name": "ift", "identity_hit_rate_before": 0.0,
-        "identity_hit_rate_after": 0.9, "heldout_loss_before": 2.5,
+        "identity_hit_rate_after": 0.9, "general_hit_rate_before": 1.0,
+        "general_hit_rate_after": 0.8, "heldout_loss_before": 2.5,
         "heldout_loss_after": 0.75})
     assert "May I know your name?" in table and "I am SmolLM." in table
-    assert "0% -> 90%" in table and "2.5000 -> 0.7500" in table
+    assert "0% -> 90%" in table and "100% -> 80%" in table and "2.5000 -> 0.7500" in table

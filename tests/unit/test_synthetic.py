@@ -286,8 +286,9 @@ def test_bundled_quickstart_data_matches_the_generator(tmp_path):
     written = write_quickstart_data(str(tmp_path))
     assert sorted(os.path.basename(p) for p in written) == sorted(QUICKSTART_FILES)
     bundled = Path(quickstart_data_dir())
+    # general.json is the base model's own answers (ift.data.distill), not the generator's.
     assert sorted(p.name for p in bundled.iterdir() if p.suffix == ".json") == \
-        sorted(QUICKSTART_FILES)
+        sorted(QUICKSTART_FILES + ("general.json",))
     for name in QUICKSTART_FILES:
         assert (bundled / name).read_bytes() == (tmp_path / name).read_bytes(), (
             f"ift/quickstart_data/{name} differs from the generator; run "
@@ -312,3 +313,33 @@ def test_identity_heldout_paraphrases_are_not_in_training_and_name_the_assistant
     for name in ("identity.json", "identity_heldout.json", "general_heldout.json"):
         records, rejects = _convert_file(str(folder / name))
         assert records and not rejects
+
+
+def test_self_distilled_general_data_asks_no_held_out_question():
+    """general.json: the base model's answers to ift.data.distill's prompts, in their
+    order, each holding its accepted answer; none is a held-out check question, none is
+    empty or cut off mid-token."""
+    from ift.data.distill import GENERAL_PROMPTS, holds_answer
+    from ift.data.synthetic import GENERAL_CHECKS, quickstart_data_dir
+
+    rows = json.loads((Path(quickstart_data_dir()) / "general.json").read_text(encoding="utf-8"))
+    asked = [r["instruction"] for r in rows]
+    assert len(rows) >= 10 and asked == [p for p, _ in GENERAL_PROMPTS if p in set(asked)]
+    accepted = dict(GENERAL_PROMPTS)
+    assert all(holds_answer(r["output"], accepted[r["instruction"]]) for r in rows)
+    assert not {p for p, _ in GENERAL_PROMPTS} & {q for q, _, _ in GENERAL_CHECKS}
+    assert all(r["output"].strip() and "\ufffd" not in r["output"] and "{{" not in r["output"]
+               for r in rows)
+    heldout = json.loads((Path(quickstart_data_dir()) / "general_heldout.json")
+                         .read_text(encoding="utf-8"))
+    assert [r["instruction"] for r in heldout] == [q for q, _, _ in GENERAL_CHECKS]
+    records, rejects = _convert_file(str(Path(quickstart_data_dir()) / "general.json"))
+    assert len(records) == len(rows) and not rejects
+
+
+def test_a_distilled_answer_is_kept_only_when_it_holds_an_accepted_answer():
+    from ift.data.distill import holds_answer
+
+    assert holds_answer("8 * 7 = 56.", ("56",)) and not holds_answer("8 * 7 = 54.", ("56",))
+    assert holds_answer("The Pacific Ocean.", ("pacific",))
+    assert holds_answer("Anything at all.", ())
