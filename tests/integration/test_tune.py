@@ -24,58 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "ift" / "sample_data"
-SOURCES = [
-    {"path": str(SAMPLE / "cot_arith.tsv"), "tags": ["cot"]},
-    {"path": str(SAMPLE / "alpaca_en.json"), "tags": ["en"]},
-    {"path": str(SAMPLE / "alpaca_zh.jsonl"), "tags": ["zh"]},
-]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
-def run_ift(args: list[str], log: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    with open(log, "ab") as f:
-        proc = subprocess.run([sys.executable, "-m", "ift", *args], cwd=REPO, env=_env(),
-                              stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace")[-4000:]
-        raise AssertionError(f"ift {' '.join(args)} exited {proc.returncode}:\n{tail}")
-    return proc
-
-
-def heldout_file(tmp: Path) -> Path:
-    """Six CoT problems of the sample file as the sweeps' held-out set."""
-    path = tmp / "heldout.tsv"
-    lines = (SAMPLE / "cot_arith.tsv").read_text().splitlines(keepends=True)[-6:]
-    path.write_text("".join(lines))
-    return path
-
-
-def write_config(path: Path, root: Path, model: str, prepared: Path, tune: dict,
-                 train: dict | None = None) -> Path:
-    cfg = {
-        "storage": {"root": str(root)},
-        "model": {"name_or_path": model},
-        "data": {"output": str(prepared), "max_seq_len": 256, "val_ratio": 0.1,
-                 "val_max_rows": 16, "sources": SOURCES},
-        "peft": {"r": 4, "alpha": 8},
-        "train": {"data": str(prepared), "micro_batch_size": 4, "max_steps": 3,
-                  "eval_every": 1, "eval_max_batches": 2, "checkpoint_every": 0,
-                  "warmup_ratio": 0.0, "lr": 0.02, "log_every": 1, **(train or {})},
-        "eval": {"data": str(heldout_file(path.parent)), "max_samples": 4,
-                 "max_new_tokens": 8, "batch_size": 4},
-        "tune": {"output": "sweeps", **tune},
-        "tracking": {"experiment": "tune-test"},
-    }
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tune_support import REPO, ift_env, mlflow_runs, run_ift, sweep_lr_under_asha, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +36,6 @@ def prepared(tmp_path_factory, tiny_model) -> Path:
     cfg = write_config(tmp / "prepare.yaml", tmp, tiny_model, out, {})
     run_ift(["data", "prepare", "-c", str(cfg)], tmp / "prepare.log")
     return out
-
-
-def mlflow_runs(root: Path, experiment: str = "tune-test"):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, "no MLflow experiment was created"
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
 def test_sweep_with_asha_mlflow_and_report(tmp_path, tiny_model, prepared):
@@ -220,7 +161,7 @@ def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
 
     with open(log, "wb") as f:
         proc = subprocess.Popen([sys.executable, "-m", "ift", "tune", "-c", str(cfg)], cwd=REPO,
-                                env=_env(), stdout=f, stderr=subprocess.STDOUT,
+                                env=ift_env(), stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         # Kill once the first trial is done and the second has saved a checkpoint.
@@ -236,7 +177,7 @@ def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
 
     # Without --resume the existing sweep is refused, naming the flag.
     refused = subprocess.run([sys.executable, "-m", "ift", "tune", "-c", str(cfg)], cwd=REPO,
-                             env=_env(), capture_output=True, text=True, timeout=300)
+                             env=ift_env(), capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
     run_ift(["tune", "-c", str(cfg), "--resume"], tmp_path / "resume.log")
@@ -270,41 +211,6 @@ def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
     assert all(r["status"] == "finished" and r["exact_match"] != "" for r in rows)
 
 
-def sweep_lr_under_asha(tmp_path: Path, model: str, name: str, metric: str, source: dict,
-                        heldout: Path, train: dict, max_new_tokens: int) -> tuple[Path, dict]:
-    """Two trials (lr 0.02 and 1e-7) on one source under ASHA on `metric`, computed during
-    training on `heldout`; the learning trial finishes and the lagging one is stopped.
-    Returns the sweep folder and trial -> {step: metrics.jsonl row} at the evaluations."""
-    cfg = write_config(tmp_path / "sweep.yaml", tmp_path / "work", model,
-                       tmp_path / "work" / "prepared", {
-                           "name": name,
-                           "space": {"train.lr": [0.02, 1.0e-7]},
-                           "seeds": [1],
-                           "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
-                           "metric": metric, "mode": "max", "eval_after": False,
-                       }, train=train)
-    raw = yaml.safe_load(cfg.read_text())
-    raw["data"]["sources"] = [source]
-    raw["eval"]["during_training"] = {"max_samples": 4, "max_new_tokens": max_new_tokens,
-                                      "data": str(heldout)}
-    cfg.write_text(yaml.safe_dump(raw, allow_unicode=True))
-    run_ift(["tune", "-c", str(cfg)], tmp_path / "tune.log")
-
-    sweep_dir = tmp_path / "work" / "sweeps" / name
-    trials = {t["name"]: t for t in json.loads((sweep_dir / "trials.json").read_text())}
-    assert trials["t000"]["status"] == "finished", trials
-    assert trials["t001"]["status"] == "stopped", trials
-    evaluated = {}
-    for trial in trials:
-        rows = [json.loads(x) for x in (sweep_dir / "runs" / trial / "metrics.jsonl")
-                .read_text().splitlines()]
-        evaluated[trial] = {r["step"]: r for r in rows if metric in r}
-    # the report picks the best trial by the same metric
-    rows = list(csv.DictReader((sweep_dir / "report" / "trials.csv").open()))
-    assert next(r for r in rows if r["best"] == "best")["trial"] == "t000"
-    return sweep_dir, evaluated
-
-
 def test_asha_stops_a_trial_on_a_generation_metric(tmp_path, tiny_model):
     """tune.metric heldout/rouge_l (mode max), computed during training by
     eval.during_training on a task a LoRA learns in a few steps (every reply is "yes, it
@@ -326,38 +232,6 @@ def test_asha_stops_a_trial_on_a_generation_metric(tmp_path, tiny_model):
     assert sorted(learned) == [2, 4, 6, 8, 10, 12]
     last = max(lagging)
     assert last < 12 and lagging[last] < learned[last], (learned, lagging)
-
-
-def test_asha_stops_a_trial_on_an_ie_metric(tmp_path, tiny_model):
-    """tune.metric heldout/ie_ner_f1 (mode max), computed during training on held-out
-    CLUENER rows read with the source's schema: every sentence names one place, 北京, which
-    a LoRA learns to extract in a few steps; the near-zero learning rate trial lags and is
-    stopped."""
-    words = ["小明", "老王", "阿花", "大伟", "小李", "老张", "阿强", "小美"]
-
-    def rows(lo: int, hi: int) -> str:
-        out = []
-        for i in range(lo, hi):
-            who = f"{words[i % 8]}{i}"
-            out.append({"text": f"{who}住在北京。",
-                        "label": {"地点": {"北京": [[len(who) + 2, len(who) + 3]]}}})
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
-
-    (tmp_path / "train.jsonl").write_text(rows(0, 64), encoding="utf-8")
-    (tmp_path / "heldout.jsonl").write_text(rows(100, 104), encoding="utf-8")
-    (tmp_path / "types.json").write_text('["地点", "人物"]', encoding="utf-8")
-    _, got = sweep_lr_under_asha(
-        tmp_path, tiny_model, "asha-ie", "heldout/ie_ner_f1",
-        {"path": str(tmp_path / "train.jsonl"), "name": "ner",
-         "schema": str(tmp_path / "types.json")}, tmp_path / "heldout.jsonl",
-        {"max_steps": 12, "eval_every": 3}, max_new_tokens=40)
-    learned = {s: (r["heldout/ie_ner_f1"], r["heldout/ie_unparseable"])
-               for s, r in got["t000"].items()}
-    lagging = {s: r["heldout/ie_ner_f1"] for s, r in got["t001"].items()}
-    assert sorted(learned) == [3, 6, 9, 12]
-    assert learned[12] == (1.0, 0.0), learned
-    last = max(lagging)
-    assert last < 12 and lagging[last] < learned[last][0], (learned, lagging)
 
 
 def test_trial_evaluation_is_a_ray_task_with_its_resources(tmp_path, tiny_model, prepared):
