@@ -162,7 +162,7 @@ def read_rows(prepared: str, split: str = "train") -> list[dict]:
     """A split's rows in file order: the order `ift train` indexes them in."""
     import pyarrow.parquet as pq
 
-    from ift.data.pipeline import split_files
+    from ift.data.dataset import split_files
 
     rows: list[dict] = []
     for f in split_files(prepared, split):

@@ -65,6 +65,13 @@ REF_LOGPS_DIR = "ref_logps"
 (ift.train.ref_logps)."""
 REF_LOGPS_DONE = "done.json"
 
+# A sweep's folder (ift.tune): SWEEP_FILE (the space and the parent MLflow run), TRIALS_FILE
+# (status per trial), RUNS_DIR/<trial>/ (each trial's run dir, with its TRIAL_FILE).
+SWEEP_FILE = "sweep.json"
+TRIALS_FILE = "trials.json"
+RUNS_DIR = "runs"
+TRIAL_FILE = "trial.json"
+
 SYSTEM_POLICIES = ("optional", "replaces_preamble", "template")
 
 

@@ -333,7 +333,7 @@ def log_artifact(run_id: str, local_path: str, artifact_path: str | None = None)
     """Upload a file or a directory (local or s3://) to the run's artifacts.
 
     A file lands as `<artifact_path>/<name>`; a directory lands as `<artifact_path>/` when
-    given, else under its own name (so `final_adapter/` stays `final_adapter/`).
+    given, else under its own name (so `final/` stays `final/`).
     """
     if not run_id:
         return

@@ -67,7 +67,7 @@ def inspect_cmd(args) -> int:
     import pyarrow.dataset as pads
 
     from ift import storage
-    from ift.data.pipeline import PrepareError, read_manifest
+    from ift.data.dataset import PrepareError, read_manifest
     from ift.models import load_tokenizer
 
     try:

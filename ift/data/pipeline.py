@@ -46,106 +46,30 @@ import pyarrow.compute as pc
 
 from ift import storage
 from ift.artifacts import MANIFEST_FILE
-from ift.config import Config, ConfigError, InputError, SourceConfig
+from ift.config import Config, ConfigError, SourceConfig
 from ift.data import mix
-from ift.data.record import ConvertError, conversation_hash, split_hash
+from ift.data.dataset import (
+    INDEX_FILE,
+    MANIFEST_VERSION,
+    PARTITIONS,
+    SHARD_SCHEMA,
+    SOURCES_DIR,
+    PrepareError,
+    load_index,
+    read_manifest,
+    source_names,
+)
+from ift.data.ingest import CHUNK_SHIFT, RowOptions, clean_rows
+from ift.data.inspect import summary
+from ift.data.record import conversation_hash, split_hash
 
-MANIFEST = MANIFEST_FILE
-MANIFEST_VERSION = 2  # 2: sources/_index.parquet; shards may hold duplicates
-SOURCES_DIR = "sources"
-INDEX_FILE = "_index.parquet"  # the "_" keeps it out of hive-partitioned dataset reads
-PARTITIONS = ("train", "val", "dropped", "rejected")  # what the ingest says of each row
 TRAIN, VAL, DROPPED, REJECTED = range(4)
-_IDS = pa.list_(pa.int32())
-SHARD_SCHEMA = pa.schema([
-    ("key", pa.int64()), ("id", pa.string()), ("lang", pa.string()), ("task", pa.string()),
-    ("input_ids", _IDS), ("labels", _IDS), ("num_tokens", pa.int32()),
-    ("num_trainable", pa.int32()),
-])
 # One row per row read, back to the driver: enough to dedupe, split, count and report.
 META_SCHEMA = pa.schema([
     ("key", pa.int64()), ("src", pa.int32()), ("split", pa.int8()), ("hash", pa.string()),
     ("group", pa.string()), ("lang", pa.string()), ("num_tokens", pa.int32()), ("id", pa.string()),
     ("reason", pa.string()), ("raw", pa.string()),
 ])
-
-
-class PrepareError(InputError):
-    """Bad data-preparation input; the message names the file, source or key."""
-
-
-# ---------------------------------------------------------------------------------------
-# Pure row processing shared by the scan and tokenize passes
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class RowOptions:
-    """What turns a raw row into a clean record, identical in both passes."""
-
-    seed: int
-    placeholders: dict[str, str]
-    columns: dict[str, str]
-    task: str
-    system: str | None
-    keep_reasoning: bool = True
-    ie_schema: dict | None = None
-    """IE sources: the parsed schema (ift.data.ie.parse_schema)."""
-    max_labels: int = 0
-    schema_split: bool = False
-
-
-# Records beyond the first that an IE row makes (one per schema chunk) carry their chunk
-# number in the key bits above the line.
-CHUNK_SHIFT = 28
-
-
-def _convert_rows(task, raw: dict, line: int, opts: RowOptions) -> list[dict]:
-    from ift.data import ie
-    from ift.data.formats import convert
-
-    rid = f"{task.source}-{task.file_index}-{line}"
-    if task.format in ie.FORMATS:
-        return ie.to_records(task.format, raw, id=rid, source=task.source, seed=opts.seed,
-                             schema=opts.ie_schema,
-                             labels=ie.LabelOptions(opts.max_labels, opts.schema_split),
-                             task=opts.task, system=opts.system)
-    return [convert(task.format, raw, id=rid, source=task.source, seed=opts.seed,
-                    columns=opts.columns or None, task=opts.task, system=opts.system)]
-
-
-def clean_rows(task, opts: RowOptions) -> Iterator[tuple[int, int, dict | None, str | None, str]]:
-    """(key, line, record or None, reject reason or None, raw text) for every row of a read task."""
-    from ift.data.quality import detect_lang, substitute_placeholders, validate
-    from ift.data.readers import iter_raw
-    from ift.data.record import drop_reasoning
-
-    for line, raw, error, raw_text in iter_raw(task):
-        key = int(mix.make_key(task.file_index, line))
-        if error is not None:
-            yield key, line, None, error, raw_text
-            continue
-        try:
-            recs = _convert_rows(task, raw, line, opts)
-        except ConvertError as e:
-            yield key, line, None, str(e), raw_text
-            continue
-        for chunk, rec in enumerate(recs):
-            if chunk:
-                key = int(mix.make_key(task.file_index, line | (chunk << CHUNK_SHIFT)))
-            if not opts.keep_reasoning:
-                rec = drop_reasoning(rec)
-            if opts.placeholders:
-                rec = substitute_placeholders(rec, opts.placeholders)
-            reason = validate(rec)
-            if reason is not None:
-                yield key, line, None, reason, raw_text
-                continue
-            if opts.placeholders or not rec.get("lang"):  # substitution may change the script
-                rec["lang"] = detect_lang(
-                    " ".join([rec.get("system") or ""] + [m["content"] for m in rec["messages"]])
-                )
-            yield key, line, rec, None, raw_text
 
 
 # ---------------------------------------------------------------------------------------
@@ -653,7 +577,7 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
         },
         "config": dataclasses.asdict(d),
     }
-    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False))
+    storage.write_text(storage.join(out, MANIFEST_FILE), json.dumps(manifest, indent=2, ensure_ascii=False))
     storage.mark_complete(out, digest)
     _log(f"wrote {out}: train {manifest['splits']['train']['rows']} rows, "
          f"val {manifest['splits']['val']['rows']} rows in {time.time() - t0:.1f}s")
@@ -798,38 +722,6 @@ def _write_index(prepared: str, index: pa.Table) -> None:
     pq.write_table(index, root, filesystem=fs)
 
 
-def load_index(prepared: str) -> pa.Table:
-    """The kept rows of a prepared dataset: key, source, split, shard, num_tokens (by key).
-
-    Datasets prepared before the index existed hold exactly the kept rows in their
-    `split=train|val` folders; their index is read off those.
-    """
-    import pyarrow.parquet as pq
-
-    path = storage.join(prepared, SOURCES_DIR, INDEX_FILE)
-    if storage.exists(path):
-        fs, root = storage.arrow_fs(path)
-        return pq.read_table(root, filesystem=fs)
-    import pyarrow.dataset as pads
-
-    fs, root = storage.arrow_fs(storage.join(prepared, SOURCES_DIR))
-    part = pads.partitioning(pa.schema([("source", pa.string()), ("split", pa.string())]),
-                             flavor="hive")
-    try:
-        t = pads.dataset(root, filesystem=fs, format="parquet", partitioning=part).to_table(
-            columns=["key", "source", "split", "num_tokens"])
-    except (FileNotFoundError, OSError):  # nothing kept
-        t = pa.table({"key": pa.array([], pa.int64()), "source": pa.array([], pa.string()),
-                      "split": pa.array([], pa.string()), "num_tokens": pa.array([], pa.int32())})
-    t = t.append_column("shard", t.column("split"))
-    return t.take(pc.sort_indices(t, [("key", "ascending")]))
-
-
-def source_names(prepared: str) -> list[str]:
-    """Sources with at least one kept row, sorted."""
-    return sorted(pc.unique(load_index(prepared).column("source")).to_pylist())
-
-
 def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | None, int | None]],
                 seed: int, pack: bool, max_seq_len: int, shard_rows: int = 20000,
                 init: bool = True, address: str | None = None) -> dict:
@@ -967,7 +859,7 @@ def remix(prepared: str, out: str, *, weights: dict[str, float | None] | None = 
             for n, (w, c) in chosen.items()
         },
     }
-    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False))
+    storage.write_text(storage.join(out, MANIFEST_FILE), json.dumps(manifest, indent=2, ensure_ascii=False))
     storage.mark_complete(out, digest)
     return manifest
 
@@ -995,32 +887,6 @@ def _split_stats(totals: dict, sample_lengths: np.ndarray, max_seq_len: int) -> 
     }
 
 
-def read_manifest(prepared: str) -> dict:
-    """The manifest of a complete prepared directory, or a PrepareError saying what is wrong."""
-    if not storage.exists(prepared):
-        raise PrepareError(f"prepared dataset {prepared} does not exist; run `ift data prepare`")
-    path = storage.join(prepared, MANIFEST)
-    if not storage.exists(path):
-        raise PrepareError(f"{prepared} has no {MANIFEST}: not a prepared dataset, or "
-                           "preparation did not finish; re-run `ift data prepare`")
-    if not storage.is_complete(prepared):
-        raise PrepareError(f"{prepared} is partial (no {storage.COMPLETE_MARKER} marker): "
-                           "preparation did not finish; re-run `ift data prepare`")
-    try:
-        manifest = json.loads(storage.read_text(path))
-    except json.JSONDecodeError as e:
-        raise PrepareError(f"{path}: not valid JSON ({e})") from e
-    for key in ("version", "hash", "tokenizer", "splits", "sources"):
-        if key not in manifest:
-            raise PrepareError(f"{path}: missing key {key!r}")
-    return manifest
-
-
-def split_files(prepared: str, split: str) -> list[str]:
-    """The parquet shards of a split, sorted."""
-    return [f for f in storage.walk_files(storage.join(prepared, split)) if f.endswith(".parquet")]
-
-
 def prepare_cmd(args) -> int:
     from ift.config import load_config
 
@@ -1030,7 +896,5 @@ def prepare_cmd(args) -> int:
     except PrepareError as e:
         print(f"ift data prepare: {e}", file=sys.stderr, flush=True)
         return 2
-    from ift.data.inspect import summary
-
     print(summary(manifest))
     return 0

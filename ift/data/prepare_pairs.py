@@ -29,12 +29,11 @@ import numpy as np
 import pyarrow as pa
 
 from ift import storage
+from ift.artifacts import MANIFEST_FILE
 from ift.config import Config
 from ift.data import mix
+from ift.data.dataset import MANIFEST_VERSION, PrepareError
 from ift.data.pipeline import (
-    MANIFEST,
-    MANIFEST_VERSION,
-    PrepareError,
     _configure_data_context,
     _log,
     _task_of,
@@ -144,7 +143,7 @@ def prepare_pairs(cfg: Config, *, fresh: bool = False, address: str | None = Non
     rows = pa.concat_tables(tables).to_pylist() if tables else []
     rows.sort(key=lambda r: r["key"])
     manifest = _settle(rows, sources, files, cfg, out, digest, identity, template)
-    storage.write_text(storage.join(out, MANIFEST),
+    storage.write_text(storage.join(out, MANIFEST_FILE),
                        json.dumps(manifest, indent=2, ensure_ascii=False))
     storage.mark_complete(out, digest)
     return manifest

@@ -91,7 +91,7 @@ def iter_prepared_rows(prepared: str, split: str = "val", *,
     config key that gave the directory."""
     import pyarrow.parquet as pq
 
-    from ift.data.pipeline import PrepareError, read_manifest, split_files
+    from ift.data.dataset import PrepareError, read_manifest, split_files
 
     try:
         read_manifest(prepared)

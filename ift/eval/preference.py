@@ -28,7 +28,7 @@ def held_out_pairs(cfg: Config, data: str, tokenizer, template: str | None
     from ift.eval import heldout
 
     if heldout.is_prepared(data):
-        from ift.data.pipeline import read_manifest, split_files
+        from ift.data.dataset import read_manifest, split_files
 
         if read_manifest(data).get("kind") != "preference":
             return None

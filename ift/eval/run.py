@@ -148,7 +148,7 @@ def _manifest_format(prepared: str | None, tokenizer):
     from ift.data.templates import prompt_format
 
     if prepared and heldout.is_prepared(prepared):
-        from ift.data.pipeline import read_manifest
+        from ift.data.dataset import read_manifest
 
         name = read_manifest(prepared).get("template")
         if name:
@@ -181,7 +181,7 @@ def _prompt_format(cfg: Config, model_dir: str, prepared: str | None, tokenizer)
 
 def _check_tokenizer(prepared: str, tokenizer, model_dir: str) -> None:
     """Token ids of a prepared set only mean something to the tokenizer that made them."""
-    from ift.data.pipeline import read_manifest
+    from ift.data.dataset import read_manifest
     from ift.models import tokenizer_identity
 
     theirs = read_manifest(prepared).get("tokenizer") or {}

@@ -45,8 +45,8 @@ Example config::
     model: {name_or_path: runs/tiny}
     serve:
       port: 8000
-      adapter_root: s3://bucket/runs/train        # every run's final_adapter is servable
-      adapters: {support-v2: runs/train/support/final_adapter}
+      adapter_root: s3://bucket/runs/train        # every run's final/ is servable
+      adapters: {support-v2: runs/train/support/final}
       merged_models: {support-merged: runs/merged/support}
       max_adapters_per_replica: 8                 # LRU of adapters held by one replica
       num_replicas: 2                             # or autoscaling: {min_replicas, max_replicas}

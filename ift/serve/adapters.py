@@ -5,7 +5,7 @@ A request's `model` field names one of:
 - the base model (`serve.base_model_id`),
 - a merged model (`serve.merged_models` ids), served by its own deployment,
 - an adapter: an id from `serve.adapters`, or a relative name under `serve.adapter_root`
-  such as `sweep-1/trial-3/final_adapter` (local or s3://). The full path under the root
+  such as `sweep-1/runs/t003/final` (local or s3://). The full path under the root
   is accepted too. Names are checked segment by segment (letters, digits, `._-`, no `.`
   or `..`), so a request can never reach a path outside the root.
 

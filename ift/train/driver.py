@@ -32,8 +32,9 @@ from ift import storage
 from ift.artifacts import CONFIG_FILE, RUN_FILE
 from ift.config import Config, ConfigError, load_config
 from ift.train import fsdp, methods, multinode
-from ift.train.loop import Plan, make_plan, read_metrics, train_loop_per_worker
+from ift.train.loop import Plan, make_plan, read_metrics
 from ift.train.preference import PAIR_COLUMNS
+from ift.train.worker import train_loop_per_worker
 
 LOSS_PNG = "loss_curve.png"
 
@@ -56,7 +57,7 @@ def prepared_dir(cfg: Config) -> str:
 
 def read_prepared(path: str) -> dict[str, Any]:
     """The manifest of a complete prepared dataset, or a ConfigError naming what is wrong."""
-    from ift.data.pipeline import PrepareError, read_manifest
+    from ift.data.dataset import PrepareError, read_manifest
 
     try:
         manifest = read_manifest(path)
@@ -216,7 +217,7 @@ def _datasets(prepared: str, plan: Plan) -> dict[str, Any]:
     """
     import ray.data
 
-    from ift.data.pipeline import split_files
+    from ift.data.dataset import split_files
 
     cols = ["id", "input_ids", "labels"] + (["position_ids", "seq_ids"] if plan.packed else [])
     cols += list(PAIR_COLUMNS) if plan.pairs else []
@@ -312,7 +313,7 @@ def resume_point(cfg: Config, plan: Plan, run_dir: str) -> tuple[int, str] | Non
     import torch
 
     from ift.train.checkpoint import STATE_FILE, find_latest
-    from ift.train.loop import check_resumable
+    from ift.train.worker import check_resumable
 
     found = find_latest(run_dir)
     if found is None:
@@ -328,7 +329,7 @@ def lineage_record(cfg: Config, manifest: dict[str, Any], prepared: str, run_dir
     """What final/ift_lineage.json says (ift.lineage.training_record); a re-mixed dataset's
     parent manifest fills in source files the re-mix does not carry."""
     from ift import lineage
-    from ift.data.pipeline import PrepareError, read_manifest
+    from ift.data.dataset import PrepareError, read_manifest
 
     parent = None
     up = manifest.get("parent")
@@ -471,8 +472,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     storage_path, filesystem = _storage(output)
     t = cfg.train
     if t.objective == "dpo" and t.precompute_ref_logps:
-        from ift.train.loop import load_dtype
         from ift.train.ref_logps import precompute
+        from ift.train.worker import load_dtype
 
         plan.ref_logps = precompute(cfg, prepared, plan.data_hash, load_dtype(cfg))
     resources = {"CPU": t.cpus_per_worker}

@@ -336,7 +336,7 @@ def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], env: 
     """Held-out preference metrics over every worker's pair batches: eval_loss (the
     objective's), eval_rewards/accuracy, eval_rewards/margin, ... (means over pairs)."""
     from ift.train.collate import model_inputs
-    from ift.train.loop import _autocast, reduce_sums
+    from ift.train.loop import reduce_sums, step_autocast
     from ift.train.methods import unwrap
 
     target = model if env.strategy == "fsdp" else unwrap(model)
@@ -346,7 +346,7 @@ def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], env: 
     for batch in batches:
         inputs = model_inputs(batch, attn_implementation=env.attn_implementation,
                               dtype=env.dtype, device=env.device)
-        with _autocast(env):
+        with step_autocast(env):
             sums = env.objective.batch_sums(target, inputs)
         if batch.get("_weight", 1) != 0:  # filler batches keep FSDP ranks in step
             add_sums(total, sums)

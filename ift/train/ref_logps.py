@@ -91,7 +91,7 @@ def reference_logps(model, rows: Sequence[dict[str, Any]], pad_id: int, batch_si
 def _read_split(prepared: str, split: str) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    from ift.data.pipeline import split_files
+    from ift.data.dataset import split_files
 
     cols = ["id", "input_ids", "labels", "rejected_input_ids", "rejected_labels"]
     rows: list[dict[str, Any]] = []

@@ -34,13 +34,11 @@ from dataclasses import asdict
 from typing import Any
 
 from ift import storage
-from ift.artifacts import RUN_FILE
+from ift.artifacts import RUN_FILE, RUNS_DIR, SWEEP_FILE, TRIAL_FILE, TRIALS_FILE
 from ift.config import Config, ConfigError, load_config
-from ift.tune import space
-from ift.tune.trial import RUNS_DIR, TRIAL_FILE, placement_groups, run_trial
+from ift.tune import report, space
+from ift.tune.trial import placement_groups, run_trial
 
-SWEEP_FILE = "sweep.json"
-TRIALS_FILE = "trials.json"
 TUNE_DIR = "tune"
 # ASHA's horizon in steps. Trials stop on their own when training ends, and
 # stop_last_trials=False keeps ASHA from stopping one at the horizon, so this only has to
@@ -97,7 +95,8 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def _prepared(cfg: Config, address: str | None) -> tuple[str, dict[str, Any]]:
-    from ift.data.pipeline import PrepareError, prepare, read_manifest
+    from ift.data.dataset import PrepareError, read_manifest
+    from ift.data.pipeline import prepare
 
     if cfg.data.sources:
         manifest = prepare(cfg, address=address)
@@ -208,7 +207,6 @@ def tune(cfg: Config, *, resume: bool = False, address: str | None = None) -> di
 
     from ift import tracking
     from ift.raycluster import init_ray
-    from ift.tune import report
 
     t = cfg.tune
     if t.max_concurrent_trials < 1:

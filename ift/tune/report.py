@@ -29,7 +29,7 @@ import tempfile
 from typing import Any
 
 from ift import storage
-from ift.artifacts import RUN_FILE
+from ift.artifacts import RUN_FILE, RUNS_DIR, SWEEP_FILE, TRIAL_FILE, TRIALS_FILE
 from ift.eval.during import latest as latest_heldout
 from ift.eval.metrics import mean_spread
 from ift.tune import space
@@ -64,8 +64,6 @@ def _history(run_dir: str) -> list[dict[str, Any]]:
 
 def trial_rows(sweep_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(sweep.json, one row per trial point with everything the tables show)."""
-    from ift.tune.driver import SWEEP_FILE, TRIALS_FILE
-    from ift.tune.trial import RUNS_DIR, TRIAL_FILE
 
     sweep = storage.read_json(storage.join(sweep_dir, SWEEP_FILE))
     if not sweep.get("points"):
@@ -364,8 +362,6 @@ def log_report(sweep_dir: str, paths: dict[str, Any]) -> str:
     """Log the report directory (and the best trial's metric) to the sweep's parent run."""
     from ift import tracking
     from ift.config import build_config
-    from ift.tune.driver import SWEEP_FILE
-
     sweep = storage.read_json(storage.join(sweep_dir, SWEEP_FILE))
     parent = sweep.get("parent_run_id") or ""
     if not parent:
@@ -400,8 +396,6 @@ def report_cmd(args) -> int:
         print(f"ift tune report: {e}", file=sys.stderr, flush=True)
         return 2
     if not getattr(args, "no_mlflow", False):
-        from ift.tune.driver import TRIALS_FILE
-
         parent = log_report(args.dir, paths)
         # A sweep still running keeps its parent run open; a finished one is closed again.
         if parent and storage.exists(storage.join(args.dir, TRIALS_FILE)):

@@ -27,13 +27,11 @@ import os
 from typing import Any
 
 from ift import storage
-from ift.artifacts import RUN_FILE
+from ift.artifacts import RUN_FILE, RUNS_DIR, TRIAL_FILE
 from ift.config import ConfigError
 from ift.tune import space
 
-TRIAL_FILE = "trial.json"
 DATA_DIR = "data"
-RUNS_DIR = "runs"
 # Metrics a trial reports to Tune after its evaluation (eval.json name -> result key).
 EVAL_KEYS = {"exact_match": "exact_match", "mc_accuracy": "mc_accuracy", "rouge_l": "rouge_l",
              "answered": "answered", "loss": "heldout_loss", "perplexity": "heldout_ppl",
@@ -52,7 +50,8 @@ def _log(name: str, msg: str) -> None:
 
 def ensure_mixture(prepared: str, out: str, point: dict[str, Any]) -> dict[str, Any]:
     """The trial's re-mixed dataset at `out` (reused when complete and the same mixture)."""
-    from ift.data.pipeline import PrepareError, read_manifest, remix
+    from ift.data.dataset import PrepareError, read_manifest
+    from ift.data.pipeline import remix
 
     base = read_manifest(prepared)
     request = space.mixture_request(point)

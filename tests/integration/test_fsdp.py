@@ -21,7 +21,8 @@ from train_support import make_tiny_model
 from ift.config import load_config
 from ift.models import load_model
 from ift.train import checkpoint, fsdp, methods
-from ift.train.loop import decay_names, make_optimizer, wrap
+from ift.train.loop import decay_names, make_optimizer
+from ift.train.worker import wrap
 
 
 @pytest.fixture(scope="module")

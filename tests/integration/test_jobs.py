@@ -287,7 +287,7 @@ def test_prepare_train_eval_as_ray_jobs(ray_head, tiny_model, tmp_path):
     from ray.util.state import list_actors
     from transformers import AutoModelForCausalLM
 
-    from ift.data.pipeline import read_manifest
+    from ift.data.dataset import read_manifest
 
     config = _job_config(tmp_path, tiny_model)
     # The runtime env as it ships, pip pins included: Ray clones this virtualenv once per

@@ -12,15 +12,9 @@ import pytest
 
 from ift import storage
 from ift.config import load_config
-from ift.data.pipeline import (
-    PrepareError,
-    RowOptions,
-    clean_rows,
-    mix_sources,
-    prepare,
-    read_manifest,
-    resolve_sources,
-)
+from ift.data.dataset import PrepareError, read_manifest
+from ift.data.ingest import RowOptions, clean_rows
+from ift.data.pipeline import mix_sources, prepare, resolve_sources
 from ift.data.readers import plan_reads
 from ift.data.templates import render_segments
 from ift.models import load_tokenizer
@@ -184,7 +178,8 @@ def test_remix_of_a_dataset_prepared_before_the_index(prepared, tmp_path):
     rows, and re-mixing reads the index off them."""
     import pyarrow.parquet as pq
 
-    from ift.data.pipeline import INDEX_FILE, load_index, remix
+    from ift.data.dataset import INDEX_FILE, load_index
+    from ift.data.pipeline import remix
 
     _, out, manifest = prepared
     old = tmp_path / "old"

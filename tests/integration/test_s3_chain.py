@@ -70,7 +70,7 @@ def _keys(prefix: str) -> set[str]:
 
 
 def test_every_stage_writes_to_the_bucket(chain):
-    from ift.data.pipeline import read_manifest
+    from ift.data.dataset import read_manifest
 
     root, run_dir = chain["root"], chain["run_dir"]
     assert run_dir == f"{root}/runs/chain"

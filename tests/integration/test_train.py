@@ -120,7 +120,7 @@ def test_adapters_record_the_prompt_format_of_the_training_data(two_workers, pre
     from transformers import AutoTokenizer
 
     from ift.artifacts import read_prompt_format
-    from ift.data.pipeline import read_manifest
+    from ift.data.dataset import read_manifest
     from ift.data.templates import prompt_format
 
     _, _, run_dir = two_workers
@@ -175,7 +175,7 @@ def test_final_records_its_lineage_and_ift_lineage_prints_the_chain(two_workers,
     manifest; `ift lineage` walks it back, also from a model merged out of it."""
     from mlflow.tracking import MlflowClient
 
-    from ift.data.pipeline import read_manifest
+    from ift.data.dataset import read_manifest
     from ift.serve.merge import merge
 
     cfg, summary, run_dir = two_workers
@@ -229,7 +229,7 @@ def test_final_records_its_lineage_and_ift_lineage_prints_the_chain(two_workers,
 def test_final_on_s3_records_its_lineage(one_worker_s3, prepared):
     """The record is inside the s3 final/ (uploaded before its marker) and resolves there."""
     from ift import lineage
-    from ift.data.pipeline import read_manifest
+    from ift.data.dataset import read_manifest
 
     _, _, run_dir = one_worker_s3
     final = f"{run_dir}/final"

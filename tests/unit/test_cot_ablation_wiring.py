@@ -52,7 +52,8 @@ def test_toy_job_writes_the_arms_the_config_trains_and_scores(tmp_path, monkeypa
 
 def test_smollm2_config_reads_the_shared_data_and_names_a_missing_file(tmp_path, monkeypatch,
                                                                       tiny_model):
-    from ift.data.pipeline import PrepareError, plan_inputs
+    from ift.data.dataset import PrepareError
+    from ift.data.pipeline import plan_inputs
 
     path = REPO / "configs" / "cot-ablation-smollm2.yaml"
     cfg = load_config(str(path))

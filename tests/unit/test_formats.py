@@ -463,7 +463,7 @@ def test_llamafactory_v1_tool_call_equals_sharegpt_function_call():
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_data_keep_reasoning_switch(keep):
-    from ift.data.pipeline import RowOptions, clean_rows
+    from ift.data.ingest import RowOptions, clean_rows
 
     path = os.path.join(FIXTURES, "llamafactory_v1.jsonl")
     tasks, _ = plan_reads("v1", 0, [path], "auto", 0, 0)

@@ -12,7 +12,7 @@ import pytest
 
 from ift.data import ie
 from ift.data.ie_synthetic import corpus_texts, name_pools, write_corpus
-from ift.data.pipeline import CHUNK_SHIFT, RowOptions, clean_rows
+from ift.data.ingest import CHUNK_SHIFT, RowOptions, clean_rows
 from ift.data.readers import detect_format, iter_raw, plan_reads
 from ift.data.record import ConvertError
 
@@ -306,7 +306,8 @@ def test_bundled_ie_samples_match_the_generator():
 
 def test_source_schema_is_checked_before_any_work(tmp_path):
     from ift.config import ConfigError, SourceConfig
-    from ift.data.pipeline import PrepareError, load_source_schema
+    from ift.data.dataset import PrepareError
+    from ift.data.pipeline import load_source_schema
 
     duie = os.path.join(FIXTURES, "duie.jsonl")
     files = [{"source": "d", "format": "duie"}]

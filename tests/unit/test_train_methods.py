@@ -13,15 +13,8 @@ from ift.data.tokenize import tokenize_records
 from ift.models import load_model, load_tokenizer
 from ift.train import methods
 from ift.train.collate import collate
-from ift.train.loop import (
-    StepEnv,
-    evaluate,
-    load_dtype,
-    make_optimizer,
-    make_plan,
-    make_scheduler,
-    train_step,
-)
+from ift.train.loop import StepEnv, evaluate, make_optimizer, make_plan, make_scheduler, train_step
+from ift.train.worker import load_dtype
 
 STEPS = 10
 

@@ -281,7 +281,8 @@ def test_preference_objectives_need_pair_data_and_adapters_need_lora(tmp_path):
 
 def test_a_run_resumes_only_with_the_objective_it_was_trained_with():
     from ift.config import ConfigError
-    from ift.train.loop import check_resumable, make_plan
+    from ift.train.loop import make_plan
+    from ift.train.worker import check_resumable
 
     cfg = load_config(None, ["train.objective=simpo"])
     plan = make_plan(40, 0, cfg.train)

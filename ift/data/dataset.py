@@ -1,0 +1,96 @@
+"""A prepared dataset on disk: its layout, its manifest and its readers (no Ray).
+
+`ift data prepare` (ift.data.pipeline) writes it; training, evaluation, sweeps and
+inspection read it through this module only.
+
+    PREPARED/
+      manifest.json              counts, token statistics, rejects, hashes (read_manifest)
+      train/ val/                parquet shards the trainer reads (split_files)
+      sources/source=S/split=X/  tokenized rows per source, before mixing
+      sources/_index.parquet     the kept rows: key, source, split, shard, num_tokens (load_index)
+      rejects/ dropped/          JSONL of rows that were rejected or kept no trainable token
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ift import storage
+from ift.artifacts import MANIFEST_FILE
+from ift.config import InputError
+
+MANIFEST_VERSION = 2  # 2: sources/_index.parquet; shards may hold duplicates
+SOURCES_DIR = "sources"
+INDEX_FILE = "_index.parquet"  # the "_" keeps it out of hive-partitioned dataset reads
+PARTITIONS = ("train", "val", "dropped", "rejected")  # what the ingest says of each row
+_IDS = pa.list_(pa.int32())
+SHARD_SCHEMA = pa.schema([
+    ("key", pa.int64()), ("id", pa.string()), ("lang", pa.string()), ("task", pa.string()),
+    ("input_ids", _IDS), ("labels", _IDS), ("num_tokens", pa.int32()),
+    ("num_trainable", pa.int32()),
+])
+
+
+class PrepareError(InputError):
+    """Bad data-preparation input; the message names the file, source or key."""
+
+
+def read_manifest(prepared: str) -> dict:
+    """The manifest of a complete prepared directory, or a PrepareError saying what is wrong."""
+    if not storage.exists(prepared):
+        raise PrepareError(f"prepared dataset {prepared} does not exist; run `ift data prepare`")
+    path = storage.join(prepared, MANIFEST_FILE)
+    if not storage.exists(path):
+        raise PrepareError(f"{prepared} has no {MANIFEST_FILE}: not a prepared dataset, or "
+                           "preparation did not finish; re-run `ift data prepare`")
+    if not storage.is_complete(prepared):
+        raise PrepareError(f"{prepared} is partial (no {storage.COMPLETE_MARKER} marker): "
+                           "preparation did not finish; re-run `ift data prepare`")
+    try:
+        manifest = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise PrepareError(f"{path}: not valid JSON ({e})") from e
+    for key in ("version", "hash", "tokenizer", "splits", "sources"):
+        if key not in manifest:
+            raise PrepareError(f"{path}: missing key {key!r}")
+    return manifest
+
+
+def split_files(prepared: str, split: str) -> list[str]:
+    """The parquet shards of a split, sorted."""
+    return [f for f in storage.walk_files(storage.join(prepared, split)) if f.endswith(".parquet")]
+
+
+def load_index(prepared: str) -> pa.Table:
+    """The kept rows of a prepared dataset: key, source, split, shard, num_tokens (by key).
+
+    Datasets prepared before the index existed hold exactly the kept rows in their
+    `split=train|val` folders; their index is read off those.
+    """
+    import pyarrow.parquet as pq
+
+    path = storage.join(prepared, SOURCES_DIR, INDEX_FILE)
+    if storage.exists(path):
+        fs, root = storage.arrow_fs(path)
+        return pq.read_table(root, filesystem=fs)
+    import pyarrow.dataset as pads
+
+    fs, root = storage.arrow_fs(storage.join(prepared, SOURCES_DIR))
+    part = pads.partitioning(pa.schema([("source", pa.string()), ("split", pa.string())]),
+                             flavor="hive")
+    try:
+        t = pads.dataset(root, filesystem=fs, format="parquet", partitioning=part).to_table(
+            columns=["key", "source", "split", "num_tokens"])
+    except (FileNotFoundError, OSError):  # nothing kept
+        t = pa.table({"key": pa.array([], pa.int64()), "source": pa.array([], pa.string()),
+                      "split": pa.array([], pa.string()), "num_tokens": pa.array([], pa.int32())})
+    t = t.append_column("shard", t.column("split"))
+    return t.take(pc.sort_indices(t, [("key", "ascending")]))
+
+
+def source_names(prepared: str) -> list[str]:
+    """Sources with at least one kept row, sorted."""
+    return sorted(pc.unique(load_index(prepared).column("source")).to_pylist())
