@@ -102,10 +102,18 @@ def _worker_nodes(head_id: str) -> set[str]:
 
 def _remove_a_worker_node(cluster, run_dir: str, seen: dict, stop: threading.Event) -> None:
     """Once run_dir has a complete checkpoint, remove a non-head node holding a worker."""
+    from ray.util import placement_group_table
+
     head_id = cluster.head_node.unique_id
     while not stop.is_set():
         found = checkpoint.find_latest(run_dir)
         nodes = _worker_nodes(head_id) if found else set()
+        seen["polls"] = seen.get("polls", 0) + 1
+        seen["last_poll"] = {"checkpoint": found and found[0], "worker_nodes": sorted(nodes),
+                             "cluster_nodes": [n.unique_id for n in cluster.worker_nodes],
+                             "head": head_id,
+                             "pgs": [(pg.get("state"), pg.get("bundles_to_node_id"))
+                                     for pg in placement_group_table().values()]}
         victims = [n for n in cluster.worker_nodes if n.unique_id in nodes]
         if victims:
             # The newest complete checkpoint right before the node goes (one may finish
@@ -143,7 +151,7 @@ def test_node_removed_mid_run_resumes_from_s3_checkpoint(two_nodes, local_inputs
     finally:
         stop.set()
         killer.join(timeout=30)
-    assert "removed_at" in seen, "the run finished before a worker's node was removed"
+    assert "removed_at" in seen, f"the run finished before a worker's node was removed: {seen}"
     assert summary["steps"] == NODE_LOSS_STEPS
     assert storage.is_complete(f"{run_dir}/final")
 
