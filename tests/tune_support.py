@@ -109,4 +109,12 @@ def sweep_lr_under_asha(tmp_path: Path, model: str, name: str, metric: str, sour
     # the report picks the best trial by the same metric
     rows = list(csv.DictReader((sweep_dir / "report" / "trials.csv").open()))
     assert next(r for r in rows if r["best"] == "best")["trial"] == "t000"
+    # MLflow: the stopped trial's child run is KILLED, the finished one FINISHED.
+    _, runs = mlflow_runs(tmp_path / "work")
+    status = {r.data.tags.get("ift.tune.trial"): r.info.status for r in runs
+              if r.data.tags.get("mlflow.parentRunId")}
+    assert status == {"t000": "FINISHED", "t001": "KILLED"}, status
+    stopped = [json.loads(x)["step"] for x in (sweep_dir / "runs" / "t001" / "metrics.jsonl")
+               .read_text().splitlines()]
+    assert max(stopped) < train["max_steps"], stopped
     return sweep_dir, evaluated
