@@ -148,26 +148,6 @@ def test_killed_worker_resumes_at_the_same_step(pairs, tiny_model):
         assert max(losses) - min(losses) < 1e-4
 
 
-def test_sft_then_dpo_from_the_sft_adapter(pairs, tiny_model):
-    _, prepared, root = pairs
-    sft = driver.train(_cfg(tiny_model, prepared, root, "chain-sft", "train.objective=sft",
-                            "train.max_steps=6"))
-    parent = os.path.join(sft["run_dir"], "final")
-    summary = driver.train(_cfg(tiny_model, prepared, root, "chain-dpo", f"model.adapter={parent}",
-                                "train.max_steps=4"))
-    rows = read_metrics(summary["run_dir"])
-    # The reference is the SFT adapter frozen: the policy starts equal to it.
-    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert abs(rows[0]["logps/chosen"]) > 0
-    final = os.path.join(summary["run_dir"], "final")
-    assert not os.path.exists(os.path.join(final, "reference"))
-    record = read_record(final)
-    assert record["parent_adapter"]["path"] == parent
-    assert record["parent_adapter"]["lineage"]["run_name"] == "chain-sft"
-    kinds = [s["stage"] for s in record_stages(record, final)]
-    assert kinds.count("adapter") == 2 and kinds.count("run") == 2
-
-
 def test_precomputed_reference_logps_train_like_the_live_reference(pairs, tiny_model):
     """train.precompute_ref_logps: one Ray task scores every pair with the reference (here
     the SFT-free base, adapter disabled) before training, stored beside the prepared data
@@ -221,6 +201,20 @@ def chain(pairs, tiny_model, sample_data_dir, tmp_path_factory):
     return {"cfg": cfg, "run_dir": dpo["run_dir"], "final": os.path.join(dpo["run_dir"], "final"),
             "parent": parent, "sft_hash": sft_manifest["hash"], "pref_hash": pref_hash,
             "root": root}
+
+
+def test_sft_then_dpo_from_the_sft_adapter(chain):
+    rows = read_metrics(chain["run_dir"])
+    # The reference is the SFT adapter frozen: the policy starts equal to it.
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(rows[0]["logps/chosen"]) > 0
+    final, parent = chain["final"], chain["parent"]
+    assert not os.path.exists(os.path.join(final, "reference"))
+    record = read_record(final)
+    assert record["parent_adapter"]["path"] == parent
+    assert record["parent_adapter"]["lineage"]["run_name"] == "served-sft"
+    kinds = [s["stage"] for s in record_stages(record, final)]
+    assert kinds.count("adapter") == 2 and kinds.count("run") == 2
 
 
 def test_dpo_adapter_lineage_names_base_sft_and_dpo_with_both_datasets(chain, tiny_model):
