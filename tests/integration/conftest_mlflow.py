@@ -87,10 +87,11 @@ def stop_mlflow_server(proc: subprocess.Popen) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """URL of an `mlflow server` on loopback, shared by the session's tests (each test
-    should use its own experiment name)."""
+    """URL of an `mlflow server` on loopback, shared by a module's tests (each test should
+    use its own experiment name); stopped after the module, so its job consumers do not
+    hold CPU for the rest of the session."""
     url, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
     yield url
     stop_mlflow_server(proc)
