@@ -104,17 +104,17 @@ def _remove_a_worker_node(cluster, run_dir: str, seen: dict, stop: threading.Eve
     """Once run_dir has a complete checkpoint, remove a non-head node holding a worker."""
     from ray.util import placement_group_table
 
-    head_id = cluster.head_node.unique_id
+    head_id = cluster.head_node.node_id
     while not stop.is_set():
         found = checkpoint.find_latest(run_dir)
         nodes = _worker_nodes(head_id) if found else set()
         seen["polls"] = seen.get("polls", 0) + 1
         seen["last_poll"] = {"checkpoint": found and found[0], "worker_nodes": sorted(nodes),
-                             "cluster_nodes": [n.unique_id for n in cluster.worker_nodes],
+                             "cluster_nodes": [n.node_id for n in cluster.worker_nodes],
                              "head": head_id,
                              "pgs": [(pg.get("state"), pg.get("bundles_to_node_id"))
                                      for pg in placement_group_table().values()]}
-        victims = [n for n in cluster.worker_nodes if n.unique_id in nodes]
+        victims = [n for n in cluster.worker_nodes if n.node_id in nodes]
         if victims:
             # The newest complete checkpoint right before the node goes (one may finish
             # while it is being removed; resuming from that one is as good).
@@ -129,8 +129,6 @@ NODE_LOSS_STEPS = 16
 NODE_LOSS_EVERY = 2
 
 
-@pytest.mark.xfail(reason="the worker-node lookup (placement_group_table) found no node to "
-                          "remove before the run finished", strict=False)
 def test_node_removed_mid_run_resumes_from_s3_checkpoint(two_nodes, local_inputs):
     cluster = two_nodes
     cluster.add_node(num_cpus=1)  # head + 2 nodes: the workers' 2 CPUs survive one loss
