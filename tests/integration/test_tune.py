@@ -88,8 +88,9 @@ def test_sweep_over_the_mixture_with_mlflow_and_report(tmp_path, tiny_model, pre
         assert child.info.status == "FINISHED"
         assert "heldout/exact_match" in child.data.metrics
         assert "eval_loss" in child.data.metrics
+        point = next(p for p in sweep["points"] if p["name"] == name)
         assert json.loads(child.data.params["tune.point.exclude_tags"]) == \
-            trials[name]["point"]["params"]["exclude_tags"], child.data.params
+            point["params"]["exclude_tags"], child.data.params
         arts = {a.path for a in client.list_artifacts(child.info.run_id, "final")}
         assert "final/adapter_config.json" in arts, arts
     # the report is logged to the parent run
