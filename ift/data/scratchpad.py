@@ -17,6 +17,14 @@ one).
   instead of by counting positions, which a small model trained from scratch does not
   learn in a few hundred steps (index hints: Zhou et al. 2023, "What Algorithms can
   Transformers Learn?").
+* `parity_cased`: the bits as letters, a capital for a 1 ("a B c D"), and the question
+  asks whether the capitals are even or odd in number. Step i of the rationale is letter
+  i again, a capital when the count so far is odd (for "a B C d": "Steps: a B c d").
+  Every step is one token found in one hop: the previous step (a fixed distance back) and
+  the question's letter i (the same letter in either case, wherever the prompt template
+  puts it), so the update is an XOR of two attended tokens, with no counting of positions
+  and no two-hop lookup (which parity_indexed needs: find the letter, then read the token
+  after it). The answer alone is still the parity of all the bits at once.
 
 Train and held-out are disjoint: held-out additions use first operands that no training
 problem uses; held-out bit strings never occur in training. Both arms of an ablation get
@@ -31,7 +39,7 @@ from __future__ import annotations
 
 import random
 
-TASKS = ("add", "parity", "parity_indexed")
+TASKS = ("add", "parity", "parity_indexed", "parity_cased")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -59,6 +67,24 @@ def indexed(bits: str) -> str:
     if len(bits) > len(LETTERS):
         raise ValueError(f"{len(bits)} bits: index hints go up to {len(LETTERS)}")
     return " ".join(f"{LETTERS[i]}{b}" for i, b in enumerate(bits))
+
+
+def cased(bits: str) -> str:
+    """The bits as letters, a capital for a 1: "101" -> "A b C"."""
+    if len(bits) > len(LETTERS):
+        raise ValueError(f"{len(bits)} bits: letters go up to {len(LETTERS)}")
+    return " ".join(LETTERS[i].upper() if b == "1" else LETTERS[i] for i, b in enumerate(bits))
+
+
+def cased_rationale(bits: str) -> str:
+    """Letter i again after each bit, a capital while the count of capitals so far is odd:
+    "101" -> "Steps: A B c"."""
+    ones = 0
+    steps = []
+    for i, b in enumerate(bits):
+        ones += b == "1"
+        steps.append(LETTERS[i].upper() if ones % 2 else LETTERS[i])
+    return "Steps: " + " ".join(steps)
 
 
 def parity_rationale(bits: str, hints: bool = False) -> str:
@@ -99,10 +125,11 @@ def addition_split(n_train: int, n_test: int, seed: int, digits: int = 3
     return out["train"], out["test"]
 
 
-def parity_split(n_train: int, n_test: int, seed: int, bits: int = 12, hints: bool = False
-                 ) -> tuple[list[dict], list[dict]]:
-    """Parity problems (with index hints when `hints`); no held-out bit string occurs in
-    training."""
+def parity_split(n_train: int, n_test: int, seed: int, bits: int = 12, hints: bool = False,
+                 style: str = "bits") -> tuple[list[dict], list[dict]]:
+    """Parity problems (with index hints when `hints`; as cased letters when `style` is
+    "cased"); no held-out bit string occurs in training. The same seed and size give the
+    same strings in every style."""
     if n_train + n_test > 2 ** bits:
         raise ValueError(f"{n_train} + {n_test} problems: more than the {2 ** bits} strings "
                          f"of {bits} bits")
@@ -111,9 +138,12 @@ def parity_split(n_train: int, n_test: int, seed: int, bits: int = 12, hints: bo
 
     def row(code: int) -> dict:
         s = format(code, f"0{bits}b")
+        answer = "odd" if s.count("1") % 2 else "even"
+        if style == "cased":
+            return {"question": f"Is the number of capital letters in {cased(s)} even or odd?",
+                    "answer": answer, "rationale": cased_rationale(s)}
         return {"question": f"Is the number of 1s in {indexed(s) if hints else s} even or odd?",
-                "answer": "odd" if s.count("1") % 2 else "even",
-                "rationale": parity_rationale(s, hints)}
+                "answer": answer, "rationale": parity_rationale(s, hints)}
 
     return [row(c) for c in codes[n_test:]], [row(c) for c in codes[:n_test]]
 
@@ -128,9 +158,10 @@ def write_scratchpad_corpus(out_dir: str, task: str, n_train: int, n_test: int, 
     if task == "add":
         size = size or 3
         train, test = addition_split(n_train, n_test, seed, size)
-    elif task in ("parity", "parity_indexed"):
+    elif task in ("parity", "parity_indexed", "parity_cased"):
         size = size or 12
-        train, test = parity_split(n_train, n_test, seed, size, hints=task == "parity_indexed")
+        train, test = parity_split(n_train, n_test, seed, size, hints=task == "parity_indexed",
+                                   style="cased" if task == "parity_cased" else "bits")
     else:
         raise ValueError(f"task {task!r}: one of {', '.join(TASKS)}")
     paths = write_tsv_splits(out_dir, {"train": train, "test": test}, with_rationale)

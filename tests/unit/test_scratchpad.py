@@ -52,6 +52,27 @@ def test_indexed_parity_leads_every_bit_and_step_with_its_letter():
         sp.indexed("0" * 27)
 
 
+def test_cased_parity_steps_are_the_letters_cased_by_the_running_count():
+    assert sp.cased("1011") == "A b C D"
+    assert sp.cased_rationale("1011") == "Steps: A B c D"
+    train, test = sp.parity_split(100, 20, seed=0, bits=10, style="cased")
+    plain = sp.parity_split(100, 20, seed=0, bits=10)
+    for r, p in zip(train + test, plain[0] + plain[1]):  # the same strings, as letters
+        bits = re.search(r"[01]{10}", p["question"]).group(0)
+        assert sp.cased(bits) in r["question"] and r["answer"] == p["answer"]
+        steps = r["rationale"].removeprefix("Steps: ").split(" ")
+        assert [s.lower() for s in steps] == list(sp.LETTERS[:10])
+        # step i: a capital exactly when step i-1 and letter i of the question differ in case
+        letters = sp.cased(bits).split(" ")
+        prev = False
+        for s, q in zip(steps, letters):
+            assert s.isupper() == (prev != q.isupper())
+            prev = s.isupper()
+        assert ("odd" if steps[-1].isupper() else "even") == r["answer"]
+    with pytest.raises(ValueError, match="up to 26"):
+        sp.cased("0" * 27)
+
+
 def test_train_and_heldout_are_disjoint_and_deterministic():
     train, test = sp.addition_split(2000, 100, seed=1)
     firsts = {int(re.findall(r"\d+", r["question"])[0]) for r in train}
@@ -81,5 +102,5 @@ def test_both_arms_share_questions_and_convert(tmp_path, task):
                   id="x", source="s", seed=0)
     reply = rec["messages"][-1]["content"]
     assert reply.startswith(rationale) and exact_match(reply, answer)
-    with pytest.raises(ValueError, match="one of add, parity, parity_indexed"):
+    with pytest.raises(ValueError, match="one of add, parity, parity_indexed, parity_cased"):
         sp.write_scratchpad_corpus(str(tmp_path / "x"), "sort", 1, 1, seed=0)
