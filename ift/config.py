@@ -87,12 +87,17 @@ class SourceConfig:
     schema_split: bool = False
     """IE formats: one record per chunk of max_labels schema labels instead of sampling
     (counted as rows_schema_chunks in the manifest)."""
+    kind: Literal["auto", "sft", "preference"] = "auto"
+    """What the source holds: sft conversations or preference pairs; auto reads it from
+    the format (the pair layouts are preference). A source whose files are of the other
+    kind is an error, and so is a preparation whose sources differ in kind."""
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("data.sources[].path is required")
         self.path = bundled_path(self.path)
         self.schema = bundled_path(self.schema)
+        _check_choice(f"data.sources[{self.path}].kind", self.kind, DATA_KINDS)
         if self.max_labels < 0:
             raise ConfigError(f"data.sources[{self.path}].max_labels={self.max_labels}: "
                               "must be >= 0")
@@ -135,6 +140,8 @@ PAIR_FORMATS = (
     "openai_preference",
 )
 """Preference-pair layouts (data.kind=preference), converted by ift.data.preference."""
+DATA_KINDS = ("auto", "sft", "preference")
+"""What a source or a preparation holds (data.kind, data.sources[].kind)."""
 
 
 @dataclass
@@ -157,7 +164,9 @@ class DataConfig:
     train_on_prompt: bool = False
     """Also train on system/user tokens (labels are -100 there by default)."""
     pack: bool = False
-    """Pack samples into max_seq_len bins with per-sample position ids and sequence ids."""
+    """Pack samples into max_seq_len bins with per-sample position ids and sequence ids.
+    Preference pairs stay one pair per row on disk; training packs each micro-batch's
+    chosen and rejected sequences into one row without padding."""
     val_ratio: float = 0.05
     """Share of each source held out for validation, chosen by a hash of the row."""
     val_max_rows: int = 2000
@@ -180,9 +189,11 @@ class DataConfig:
     keep_reasoning: bool = True
     """Keep assistant reasoning (LLaMA-Factory `reasoning` parts) as a `<think>...</think>`
     block before the reply, trained with it; false drops the reasoning and keeps the reply."""
-    kind: Literal["sft", "preference"] = "sft"
+    kind: Literal["auto", "sft", "preference"] = "auto"
     """sft: conversations; preference: pairs of a prompt, a chosen and a rejected reply
-    (formats alpaca_pairs, sharegpt_pairs, hh_rlhf, messages_pairs, openai_preference)."""
+    (formats alpaca_pairs, sharegpt_pairs, hh_rlhf, messages_pairs, openai_preference);
+    auto: the kind of the sources (each source's `kind`, or its detected format), which
+    must all be one kind."""
 
     def __post_init__(self) -> None:
         self.sources = [
@@ -196,10 +207,7 @@ class DataConfig:
         _check_choice("data.template", self.template,
                       ("auto", "tokenizer", "chatml", "alpaca", "human_assistant"))
         _check_choice("data.truncation", self.truncation, ("right", "left"))
-        _check_choice("data.kind", self.kind, ("sft", "preference"))
-        if self.kind == "preference" and self.pack:
-            raise ConfigError("data.pack=true with data.kind=preference: preference pairs are "
-                              "not packed; set data.pack=false")
+        _check_choice("data.kind", self.kind, DATA_KINDS)
         if self.max_seq_len < 8:
             raise ConfigError(f"data.max_seq_len={self.max_seq_len}: must be >= 8")
         if not 0.0 <= self.val_ratio < 1.0:

@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 
 from ift import storage
 from ift.artifacts import MANIFEST_FILE
-from ift.config import Config, ConfigError, SourceConfig
+from ift.config import PAIR_FORMATS, Config, ConfigError, SourceConfig
 from ift.data import mix
 from ift.data.dataset import (
     INDEX_FILE,
@@ -398,12 +398,64 @@ def input_hash(files: list[dict], data_cfg: dict, tokenizer_sha: str) -> str:
     return h.hexdigest()
 
 
-def plan_inputs(cfg: Config) -> tuple[str, str, str, dict, list[SourceConfig], list, list[dict],
-                                      str, list[dict | None]]:
-    """(output dir, tokenizer name, template, tokenizer identity, sources, read tasks, file
-    infos, input hash, IE schemas per source) of a preparation; PrepareError when a source names no file or holds
-    the other data kind (preference pairs in an sft preparation, or the reverse)."""
-    from ift.data.preference import PAIR_FORMATS
+class Inputs(NamedTuple):
+    """What a preparation reads and how (`plan_inputs`)."""
+
+    out: str
+    tok_name: str
+    template: str
+    identity: dict
+    sources: list[SourceConfig]
+    tasks: list
+    files: list[dict]
+    """Per file: path, format, bytes, sha256, source."""
+    digest: str
+    """The input hash: files, schemas, data config and tokenizer."""
+    schemas: list[dict | None]
+    """IE schema per source."""
+    kind: str
+    """sft or preference (`dataset_kind`)."""
+
+
+def dataset_kind(kind: str, sources: list[SourceConfig], files: list[dict]) -> str:
+    """The preparation's kind: data.kind, else the one kind of all its sources.
+
+    A source is of the kind it names, else of its files' detected formats (the pair
+    layouts are preference). PrepareError when a source's files are not of its kind or of
+    data.kind, and when sources of both kinds meet under data.kind=auto.
+    """
+    by_source: dict[int, str] = {}
+    for si, src in enumerate(sources):
+        for f in (f for f in files if f["source"] == src.name):
+            found = "preference" if f["format"] in PAIR_FORMATS else "sft"
+            want = src.kind if src.kind != "auto" else kind
+            if want != "auto" and found != want:
+                whose = f"data.sources.{si}.kind" if src.kind != "auto" else "data.kind"
+                raise PrepareError(
+                    f"data.sources.{si} ({src.name}): {f['path']} holds "
+                    + (f"preference pairs ({f['format']}), but {whose}={want}; prepare them "
+                       "with kind preference" if found == "preference" else
+                       f"{f['format']} conversations, not preference pairs ({whose}="
+                       f"preference expects {', '.join(PAIR_FORMATS)}); set the source's "
+                       "format or kind sft"))
+            by_source.setdefault(si, found)
+    if kind != "auto":
+        return kind
+    kinds = {k: si for si, k in sorted(by_source.items(), reverse=True)}
+    if len(kinds) > 1:
+        s, p = kinds["sft"], kinds["preference"]
+        raise PrepareError(
+            f"data.sources.{s} ({sources[s].name}) holds sft conversations and "
+            f"data.sources.{p} ({sources[p].name}) preference pairs: one preparation is of "
+            "one kind; prepare each kind with its own data.output (data.kind=sft, "
+            "data.kind=preference), e.g. an SFT run's data and the DPO run's pairs")
+    return next(iter(kinds), "sft")
+
+
+def plan_inputs(cfg: Config) -> Inputs:
+    """What a preparation reads: files, formats, byte ranges, content hashes, IE schemas
+    and its kind. PrepareError when a source names no file or holds the other data kind
+    (preference pairs in an sft preparation, or the reverse)."""
     from ift.data.readers import plan_reads
     from ift.data.templates import resolve_template
     from ift.models import load_tokenizer, tokenizer_identity
@@ -436,22 +488,16 @@ def plan_inputs(cfg: Config) -> tuple[str, str, str, dict, list[SourceConfig], l
                                          d.read_chunk_mb << 20, len(files))
         except ValueError as e:
             raise PrepareError(f"data.sources.{si} ({src.name}): {e}") from e
-        for f in info:
-            if (f["format"] in PAIR_FORMATS) != (d.kind == "preference"):
-                raise PrepareError(
-                    f"data.sources.{si} ({src.name}): {f['path']} holds "
-                    + ("preference pairs (chosen/rejected); prepare them with "
-                       "data.kind=preference" if d.kind == "sft" else
-                       f"{f['format']} conversations, not preference pairs (data.kind="
-                       f"preference expects {', '.join(PAIR_FORMATS)}); set the source's "
-                       "format or data.kind=sft"))
         tasks.extend(src_tasks)
         files.extend({**f, "source": src.name} for f in info)
+    kind = dataset_kind(d.kind, sources, files)
     schemas = [load_source_schema(si, src, files) for si, src in enumerate(sources)]
     digest = input_hash(files + [{"source": f"schema:{s.name}", "sha256": json.dumps(
         schemas[i], sort_keys=True, ensure_ascii=False)} for i, s in enumerate(sources)
-        if schemas[i] is not None], dataclasses.asdict(d), identity["sha256"])
-    return out, tok_name, template, identity, sources, tasks, files, digest, schemas
+        if schemas[i] is not None], {**dataclasses.asdict(d), "kind": kind},
+        identity["sha256"])
+    return Inputs(out, tok_name, template, identity, sources, tasks, files, digest, schemas,
+                  kind)
 
 
 def reuse_or_clear(out: str, digest: str, fresh: bool) -> dict | None:
@@ -473,12 +519,13 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
     from ift.raycluster import init_ray
 
     d = cfg.data
-    if d.kind == "preference":
+    t0 = time.time()
+    planned = plan_inputs(cfg)
+    if planned.kind == "preference":
         from ift.data.prepare_pairs import prepare_pairs
 
-        return prepare_pairs(cfg, fresh=fresh, address=address)
-    t0 = time.time()
-    out, tok_name, template, identity, sources, tasks, files, digest, schemas = plan_inputs(cfg)
+        return prepare_pairs(cfg, planned, fresh=fresh, address=address)
+    out, tok_name, template, identity, sources, tasks, files, digest, schemas, _ = planned
     old = reuse_or_clear(out, digest, fresh)
     if old is not None:
         return old

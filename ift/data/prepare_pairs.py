@@ -34,6 +34,7 @@ from ift.config import Config
 from ift.data import mix
 from ift.data.dataset import MANIFEST_VERSION, PrepareError
 from ift.data.pipeline import (
+    Inputs,
     _configure_data_context,
     _log,
     _task_of,
@@ -114,12 +115,15 @@ def _pairs_udf(batch: dict[str, np.ndarray], tok: dict) -> Iterator[pa.Table]:
         yield _ROW_SCHEMA.empty_table()
 
 
-def prepare_pairs(cfg: Config, *, fresh: bool = False, address: str | None = None) -> dict:
-    """Prepare a preference dataset; returns the manifest. Re-running with unchanged inputs
-    and config reuses a complete output; `fresh` rebuilds it."""
+def prepare_pairs(cfg: Config, planned: Inputs | None = None, *, fresh: bool = False,
+                  address: str | None = None) -> dict:
+    """Prepare a preference dataset (planned by `plan_inputs` unless given); returns the
+    manifest. Re-running with unchanged inputs and config reuses a complete output;
+    `fresh` rebuilds it."""
     from ift.raycluster import init_ray
 
-    out, tok_name, template, identity, sources, tasks, files, digest, _ = plan_inputs(cfg)
+    planned = planned or plan_inputs(cfg)
+    out, tok_name, template, identity, sources, tasks, files, digest, _, _ = planned
     old = reuse_or_clear(out, digest, fresh)
     if old is not None:
         return old
@@ -235,11 +239,12 @@ def _settle(rows: list[dict], sources, files: list[dict], cfg: Config, out: str,
         "tokenizer": identity,
         "template": template,
         "max_seq_len": d.max_seq_len,
-        "packed": False,
+        "packed": d.pack,  # pairs are packed per micro-batch when training
         "train_on_prompt": False,
         "seed": d.seed,
         "splits": {split: split_stats(r, d.max_seq_len) for split, r in splits.items()},
-        "padding_waste": {"unpacked": _waste(splits["train"], d.max_seq_len), "packed": None},
+        "padding_waste": {"unpacked": _waste(splits["train"], d.max_seq_len),
+                          "packed": 0.0 if d.pack else None},
         "rejects": {"total": sum(s["rows_rejected"] for s in stats.values()),
                     "files": reject_files},
         "sources": {

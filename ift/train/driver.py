@@ -219,8 +219,11 @@ def _datasets(prepared: str, plan: Plan) -> dict[str, Any]:
 
     from ift.data.dataset import split_files
 
-    cols = ["id", "input_ids", "labels"] + (["position_ids", "seq_ids"] if plan.packed else [])
-    cols += list(PAIR_COLUMNS) if plan.pairs else []
+    cols = ["id", "input_ids", "labels"]
+    if plan.pairs:  # a pair row is packed with the others of its micro-batch when batched
+        cols += list(PAIR_COLUMNS)
+    elif plan.packed:
+        cols += ["position_ids", "seq_ids"]
     ctx = ray.data.DataContext.get_current()
     keep = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True

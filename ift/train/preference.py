@@ -51,19 +51,55 @@ METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/
 
 def collate_pairs(rows: Sequence[dict[str, Any]], pad_id: int, *,
                   packed: bool | None = None) -> dict[str, torch.Tensor]:
-    """B pair rows -> one padded batch of 2B sequences: rows 0..B-1 chosen, B..2B-1 rejected.
-    Rows carrying precomputed reference log-probs also give `ref_logps` (2B, same order)."""
-    if packed:
-        raise ValueError("collate_pairs: preference rows are never packed")
+    """B pair rows -> one batch of 2B sequences, chosen first: sequences 0..B-1 chosen,
+    B..2B-1 rejected.
+
+    Unpacked: 2B rows, each padded to the longest. Packed (`data.pack` on preference
+    data): one row holding the 2B sequences back to back with no padding, position ids
+    restarting at 0 for each and a block-diagonal causal mask (ift.train.collate), so a
+    micro-batch costs its real tokens only; `sequence_logps` then sums per sequence by the
+    position restarts. Rows carrying precomputed reference log-probs also give `ref_logps`
+    (2B, same order)."""
     chosen = [{"id": r.get("id"), "input_ids": r["input_ids"], "labels": r["labels"]}
               for r in rows]
     rejected = [{"id": r.get("id"), "input_ids": r["rejected_input_ids"],
                  "labels": r["rejected_labels"]} for r in rows]
-    batch = collate(chosen + rejected, pad_id, packed=False)
+    if packed:
+        batch = collate([_one_row(chosen + rejected)], pad_id, packed=True)
+    else:
+        batch = collate(chosen + rejected, pad_id, packed=False)
     if rows and REF_COLUMNS[0] in rows[0]:  # precomputed DPO reference (ift.train.ref_logps)
         batch["ref_logps"] = torch.tensor([float(r[c]) for c in REF_COLUMNS for r in rows],
                                           dtype=torch.float32)
     return batch
+
+
+def collate_chosen(rows: Sequence[dict[str, Any]], pad_id: int, *,
+                   packed: bool | None = None) -> dict[str, torch.Tensor]:
+    """SFT on preference pairs trains on the chosen sides: B padded rows, or (packed) one
+    row of the B chosen sequences back to back."""
+    chosen = [{"id": r.get("id"), "input_ids": r["input_ids"], "labels": r["labels"]}
+              for r in rows]
+    if packed:
+        return collate([_one_row(chosen)], pad_id, packed=True)
+    return collate(chosen, pad_id, packed=False)
+
+
+def _one_row(seqs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sequences back to back in one packed row (ift.data.pack's layout: position ids
+    restart at 0 and seq_ids number the sequences, in the given order)."""
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [],
+                                 "seq_ids": []}
+    for i, s in enumerate(seqs):
+        n = len(s["input_ids"])
+        if n == 0 or len(s["labels"]) != n:
+            raise ValueError(f"collate_pairs: pair {s.get('id')!r} has {n} input_ids and "
+                             f"{len(s['labels'])} labels")
+        row["input_ids"].extend(s["input_ids"])
+        row["labels"].extend(s["labels"])
+        row["position_ids"].extend(range(n))
+        row["seq_ids"].extend([i] * n)
+    return row
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,12 +107,16 @@ def collate_pairs(rows: Sequence[dict[str, Any]], pad_id: int, *,
 # ---------------------------------------------------------------------------------------
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
+                   position_ids: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs of the labelled tokens, their count), one per sequence.
 
     Position t predicts token t + 1; labels of -100 (prompt, padding) contribute nothing.
     Logits may carry extra leading positions (virtual tokens): the last T are used.
+    With `position_ids` the batch is one packed row (`collate_pairs(packed=True)`): a
+    sequence starts wherever the position is 0, the sums are per sequence in row order,
+    and a sequence's first token is never scored from the one before it.
     """
     t = labels.shape[1]
     logits = logits[:, -t:, :].float()
@@ -84,7 +124,19 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor
     mask = target != IGNORE_INDEX
     logp = torch.log_softmax(logits[:, :-1, :], dim=-1)
     picked = torch.gather(logp, 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1), mask.sum(-1)
+    if position_ids is None:
+        return (picked * mask).sum(-1), mask.sum(-1)
+    if labels.shape[0] != 1:
+        raise ValueError(f"sequence_logps: a packed batch is one row, got {labels.shape[0]}")
+    starts = position_ids[0].to(logits.device) == 0
+    seq = starts.long().cumsum(0) - 1  # sequence index of every token
+    keep = mask[0] & ~starts[1:]
+    n = int(starts.sum())
+    sums = torch.zeros(n, dtype=picked.dtype, device=picked.device)
+    sums = sums.index_add(0, seq[1:], picked[0] * keep)
+    counts = torch.zeros(n, dtype=torch.long, device=picked.device)
+    counts = counts.index_add(0, seq[1:], keep.long())
+    return sums, counts
 
 
 def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor,
@@ -160,9 +212,11 @@ class Objective:
     or not) -> summed reply log-probs of the reference model (no grad)."""
 
     def pair_losses(self, logits: torch.Tensor, labels: torch.Tensor,
-                    ref: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Per-pair losses of a concatenated batch (chosen first) and metric sums."""
-        logps, counts = sequence_logps(logits, labels)
+                    ref: torch.Tensor | None, position_ids: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-pair losses of a concatenated batch (chosen first) and metric sums;
+        `position_ids` for a packed batch (see `sequence_logps`)."""
+        logps, counts = sequence_logps(logits, labels, position_ids)
         b = logps.shape[0] // 2
         pol_c, pol_r = logps[:b], logps[b:]
         if self.name == "dpo":
@@ -200,7 +254,7 @@ class Objective:
         labels = inputs["labels"]
         fwd, ref = self._split(model, inputs)
         out = model(**fwd, use_cache=False)
-        losses, sums = self.pair_losses(out.logits, labels, ref)
+        losses, sums = self.pair_losses(out.logits, labels, ref, fwd.get("position_ids"))
         sums["loss"] = float(losses.detach().sum())
         return losses.sum() / self.pairs_per_rank, sums
 
@@ -209,7 +263,8 @@ class Objective:
         """Metric sums (and the summed pair loss) of one collated pair batch, no grad."""
         fwd, ref = self._split(model, inputs)
         out = model(**fwd, use_cache=False)
-        losses, sums = self.pair_losses(out.logits, inputs["labels"], ref)
+        losses, sums = self.pair_losses(out.logits, inputs["labels"], ref,
+                                        fwd.get("position_ids"))
         sums["loss"] = float(losses.sum())
         return sums
 
@@ -296,7 +351,7 @@ def _forward_logps(model: nn.Module, inputs: dict[str, torch.Tensor],
                    labels: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs, use_cache=False)
-    return sequence_logps(out.logits, labels)[0].detach()
+    return sequence_logps(out.logits, labels, inputs.get("position_ids"))[0].detach()
 
 
 # ---------------------------------------------------------------------------------------

@@ -197,7 +197,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         max_grad_norm=train.max_grad_norm, world_size=world, strategy=train.strategy,
         objective=objective,
     )
-    make_batch = preference.collate_pairs if objective is not None else collate
+    if objective is not None:
+        make_batch = preference.collate_pairs
+    else:  # sft; on preference pairs, on their chosen sides
+        make_batch = preference.collate_chosen if plan.pairs else collate
     pad_id = tokenizer.pad_token_id
     _log(rank, f"{cfg.peft.method}: {trainable:,} trainable of {total:,} parameters "
                f"({100.0 * trainable / max(total, 1):.3f}%)")

@@ -115,11 +115,23 @@ def test_dpo_learns_the_preference(pairs, tiny_model):
     assert "reward_accuracy" not in base["metrics"]
 
 
-def test_one_worker_with_accumulation_matches_two_workers(pairs, tiny_model):
-    """Same global batch (4 pairs × 2 workers = 4 × 1 worker × 2 accumulation)."""
-    _, prepared, root = pairs
-    runs = [driver.train(_cfg(tiny_model, prepared, root, name, "train.max_steps=4", *extra))
-            for name, extra in (("w2", ["train.num_workers=2"]), ("w1", ["train.grad_accum=2"]))]
+def test_one_worker_with_accumulation_on_packed_pairs_matches_two_workers(pairs, tiny_model):
+    """Same global batch (4 pairs × 2 workers = 4 × 1 worker × 2 accumulation); the one
+    worker trains on the same pairs prepared with data.pack=true, so each micro-batch is
+    one row of 8 sequences without padding, and matches the padded run."""
+    manifest, prepared, root = pairs
+    cfg = load_config(None, [
+        f"model.name_or_path={tiny_model}", f"data.output={root}/prepared-packed",
+        "data.kind=preference", "data.pack=true", "data.max_seq_len=96", "data.val_ratio=0.15",
+        "tracking.enabled=false",
+        f"data.sources.0.path={manifest['sources']['pref_concise_train']['path']}"])
+    packed = prepare(cfg)
+    assert packed["packed"] is True and packed["padding_waste"]["packed"] == 0.0
+    for split in ("train", "val"):  # the same pairs, in the same split
+        assert packed["splits"][split]["pairs"] == manifest["splits"][split]["pairs"]
+    runs = [driver.train(_cfg(tiny_model, data, root, name, "train.max_steps=4", *extra))
+            for name, data, extra in (("w2", prepared, ["train.num_workers=2"]),
+                                      ("w1", f"{root}/prepared-packed", ["train.grad_accum=2"]))]
     a, b = (read_metrics(s["run_dir"]) for s in runs)
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=2e-4), (ra, rb)

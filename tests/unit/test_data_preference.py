@@ -181,3 +181,61 @@ def test_sweeps_train_on_preference_pairs_as_prepared(tmp_path):
     with pytest.raises(ConfigError, match="sweeps do not re-mix"):
         ensure_mixture(prepared, str(tmp_path / "mix"),
                        {**point, "params": {"exclude_tags": ["x"]}})
+
+
+def _kind_sources(*specs):
+    """(name, kind, format) -> (sources, files) as plan_inputs has them."""
+    from ift.config import SourceConfig
+
+    sources = [SourceConfig(path=f"{n}.jsonl", name=n, kind=k) for n, k, _ in specs]
+    files = [{"source": n, "path": f"{n}.jsonl", "format": f} for n, _, f in specs]
+    return sources, files
+
+
+def test_a_preparation_takes_the_one_kind_of_its_sources():
+    from ift.data.pipeline import dataset_kind
+
+    assert dataset_kind("auto", *_kind_sources(("a", "auto", "alpaca"),
+                                               ("b", "auto", "sharegpt"))) == "sft"
+    assert dataset_kind("auto", *_kind_sources(("p", "auto", "hh_rlhf"),
+                                               ("q", "preference", "alpaca_pairs"))) == "preference"
+    assert dataset_kind("preference", *_kind_sources(("p", "auto", "hh_rlhf"))) == "preference"
+    assert dataset_kind("sft", *_kind_sources(("a", "sft", "alpaca"))) == "sft"
+
+
+@pytest.mark.parametrize("kind, specs, match", [
+    ("auto", [("chat", "auto", "alpaca"), ("pairs", "auto", "alpaca_pairs")],
+     r"data.sources.0 \(chat\) holds sft conversations and data.sources.1 \(pairs\) "
+     r"preference pairs: one preparation is of one kind"),
+    ("sft", [("pairs", "auto", "hh_rlhf")],
+     r"data.sources.0 \(pairs\): pairs.jsonl holds preference pairs \(hh_rlhf\), but "
+     r"data.kind=sft"),
+    ("auto", [("chat", "auto", "alpaca"), ("pairs", "sft", "hh_rlhf")],
+     r"data.sources.1 \(pairs\): .* but data.sources.1.kind=sft"),
+    ("preference", [("chat", "auto", "sharegpt")],
+     r"data.sources.0 \(chat\): chat.jsonl holds sharegpt conversations, not preference "
+     r"pairs \(data.kind=preference expects"),
+    ("auto", [("chat", "preference", "alpaca")], r"data.sources.0.kind=preference expects"),
+])
+def test_a_source_of_the_other_kind_is_named(kind, specs, match):
+    from ift.data.dataset import PrepareError
+    from ift.data.pipeline import dataset_kind
+
+    with pytest.raises(PrepareError, match=match):
+        dataset_kind(kind, *_kind_sources(*specs))
+
+
+def test_the_kind_is_read_from_the_files_when_none_is_set(tiny_model, sample_data_dir):
+    from ift.config import ConfigError, load_config
+    from ift.data.dataset import PrepareError
+    from ift.data.pipeline import plan_inputs
+
+    pairs = f"data.sources.0.path={sample_data_dir / 'pref_concise_train.jsonl'}"
+    cfg = load_config(None, [f"model.name_or_path={tiny_model}", pairs])
+    assert cfg.data.kind == "auto" and plan_inputs(cfg).kind == "preference"
+    cfg = load_config(None, [f"model.name_or_path={tiny_model}", pairs,
+                             f"data.sources.1.path={sample_data_dir / 'alpaca_en.json'}"])
+    with pytest.raises(PrepareError, match=r"\(pref_concise_train\) preference pairs"):
+        plan_inputs(cfg)
+    with pytest.raises(ConfigError, match="kind"):
+        load_config(None, [pairs, "data.sources.0.kind=pairs"])

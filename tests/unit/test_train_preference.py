@@ -16,6 +16,7 @@ from ift.train import methods
 from ift.train.collate import IGNORE_INDEX, collate
 from ift.train.preference import (
     Objective,
+    collate_chosen,
     collate_pairs,
     disabled_adapter_reference,
     dpo_loss,
@@ -140,6 +141,39 @@ def test_collate_pairs_puts_chosen_first_then_rejected():
     assert b["attention_mask"].tolist()[1] == [1, 1, 0, 0]
 
 
+def test_packed_pairs_are_one_row_without_padding_chosen_first():
+    rows = [{"id": "a", "input_ids": [1, 2, 3], "labels": [-100, 2, 3],
+             "rejected_input_ids": [1, 2, 4, 5], "rejected_labels": [-100, 2, 4, 5]},
+            {"id": "b", "input_ids": [6, 7], "labels": [-100, 7],
+             "rejected_input_ids": [6, 8], "rejected_labels": [-100, 8]}]
+    b = collate_pairs(rows, pad_id=0, packed=True)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 6, 7, 1, 2, 4, 5, 6, 8]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1]]
+    assert b["seq_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3]]
+    mask = b["attention_mask"][0, 0]
+    assert mask.shape == (11, 11) and bool(mask[4, 3]) and not bool(mask[5, 4])
+    sft = collate_chosen(rows, pad_id=0, packed=True)
+    assert sft["input_ids"].tolist() == [[1, 2, 3, 6, 7]]
+    assert collate_chosen(rows, pad_id=0)["input_ids"].tolist() == [[1, 2, 3], [6, 7, 0]]
+
+
+def test_packed_sequence_logps_sum_per_sequence_and_never_across_a_start():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 7, 11, dtype=torch.float64)
+    # Two sequences [0..3] and [4..6]; the second's first token carries a label, which a
+    # packed row must not score (it would be predicted from the first sequence's end).
+    labels = torch.tensor([[IGNORE_INDEX, 4, 5, 6, 7, 8, 9]])
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    sums, counts = sequence_logps(logits, labels, position_ids)
+    logp = torch.log_softmax(logits, -1)[0]
+    want0 = logp[0, 4] + logp[1, 5] + logp[2, 6]
+    want1 = logp[4, 8] + logp[5, 9]
+    assert sums.tolist() == pytest.approx([want0.item(), want1.item()], rel=1e-6)
+    assert counts.tolist() == [3, 2]
+    with pytest.raises(ValueError, match="one row"):
+        sequence_logps(logits.expand(2, -1, -1), labels.expand(2, -1), position_ids)
+
+
 # ---------------------------------------------------------------------------------------
 # On a tiny model
 # ---------------------------------------------------------------------------------------
@@ -185,6 +219,60 @@ def test_concatenated_batch_gives_the_loss_of_two_separate_passes(tiny):
     want, _, _ = simpo_loss(sides[0], sides[1], beta=2.0, gamma=0.3)
     assert loss.item() == pytest.approx(want.mean().item(), abs=1e-5)
     assert sums["pairs"] == 4
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flash"])
+@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo"])
+def test_packed_pairs_give_the_padded_loss_metrics_and_gradient(tiny, name, attn):
+    """One packed row per micro-batch (no padding, block mask; on the flash path one row
+    whose positions restart, through transformers' own varlen code with exact SDPA kernel
+    stand-ins) gives the loss, metrics and adapter gradient of the padded batch, with the
+    reference (adapter disabled) run on the packed row too."""
+    from flash_standin import IMPL, sdpa_flash_kernels
+
+    from ift.train.collate import model_inputs
+
+    model = _lora(tiny)
+    torch.manual_seed(4)
+    with torch.no_grad():  # a non-zero adapter: policy and reference differ
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    rows = _pairs(5)  # prompts and replies of several lengths: the padded batch has pads
+    inner = methods.unwrap(model)
+    impl = {"flash": IMPL}.get(attn, attn)
+
+    def run(packed):
+        model.zero_grad()
+        obj = Objective(name, beta=0.5, gamma=0.2, lam=0.3, pairs_per_rank=5,
+                        reference=disabled_adapter_reference(model))
+        batch = collate_pairs(rows, pad_id=0, packed=packed)
+        kernel = impl if packed else "sdpa"
+        inputs = model_inputs(batch, attn_implementation=kernel)
+        inner.config._attn_implementation = kernel
+        with sdpa_flash_kernels():
+            loss, sums = obj.loss(model, inputs)
+            loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return loss.item(), sums, grads, inputs
+
+    try:
+        padded = run(False)
+        packed = run(True)
+    finally:
+        inner.config._attn_implementation = "sdpa"
+    assert packed[3]["input_ids"].shape[0] == 1
+    assert packed[3]["input_ids"].numel() == sum(
+        len(r["input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
+    assert padded[3]["input_ids"].numel() > packed[3]["input_ids"].numel()
+    assert packed[0] == pytest.approx(padded[0], abs=1e-5)
+    if name == "dpo":
+        assert abs(packed[0] - math.log(2)) > 1e-3
+    for key in ("rewards/chosen", "rewards/margin", "rewards/accuracy", "logps/rejected",
+                "pairs"):
+        assert packed[1][key] == pytest.approx(padded[1][key], abs=1e-4), key
+    for a, b in zip(packed[2], padded[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_dpo_with_adapter_disabled_reference_starts_at_ln2(tiny):
