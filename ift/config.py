@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from ift.artifacts import bundled_path
+from ift.data.templates import TEMPLATES
 
 
 class ConfigError(ValueError):
@@ -97,7 +98,7 @@ class SourceConfig:
             raise ConfigError("data.sources[].path is required")
         self.path = bundled_path(self.path)
         self.schema = bundled_path(self.schema)
-        _check_choice(f"data.sources[{self.path}].kind", self.kind, DATA_KINDS)
+        _check_literals(self, f"data.sources[{self.path}]")
         if self.max_labels < 0:
             raise ConfigError(f"data.sources[{self.path}].max_labels={self.max_labels}: "
                               "must be >= 0")
@@ -204,10 +205,8 @@ class DataConfig:
             if s.format not in FORMATS + PAIR_FORMATS:
                 raise ConfigError(_bad_choice(f"data.sources.{i}.format", s.format,
                                               FORMATS + PAIR_FORMATS))
-        _check_choice("data.template", self.template,
-                      ("auto", "tokenizer", "chatml", "alpaca", "human_assistant"))
-        _check_choice("data.truncation", self.truncation, ("right", "left"))
-        _check_choice("data.kind", self.kind, DATA_KINDS)
+        _check_choice("data.template", self.template, TEMPLATES)
+        _check_literals(self, "data")
         if self.max_seq_len < 8:
             raise ConfigError(f"data.max_seq_len={self.max_seq_len}: must be >= 8")
         if not 0.0 <= self.val_ratio < 1.0:
@@ -238,7 +237,7 @@ class ModelConfig:
     train.objective=dpo the reference model is that adapter, frozen."""
 
     def __post_init__(self) -> None:
-        _check_choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        _check_literals(self, "model")
 
 
 PEFT_METHODS = (
@@ -292,8 +291,7 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         _check_choice("peft.method", self.method, PEFT_METHODS)
-        if self.bits not in (4, 8):
-            raise ConfigError(_bad_choice("peft.bits", self.bits, (4, 8)))
+        _check_literals(self, "peft")
         if self.r < 1:
             raise ConfigError(f"peft.r={self.r}: must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
@@ -398,11 +396,7 @@ class TrainConfig:
     model."""
 
     def __post_init__(self) -> None:
-        _check_choice("train.strategy", self.strategy, ("ddp", "fsdp"))
-        _check_choice("train.optimizer", self.optimizer, ("adamw", "adamw_8bit"))
-        _check_choice("train.scheduler", self.scheduler, ("cosine", "linear", "constant"))
-        _check_choice("train.mixed_precision", self.mixed_precision,
-                      ("auto", "no", "bf16", "fp16"))
+        _check_literals(self, "train")
         for key in ("num_workers", "micro_batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: must be >= 1")
@@ -414,8 +408,6 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         if self.optimizer == "adamw_8bit" and not self.use_gpu:
             raise ConfigError("train.optimizer=adamw_8bit needs train.use_gpu=true")
-        _check_choice("train.objective", self.objective, ("sft", "dpo", "simpo", "orpo"))
-        _check_choice("train.dpo_loss", self.dpo_loss, ("sigmoid", "ipo"))
         if self.beta <= 0:
             raise ConfigError(f"train.beta={self.beta}: must be > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -462,9 +454,7 @@ class TuneConfig:
     """Run `ift eval` on the held-out set at the end of each trial."""
 
     def __post_init__(self) -> None:
-        _check_choice("tune.search", self.search, ("grid", "random"))
-        _check_choice("tune.mode", self.mode, ("min", "max"))
-        _check_choice("tune.scheduler", self.scheduler, ("none", "asha"))
+        _check_literals(self, "tune")
 
 
 @dataclass
@@ -497,6 +487,7 @@ class BenchmarkConfig:
     models); false: plain text, as for base models."""
 
     def __post_init__(self) -> None:
+        _check_literals(self, "eval.benchmarks.<name>")
         if self.k_shot < 0 or self.max_per_subject < 0:
             raise ValueError(f"k_shot={self.k_shot} and max_per_subject="
                               f"{self.max_per_subject} must be >= 0")
@@ -622,7 +613,7 @@ class ServeConfig:
     `api_key_env` see them; anonymous callers get ids, method, base, hashes and run ids."""
 
     def __post_init__(self) -> None:
-        _check_choice("serve.backend", self.backend, ("transformers", "vllm"))
+        _check_literals(self, "serve")
         if self.max_adapters_per_replica < 1:
             raise ConfigError("serve.max_adapters_per_replica must be >= 1")
         for key in ("num_replicas", "max_ongoing_requests", "max_tokens_limit", "max_batch_size"):
@@ -970,6 +961,21 @@ def _bad_choice(key: str, value: Any, allowed: tuple) -> str:
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(_bad_choice(key, value, allowed))
+
+
+def literal_choices(cls: type) -> dict[str, tuple]:
+    """{field: allowed values} of a config section's `Literal` fields: the annotation is
+    the one list of a field's choices."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
+            if typing.get_origin(hints[f.name]) is Literal}
+
+
+def _check_literals(obj: Any, section: str) -> None:
+    """Every `Literal` field of a section holds one of its values (a section built in code
+    skips the loader's coercion, so it is checked here too)."""
+    for name, allowed in literal_choices(type(obj)).items():
+        _check_choice(f"{section}.{name}", getattr(obj, name), allowed)
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
