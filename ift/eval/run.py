@@ -107,33 +107,23 @@ def _device() -> str:
 
 def token_loss(model, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
                device: str = "cpu") -> tuple[float | None, int]:
-    """(mean next-token loss over trained tokens, trained tokens) of tokenized rows."""
+    """(mean next-token loss over trained tokens, trained tokens) of tokenized rows: the
+    training loop's batches (`collate`) and loss sum (`token_loss_sum`), shortest first."""
     import torch
-    import torch.nn.functional as F
+
+    from ift.train.collate import collate
+    from ift.train.loop import token_loss_sum
 
     total, count = 0.0, 0
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            width = max(len(r["input_ids"]) for r in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(chunk), width), heldout.IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, r in enumerate(chunk):
-                n = len(r["input_ids"])
-                ids[j, :n] = torch.tensor(r["input_ids"])
-                labels[j, :n] = torch.tensor(r["labels"])
-                mask[j, :n] = 1
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                        use_cache=False)
-            # Prompt-learning adapters prepend virtual tokens: score the last `width` positions.
-            logits = out.logits[:, -width:, :].float()
-            shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
-            shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-            total += float(F.cross_entropy(shift_logits, shift_labels,
-                                           ignore_index=heldout.IGNORE_INDEX, reduction="sum"))
-            count += int((shift_labels != heldout.IGNORE_INDEX).sum())
+            batch = collate(rows[i : i + batch_size], pad_id, packed=False)
+            out = model(input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device), use_cache=False)
+            s, n = token_loss_sum(out.logits, batch["labels"])
+            total += s
+            count += n
     return (total / count if count else None), count
 
 
