@@ -1,4 +1,5 @@
-"""Mixture arithmetic: how many times each kept row of a source is drawn, and the split.
+"""Mixture rules and arithmetic: which sources a mixture keeps, how many times each kept row
+of a source is drawn, and the split.
 
 Pure functions over counts and hashes; the pipeline and the sweep's re-mix call them with
 the same seed, so a mixture is a deterministic function of (rows, weight or count, seed).
@@ -7,8 +8,37 @@ the same seed, so a mixture is a deterministic function of (rows, weight or coun
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
+
+
+def select(sources: dict[str, dict[str, Any]], *, weights: dict[str, float | None] | None = None,
+           counts: dict[str, int | None] | None = None, include_tags: list[str] | None = None,
+           exclude_tags: list[str] | None = None) -> dict[str, tuple[float | None, int | None]]:
+    """The mixing rules, in one place: which of a prepared dataset's sources (its manifest's
+    `sources`: name -> {tags, weight, count, ...}) a mixture keeps, with what (weight, count).
+
+    `include_tags` keeps only sources carrying one of the tags; `exclude_tags` drops sources
+    carrying any (the "without cot" arm). A source named in `counts` takes that count, one
+    named in `weights` that weight (None in either keeps the prepared value); the others
+    keep their prepared weight or count. Names outside `sources` are the caller's to refuse.
+    """
+    weights, counts = dict(weights or {}), dict(counts or {})
+    kept: dict[str, tuple[float | None, int | None]] = {}
+    for name, src in sources.items():
+        tags = set(src.get("tags") or [])
+        if include_tags and not tags & set(include_tags):
+            continue
+        if exclude_tags and tags & set(exclude_tags):
+            continue
+        if counts.get(name) is not None:
+            kept[name] = (None, int(counts[name]))
+        elif weights.get(name) is not None:
+            kept[name] = (float(weights[name]), None)
+        else:
+            kept[name] = (src.get("weight"), src.get("count"))
+    return kept
 
 
 def multiplicities(n: int, *, weight: float | None = None, count: int | None = None,

@@ -859,24 +859,12 @@ def remix(prepared: str, out: str, *, weights: dict[str, float | None] | None = 
     Nothing is tokenized again. Returns the new manifest (its `parent` names `prepared`).
     """
     base = read_manifest(prepared)
-    weights, counts = dict(weights or {}), dict(counts or {})
-    unknown = sorted((set(weights) | set(counts)) - set(base["sources"]))
+    unknown = sorted((set(weights or {}) | set(counts or {})) - set(base["sources"]))
     if unknown:
         raise ConfigError(f"mixture names unknown source(s) {unknown}; "
                           f"{prepared} has {sorted(base['sources'])}")
-    chosen: dict[str, tuple[float | None, int | None]] = {}
-    for name, src in base["sources"].items():
-        tags = set(src.get("tags") or [])
-        if include_tags and not tags & set(include_tags):
-            continue
-        if exclude_tags and tags & set(exclude_tags):
-            continue
-        if name in counts and counts[name] is not None:
-            chosen[name] = (None, int(counts[name]))
-        elif name in weights and weights[name] is not None:
-            chosen[name] = (float(weights[name]), None)
-        else:
-            chosen[name] = (src.get("weight"), src.get("count"))
+    chosen = mix.select(base["sources"], weights=weights, counts=counts,
+                        include_tags=include_tags, exclude_tags=exclude_tags)
     present = set(source_names(prepared))  # sources with no surviving rows have no shards
     chosen = {n: v for n, v in chosen.items() if n in present}
     if not chosen:

@@ -29,6 +29,7 @@ import random
 from typing import Any
 
 from ift.config import ConfigError, TuneConfig, apply_override, build_config
+from ift.data import mix
 
 MIX_PREFIX = "mix."
 TAG_AXES = ("exclude_tags", "include_tags")
@@ -175,9 +176,8 @@ def mixture_sources(sources: dict[str, dict[str, Any]], request: dict[str, Any]
     """Which prepared sources a mixture keeps and with what weight or count.
 
     `sources` is a prepared manifest's `sources` block (name -> {tags, weight, count, ...});
-    the rules are those of `ift.data.pipeline.remix`: include_tags keeps only sources with
-    one of the tags, exclude_tags drops sources with any of them, a named weight replaces
-    the prepared weight (or count), others keep theirs. Raises ConfigError for an unknown
+    the rules are `ift.data.mix.select`'s, which `ift.data.pipeline.remix` applies too.
+    Raises ConfigError for an unknown
     source or a mixture that keeps nothing or gives every kept source weight 0.
     """
     weights = dict(request.get("weights") or {})
@@ -187,17 +187,8 @@ def mixture_sources(sources: dict[str, dict[str, Any]], request: dict[str, Any]
     if unknown:
         raise ConfigError(f"tune.space: mix.{unknown[0]} names no prepared source "
                           f"(sources: {', '.join(sorted(sources))})")
-    kept: dict[str, dict[str, Any]] = {}
-    for name, src in sources.items():
-        tags = set(src.get("tags") or [])
-        if include and not tags & set(include):
-            continue
-        if exclude and tags & set(exclude):
-            continue
-        if name in weights and weights[name] is not None:
-            kept[name] = {"weight": float(weights[name]), "count": None}
-        else:
-            kept[name] = {"weight": src.get("weight"), "count": src.get("count")}
+    kept = {name: {"weight": w, "count": c} for name, (w, c) in mix.select(
+        sources, weights=weights, include_tags=include, exclude_tags=exclude).items()}
     if not kept:
         raise ConfigError(f"the mixture include_tags={include or None} "
                           f"exclude_tags={exclude or None} keeps none of the sources "

@@ -42,3 +42,18 @@ def test_val_split_is_stable_and_capped():
 def test_keys_order_by_file_then_line():
     assert mix.make_key(0, 99) < mix.make_key(1, 0) < mix.make_key(1, 1)
     assert int(mix.make_key(3, 7)) >> 36 == 3
+
+
+def test_select_keeps_sources_by_tag_and_takes_named_weights_or_counts():
+    from ift.data.mix import select
+
+    sources = {"en": {"tags": ["en"], "weight": 1.0, "count": None},
+               "cot": {"tags": ["en", "cot"], "weight": None, "count": 40},
+               "zh": {"tags": ["zh"], "weight": 0.5, "count": None}}
+    assert select(sources) == {"en": (1.0, None), "cot": (None, 40), "zh": (0.5, None)}
+    assert select(sources, exclude_tags=["cot"]) == {"en": (1.0, None), "zh": (0.5, None)}
+    assert select(sources, include_tags=["en"], exclude_tags=["cot"]) == {"en": (1.0, None)}
+    assert select(sources, include_tags=["cot", "zh"]) == {"cot": (None, 40), "zh": (0.5, None)}
+    # a named count wins over a named weight; None keeps the prepared value
+    assert select(sources, weights={"en": 2, "cot": 0.25, "zh": None}, counts={"en": 7}) == {
+        "en": (None, 7), "cot": (0.25, None), "zh": (0.5, None)}
