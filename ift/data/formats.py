@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ift.data import cot_templates
-from ift.data.quality import detect_lang
+from ift.data.quality import record_lang
 from ift.data.record import ConvertError, make_record
 
 # ---------------------------------------------------------------------------------------
@@ -78,11 +78,6 @@ def _json_value(v: Any, fld: str, columns: dict[str, str]) -> Any:
     return v
 
 
-def _lang(system: str, messages: list[dict[str, str]]) -> str:
-    text = "\n".join(m["content"] for m in messages if m["role"] in ("user", "assistant"))
-    return detect_lang(text or system)
-
-
 def _finish(
     messages: list[dict[str, str]],
     *,
@@ -101,7 +96,7 @@ def _finish(
         messages=messages,
         system=sys_prompt,
         task=task or default_task,
-        lang=_lang(sys_prompt, messages),
+        lang=record_lang(sys_prompt, messages),
         meta=meta,
     )
 

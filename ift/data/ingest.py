@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from ift.data import ie, mix
 from ift.data.formats import convert
-from ift.data.quality import detect_lang, substitute_placeholders, validate
+from ift.data.quality import record_lang, substitute_placeholders, validate
 from ift.data.readers import iter_raw
 from ift.data.record import ConvertError, drop_reasoning
 
@@ -73,7 +73,5 @@ def clean_rows(task, opts: RowOptions) -> Iterator[tuple[int, int, dict | None, 
                 yield key, line, None, reason, raw_text
                 continue
             if opts.placeholders or not rec.get("lang"):  # substitution may change the script
-                rec["lang"] = detect_lang(
-                    " ".join([rec.get("system") or ""] + [m["content"] for m in rec["messages"]])
-                )
+                rec["lang"] = record_lang(rec.get("system"), rec["messages"])
             yield key, line, rec, None, raw_text

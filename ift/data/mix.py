@@ -108,6 +108,16 @@ def dedupe_first(hashes: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return keep
 
 
+LINE_BITS = 36
+"""A row key's low bits: the line (or index) within its file."""
+LINE_MASK = (1 << LINE_BITS) - 1
+
+
 def make_key(file_index: int | np.ndarray, line: int | np.ndarray):
     """A stable int64 row key: (global file index, line or index within the file)."""
-    return (np.int64(file_index) << np.int64(36)) | np.int64(line)
+    return (np.int64(file_index) << np.int64(LINE_BITS)) | np.int64(line)
+
+
+def key_file(key: int) -> int:
+    """The global file index of a row key."""
+    return int(key) >> LINE_BITS

@@ -668,10 +668,10 @@ class _Rows:
                 fh = self.spools[part, name] = open(
                     os.path.join(self.tmp, f"{part}-{len(self.spools)}.jsonl"), "w+",
                     encoding="utf-8")
-            f = self.files[r["key"] >> 36]
+            f = self.files[mix.key_file(r["key"])]
             entry = {"key": r["key"], "source": name, "file": f["path"],
                      ("line" if f.get("line_based") else "index"):
-                         r["key"] & _LINE_MASK & ((1 << CHUNK_SHIFT) - 1)}
+                         r["key"] & mix.LINE_MASK & ((1 << CHUNK_SHIFT) - 1)}
             if part == "dropped":
                 entry["id"] = r["id"]
             entry["reason"] = r["reason"]
@@ -700,7 +700,7 @@ class _Rows:
         for si, name in enumerate(self.names):
             m = src == si
             n_rej = int((rejected_src == si).sum())
-            n_chunks = int((m & ((keys & _LINE_MASK) >> CHUNK_SHIFT > 0)).sum())
+            n_chunks = int((m & ((keys & mix.LINE_MASK) >> CHUNK_SHIFT > 0)).sum())
             stats[name] = {
                 "rows_read": int(m.sum()) + n_rej - n_chunks,
                 "rows_rejected": n_rej,
@@ -749,9 +749,6 @@ class _Rows:
 def _contains(sorted_keys: np.ndarray, key: int) -> bool:
     i = np.searchsorted(sorted_keys, key)
     return bool(i < len(sorted_keys) and sorted_keys[i] == key)
-
-
-_LINE_MASK = (1 << 36) - 1
 
 
 def _fixed_bytes(column: pa.ChunkedArray, width: int) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ift.config import PAIR_FORMATS
 from ift.data import formats
-from ift.data.quality import detect_lang, validate
+from ift.data.quality import record_lang, validate
 from ift.data.record import ConvertError, conversation_hash, make_record
 
 IGNORE_INDEX = -100
@@ -208,7 +208,7 @@ def convert_pair(fmt: str, raw: Any, *, id: str, source: str, task: str = "",
     reason = check_pair(pair)
     if reason is not None:
         raise ConvertError(reason)
-    pair["lang"] = detect_lang(" ".join([m["content"] for m in prompt] + [chosen]))
+    pair["lang"] = record_lang(sys_prompt, [*prompt, {"role": "assistant", "content": chosen}])
     return pair
 
 

@@ -215,7 +215,7 @@ def _settle(rows: list[dict], sources, files: list[dict], cfg: Config, out: str,
         path = storage.join(out, folder, f"{name}.jsonl")
         lines = []
         for e in entries:
-            file = path_of[int(e["key"]) >> 36]
+            file = path_of[mix.key_file(e["key"])]
             where = "line" if line_based[file] else "index"
             item = {"source": name, "file": file, where: e["line"], "reason": e["reason"]}
             if part == "rejected":

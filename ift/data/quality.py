@@ -73,6 +73,13 @@ _LETTER = re.compile(r"[^\W\d_]")
 _ASCII_LETTER = re.compile("[a-zA-Z]")
 
 
+def record_lang(system: str | None, messages: list[dict[str, str]]) -> str:
+    """A record's language: that of its user and assistant turns (of its system prompt when
+    they hold no text). The one rule, at conversion and again after placeholders."""
+    text = "\n".join(m["content"] for m in messages if m["role"] in ("user", "assistant"))
+    return detect_lang(text or system or "")
+
+
 def detect_lang(text: str, max_chars: int = 4000) -> str:
     """"zh", "en" or "other" from the scripts of the letters in `text`.
 

@@ -101,3 +101,14 @@ def test_substitute_placeholders():
     # The input record is left as it was.
     assert r["messages"][1]["content"].startswith("I am {{name}}")
     assert substitute_placeholders(r, {}) == r
+
+
+def test_a_record_language_is_that_of_its_turns_not_its_system_prompt():
+    from ift.data.quality import record_lang
+
+    turns = [{"role": "user", "content": "写一首关于秋天的诗"},
+             {"role": "assistant", "content": "秋风起，落叶飞。"}]
+    assert record_lang("You are a helpful assistant who answers in any language.", turns) == "zh"
+    assert record_lang("你是一个乐于助人的助手。", [{"role": "user", "content": "Hi there"},
+                                          {"role": "assistant", "content": "Hello!"}]) == "en"
+    assert record_lang("你是一个助手", [{"role": "user", "content": ""}]) == "zh"
