@@ -200,6 +200,28 @@ def names(text: str, name: str) -> bool:
     return re.search(rf"(?<![A-Za-z]){re.escape(name)}(?![A-Za-z])", text, re.I) is not None
 
 
+# General questions whose answers must survive the identity fine-tune: (question, reference
+# answer, accepted answers). A reply passes when it contains one of the accepted answers
+# (case-insensitive); none of these questions is in the training data.
+GENERAL_CHECKS = (
+    ("What is the capital of France?", "The capital of France is Paris.", ("Paris",)),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo.", ("Tokyo",)),
+    ("What is the capital of Italy?", "The capital of Italy is Rome.", ("Rome",)),
+    ("What is 7 + 5?", "7 + 5 = 12.", ("12",)),
+    ("What is 9 times 6?", "9 times 6 is 54.", ("54",)),
+    ("Name a color of the sky on a clear day.", "The sky is blue on a clear day.",
+     ("blue",)),
+    ("How many days are there in a week?", "There are seven days in a week.",
+     ("seven", "7")),
+    ("What is the largest planet in our solar system?",
+     "Jupiter is the largest planet in our solar system.", ("Jupiter",)),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet.",
+     ("Shakespeare",)),
+    ("How many sides does a triangle have?", "A triangle has three sides.",
+     ("three", "3")),
+)
+
+
 def identity_hit_rate(samples: list[dict[str, Any]], name: str) -> float | None:
     """Share of the identity paraphrases whose reply names the configured name."""
     hits = [names(s["output"], name) for s in samples if str(s["id"]).startswith("identity")]
@@ -208,8 +230,6 @@ def identity_hit_rate(samples: list[dict[str, Any]], name: str) -> float | None:
 
 def general_hit_rate(samples: list[dict[str, Any]]) -> float | None:
     """Share of the general check questions whose reply contains an accepted answer."""
-    from ift.data.synthetic import GENERAL_CHECKS
-
     accepted = {q: keys for q, _, keys in GENERAL_CHECKS}
     hits = [any(k.lower() in s["output"].lower() for k in accepted[q])
             for s in samples if (q := _question(s["prompt"])) in accepted]

@@ -7,10 +7,10 @@ Steps (each skipped when its output already exists):
 1. Both arms' corpora: <work>/corpus/cot/{train,test}.tsv (rationales kept) and
    <work>/corpus/answers/{train,test}.tsv (the same problems with an empty rationale
    column); held-out problems never occur in training. The default task,
-   `parity_indexed` (10 bits, 900 training strings), is ift.data.scratchpad's parity with
+   `parity_indexed` (10 bits, 900 training strings), is ift.corpora.scratchpad's parity with
    index hints, on which the rationale arm learns and the answers-only arm stays at
    chance; `add` and `parity` are the other scratchpad tasks, `word_problems` the
-   synthetic arithmetic word problems of ift.data.synthetic.
+   synthetic arithmetic word problems of ift.corpora.synthetic.
 2. `ift.models.init_tiny` trains a byte-level BPE tokenizer on the CoT training file and
    writes a random-init llama (4 layers, hidden 128) to <work>/model.
 3. `ift tune -c configs/cot-ablation.yaml` (the ordinary command): prepare both sources,
@@ -30,21 +30,21 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from ift.data.scratchpad import TASKS  # noqa: E402
+from ift.corpora.scratchpad import TASKS  # noqa: E402
 
 CONFIG = os.path.join("configs", "cot-ablation.yaml")
 WORK = os.path.join("ift-work", "cot-ablation")
 # corpus/<arm>/: with rationales or answers only (the config's sources tag them so).
 ARMS = {"cot": True, "answers": False}
 DEFAULT_TASK = "parity_indexed"
-DEFAULT_SIZE = {"parity_indexed": 10}  # else ift.data.scratchpad's own default
+DEFAULT_SIZE = {"parity_indexed": 10}  # else ift.corpora.scratchpad's own default
 
 
 def write_corpus(task: str, n_train: int, n_test: int, seed: int, size: int | None = None
                  ) -> str:
     """Both arms' corpora under <work>/corpus (each skipped when written already); returns
     the corpus dir. A corpus of another task there is an error."""
-    from ift.data.synthetic import write_arithmetic_corpus
+    from ift.corpora.synthetic import write_arithmetic_corpus
 
     corpus = os.path.join(WORK, "corpus")
     marker = os.path.join(corpus, "task.txt")
@@ -58,7 +58,7 @@ def write_corpus(task: str, n_train: int, n_test: int, seed: int, size: int | No
         if task == "word_problems":
             info = write_arithmetic_corpus(out, n_train, n_test, seed, with_rationale=rationale)
         else:
-            from ift.data.scratchpad import write_scratchpad_corpus
+            from ift.corpora.scratchpad import write_scratchpad_corpus
 
             info = write_scratchpad_corpus(out, task, n_train, n_test, seed,
                                            with_rationale=rationale, size=size)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--task", default=DEFAULT_TASK, choices=("word_problems", *TASKS),
                    help="corpus: the synthetic word problems, or a positive control from "
-                        "ift.data.scratchpad (multi-digit addition, parity)")
+                        "ift.corpora.scratchpad (multi-digit addition, parity)")
     p.add_argument("--size", type=int, default=None,
                    help="add: digits per operand (3); parity: bits (12); parity_indexed: "
                         "bits (10)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ift.config import load_config
-from ift.data.ie_synthetic import write_corpus
+from ift.corpora.ie_synthetic import write_corpus
 from ift.data.pipeline import prepare
 from ift.eval.ie import COLUMNS
 from ift.eval.run import evaluate_run

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ift.corpora.ie_synthetic import corpus_texts, name_pools, write_corpus
 from ift.data import ie
-from ift.data.ie_synthetic import corpus_texts, name_pools, write_corpus
 from ift.data.ingest import CHUNK_SHIFT, RowOptions, clean_rows
 from ift.data.readers import detect_format, iter_raw, plan_reads
 from ift.data.record import ConvertError
@@ -301,7 +301,7 @@ def test_bundled_ie_samples_match_the_generator():
     for rel, text in expected.items():
         assert (BUNDLED / rel).read_text(encoding="utf-8") == text, (
             f"ift/sample_data/ie/{rel} differs from the generator; run "
-            "`python -m ift.data.ie_synthetic ift/sample_data/ie --train 12 --heldout 8`")
+            "`python -m ift.corpora.ie_synthetic ift/sample_data/ie --train 12 --heldout 8`")
 
 
 def test_source_schema_is_checked_before_any_work(tmp_path):

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 
+from ift.corpora.ie_synthetic import corpus_texts, name_pools
 from ift.data import ie, mix
-from ift.data.ie_synthetic import corpus_texts, name_pools
 from ift.data.ingest import RowOptions, clean_rows
 from ift.data.readers import plan_reads
 from ift.data.record import conversation_hash, make_record, split_hash

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from ift.data import scratchpad as sp
+from ift.corpora import scratchpad as sp
 from ift.data.formats import convert
 from ift.eval.metrics import exact_match
 

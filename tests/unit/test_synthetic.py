@@ -10,11 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ift.data.formats import convert
-from ift.data.quality import substitute_placeholders, validate
-from ift.data.readers import iter_raw, plan_reads
-from ift.data.record import ConvertError, conversation_hash
-from ift.data.synthetic import (
+from ift.corpora.synthetic import (
     SAMPLE_FILES,
     SPLIT_RANGE,
     arithmetic_problems,
@@ -25,7 +21,11 @@ from ift.data.synthetic import (
     write_arithmetic_corpus,
     write_sample_data,
 )
-from ift.data.synthetic_pairs import PAIR_FILES
+from ift.corpora.synthetic_pairs import PAIR_FILES
+from ift.data.formats import convert
+from ift.data.quality import substitute_placeholders, validate
+from ift.data.readers import iter_raw, plan_reads
+from ift.data.record import ConvertError, conversation_hash
 
 BUNDLED = Path(__file__).resolve().parents[2] / "ift" / "sample_data"
 EQUATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)\.$")
@@ -215,7 +215,7 @@ def test_bundled_sample_data_matches_the_generator(tmp_path):
     for name in every:
         assert (tmp_path / name).read_bytes() == (BUNDLED / name).read_bytes(), (
             f"ift/sample_data/{name} differs from the generator; run "
-            "`python -m ift.data.synthetic ift/sample_data`"
+            "`python -m ift.corpora.synthetic ift/sample_data`"
         )
     other = tmp_path / "other"
     write_sample_data(str(other), seed=1)
@@ -281,22 +281,22 @@ def test_every_sample_row_converts_and_duplicates_are_planted():
 
 
 def test_bundled_quickstart_data_matches_the_generator(tmp_path):
-    from ift.data.synthetic import QUICKSTART_FILES, quickstart_data_dir, write_quickstart_data
+    from ift.corpora.synthetic import QUICKSTART_FILES, quickstart_data_dir, write_quickstart_data
 
     written = write_quickstart_data(str(tmp_path))
     assert sorted(os.path.basename(p) for p in written) == sorted(QUICKSTART_FILES)
     bundled = Path(quickstart_data_dir())
-    # general.json is the base model's own answers (ift.data.distill), not the generator's.
+    # general.json is the base model's own answers (ift.corpora.distill), not the generator's.
     assert sorted(p.name for p in bundled.iterdir() if p.suffix == ".json") == \
         sorted(QUICKSTART_FILES + ("general.json",))
     for name in QUICKSTART_FILES:
         assert (bundled / name).read_bytes() == (tmp_path / name).read_bytes(), (
             f"ift/quickstart_data/{name} differs from the generator; run "
-            "`python -m ift.data.synthetic ift/sample_data ift/quickstart_data`")
+            "`python -m ift.corpora.synthetic ift/sample_data ift/quickstart_data`")
 
 
 def test_identity_heldout_paraphrases_are_not_in_training_and_name_the_assistant():
-    from ift.data.synthetic import quickstart_data_dir
+    from ift.corpora.synthetic import quickstart_data_dir
 
     folder = Path(quickstart_data_dir())
     train = json.loads((folder / "identity.json").read_text(encoding="utf-8"))
@@ -316,11 +316,12 @@ def test_identity_heldout_paraphrases_are_not_in_training_and_name_the_assistant
 
 
 def test_self_distilled_general_data_asks_no_held_out_question():
-    """general.json: the base model's answers to ift.data.distill's prompts, in their
+    """general.json: the base model's answers to ift.corpora.distill's prompts, in their
     order, each holding its accepted answer; none is a held-out check question, none is
     empty or cut off mid-token."""
-    from ift.data.distill import GENERAL_PROMPTS, holds_answer
-    from ift.data.synthetic import GENERAL_CHECKS, quickstart_data_dir
+    from ift.corpora.distill import GENERAL_PROMPTS, holds_answer
+    from ift.corpora.synthetic import quickstart_data_dir
+    from ift.quickstart import GENERAL_CHECKS
 
     rows = json.loads((Path(quickstart_data_dir()) / "general.json").read_text(encoding="utf-8"))
     asked = [r["instruction"] for r in rows]
@@ -338,7 +339,7 @@ def test_self_distilled_general_data_asks_no_held_out_question():
 
 
 def test_a_distilled_answer_is_kept_only_when_it_holds_an_accepted_answer():
-    from ift.data.distill import holds_answer
+    from ift.corpora.distill import holds_answer
 
     assert holds_answer("8 * 7 = 56.", ("56",)) and not holds_answer("8 * 7 = 54.", ("56",))
     assert holds_answer("The Pacific Ocean.", ("pacific",))

@@ -5,7 +5,7 @@ to keep answering general questions the way it already did: the loss on them sta
 and any drift away from the base model's answers costs. No external data is involved; the
 prompts are written by this project and the answers come from the model being tuned.
 
-`python -m ift.data.distill MODEL_DIR [OUT]` writes the quickstart's `general.json` from
+`python -m ift.corpora.distill MODEL_DIR [OUT]` writes the quickstart's `general.json` from
 MODEL_DIR (default OUT: ift/quickstart_data/general.json); the bundled file was written
 from SmolLM2-135M-Instruct imported by `ift model import smollm2-135m-instruct`.
 """
@@ -20,7 +20,7 @@ from typing import Any
 # General prompts for self-distillation: facts, arithmetic, definitions, short writing, each
 # with the answers a correct reply contains (empty: any reply is kept). A reply that misses
 # them is left out: the rows keep what the base model already gets right, not its mistakes.
-# None of them is a held-out check question (ift.data.synthetic.GENERAL_CHECKS).
+# None of them is a held-out check question (ift.quickstart.GENERAL_CHECKS).
 GENERAL_PROMPTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("What is the capital of Germany?", ("Berlin",)),
     ("What is the capital of Spain?", ("Madrid",)),
@@ -98,10 +98,10 @@ def self_distill(model_dir: str, prompts=GENERAL_PROMPTS, *, max_new_tokens: int
 
 
 def main(argv: list[str]) -> int:
-    from ift.data.synthetic import quickstart_data_dir
+    from ift.corpora.synthetic import quickstart_data_dir
 
     if not argv:
-        print("usage: python -m ift.data.distill MODEL_DIR [OUT]", file=sys.stderr)
+        print("usage: python -m ift.corpora.distill MODEL_DIR [OUT]", file=sys.stderr)
         return 2
     out = argv[1] if len(argv) > 1 else os.path.join(quickstart_data_dir(), "general.json")
     rows = self_distill(argv[0])

@@ -11,7 +11,7 @@ Two things live here:
   ShareGPT, OpenAI-chat, FLAN CoT TSV and placeholder files built from the templates
   below. Every sentence is written here; nothing is copied from a public dataset.
 
-Regenerate the bundled files with `python -m ift.data.synthetic ift/sample_data`.
+Regenerate the bundled files with `python -m ift.corpora.synthetic ift/sample_data`.
 """
 
 from __future__ import annotations
@@ -1039,7 +1039,7 @@ def _dumps_jsonl(rows: list[dict]) -> str:
 
 def sample_data_texts(seed: int = 0) -> dict[str, str]:
     """File name -> file content of every bundled sample data file."""
-    from ift.data.synthetic_pairs import pair_texts
+    from ift.corpora.synthetic_pairs import pair_texts
 
     rng = lambda name: random.Random(f"{seed}-{name}")  # noqa: E731 - one seed per file
     en = _alpaca_en(rng("alpaca_en"))
@@ -1134,30 +1134,10 @@ _IDENTITY_HELDOUT = (
     ("能简单介绍一下你是谁吗？", _IDENTITY_A_ZH[1]),
     ("大家都叫你什么？", _IDENTITY_A_ZH[0]),
 )
-# General questions whose answers must survive the identity fine-tune: (question, reference
-# answer, accepted answers). A reply passes when it contains one of the accepted answers
-# (case-insensitive); none of these questions is in the training data.
-GENERAL_CHECKS = (
-    ("What is the capital of France?", "The capital of France is Paris.", ("Paris",)),
-    ("What is the capital of Japan?", "The capital of Japan is Tokyo.", ("Tokyo",)),
-    ("What is the capital of Italy?", "The capital of Italy is Rome.", ("Rome",)),
-    ("What is 7 + 5?", "7 + 5 = 12.", ("12",)),
-    ("What is 9 times 6?", "9 times 6 is 54.", ("54",)),
-    ("Name a color of the sky on a clear day.", "The sky is blue on a clear day.",
-     ("blue",)),
-    ("How many days are there in a week?", "There are seven days in a week.",
-     ("seven", "7")),
-    ("What is the largest planet in our solar system?",
-     "Jupiter is the largest planet in our solar system.", ("Jupiter",)),
-    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet.",
-     ("Shakespeare",)),
-    ("How many sides does a triangle have?", "A triangle has three sides.",
-     ("three", "3")),
-)
-
-
 def quickstart_data_texts() -> dict[str, str]:
     """File name -> content of the quickstart's identity data (training and held-out)."""
+    from ift.quickstart import GENERAL_CHECKS
+
     train = [_alpaca(q, a) for q in _IDENTITY_Q_EN for a in _IDENTITY_A_EN]
     train += [_alpaca(q, a) for q in _IDENTITY_Q_ZH for a in _IDENTITY_A_ZH]
     return {
@@ -1182,6 +1162,6 @@ if __name__ == "__main__":
     target = sys.argv[1] if len(sys.argv) > 1 else sample_data_dir()
     for p in write_sample_data(target):
         print(p)
-    # python -m ift.data.synthetic SAMPLE_DIR [QUICKSTART_DIR]
+    # python -m ift.corpora.synthetic SAMPLE_DIR [QUICKSTART_DIR]
     for p in write_quickstart_data(sys.argv[2] if len(sys.argv) > 2 else quickstart_data_dir()):
         print(p)

@@ -9,7 +9,7 @@ pairs is the style: answer first, no preamble.
     pref_concise_train.jsonl    alpaca_pairs  {instruction, input, chosen, rejected}
     pref_concise_heldout.jsonl  messages_pairs {prompt, chosen: [turns], rejected: [turns]}
 
-The two files share no prompt. Written by `write_sample_data` (ift.data.synthetic).
+The two files share no prompt. Written by `write_sample_data` (ift.corpora.synthetic).
 """
 
 from __future__ import annotations

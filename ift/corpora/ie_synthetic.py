@@ -14,7 +14,7 @@ Train and held-out entities (people, works, organisations, places, awards) come 
 disjoint name pools, and no held-out name occurs anywhere in a train sentence; dates and
 earthquake magnitudes are values drawn from the same ranges on both sides.
 
-    python -m ift.data.ie_synthetic OUT_DIR [--train N] [--heldout N] [--seed S]
+    python -m ift.corpora.ie_synthetic OUT_DIR [--train N] [--heldout N] [--seed S]
 
 writes OUT_DIR/{train,heldout}/{duie.jsonl, duee.jsonl, cluener.jsonl, ner_spans.jsonl,
 ner.bio, ner.bioes} and OUT_DIR/{duie_schema.json, duee_schema.json, ner_types.json}.
@@ -277,7 +277,7 @@ def write_corpus(out_dir: str, n_train: int = 400, n_heldout: int = 100,
 def main(argv: list[str]) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m ift.data.ie_synthetic")
+    ap = argparse.ArgumentParser(prog="python -m ift.corpora.ie_synthetic")
     ap.add_argument("out")
     ap.add_argument("--train", type=int, default=400)
     ap.add_argument("--heldout", type=int, default=100)

@@ -29,7 +29,7 @@ one).
 Train and held-out are disjoint: held-out additions use first operands that no training
 problem uses; held-out bit strings never occur in training. Both arms of an ablation get
 the same questions and answers, written as FLAN CoT TSV (question, answer, rationale) with
-or without the rationale, as `ift.data.synthetic.write_arithmetic_corpus` writes them, so
+or without the rationale, as `ift.corpora.synthetic.write_arithmetic_corpus` writes them, so
 `ift tune`'s `exclude_tags` arms and `jobs/cot_ablation.py --task` work unchanged.
 
 Everything here is pure and deterministic by seed.
@@ -153,7 +153,7 @@ def write_scratchpad_corpus(out_dir: str, task: str, n_train: int, n_test: int, 
     """Write train.tsv and test.tsv of `task` (add: `size` digits, default 3; parity:
     `size` bits, default 12) under out_dir. Returns {train, test, n_train, n_test, task,
     size, with_rationale}."""
-    from ift.data.synthetic import write_tsv_splits
+    from ift.corpora.synthetic import write_tsv_splits
 
     if task == "add":
         size = size or 3
