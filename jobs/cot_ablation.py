@@ -4,13 +4,14 @@
 
 Steps (each skipped when its output already exists):
 
-1. Both arms' corpora: <work>/corpus/cot/{train,test}.tsv (rationales kept) and
-   <work>/corpus/answers/{train,test}.tsv (the same problems with an empty rationale
-   column); held-out problems never occur in training. The default task,
-   `parity_indexed` (10 bits, 900 training strings), is ift.corpora.scratchpad's parity with
-   index hints, on which the rationale arm learns and the answers-only arm stays at
-   chance; `add` and `parity` are the other scratchpad tasks, `word_problems` the
-   synthetic arithmetic word problems of ift.corpora.synthetic.
+1. Both arms' corpora, in the Alpaca layout under one fixed prompt (the question):
+   <work>/corpus/cot/{train,test}.json (the rationale, then "So the answer is X.") and
+   <work>/corpus/answers/{train,test}.json (the same questions, the answer sentence
+   alone); held-out problems never occur in training. The default task,
+   `parity_aligned` (10 bits, 900 training strings), is ift.corpora.scratchpad's parity
+   with one digit of running parity per bit; `add`, `parity`, `parity_indexed` and
+   `parity_cased` are the other scratchpad tasks, `word_problems` the synthetic
+   arithmetic word problems of ift.corpora.synthetic.
 2. `ift.models.init_tiny` trains a byte-level BPE tokenizer on the CoT training file and
    writes a random-init llama (4 layers, hidden 128) to <work>/model.
 3. `ift tune -c configs/cot-ablation.yaml` (the ordinary command): prepare both sources,
@@ -36,15 +37,18 @@ CONFIG = os.path.join("configs", "cot-ablation.yaml")
 WORK = os.path.join("ift-work", "cot-ablation")
 # corpus/<arm>/: with rationales or answers only (the config's sources tag them so).
 ARMS = {"cot": True, "answers": False}
-DEFAULT_TASK = "parity_indexed"
-DEFAULT_SIZE = {"parity_indexed": 10}  # else ift.corpora.scratchpad's own default
+DEFAULT_TASK = "parity_aligned"
+DEFAULT_SIZE = {"parity_indexed": 10, "parity_cased": 10, "parity_aligned": 10}
+# else ift.corpora.scratchpad's own default
 
 
 def write_corpus(task: str, n_train: int, n_test: int, seed: int, size: int | None = None
                  ) -> str:
-    """Both arms' corpora under <work>/corpus (each skipped when written already); returns
-    the corpus dir. A corpus of another task there is an error."""
-    from ift.corpora.synthetic import write_arithmetic_corpus
+    """Both arms' corpora under <work>/corpus (each skipped when written already), in the
+    Alpaca layout under one fixed prompt (the question); returns the corpus dir. A corpus
+    of another task there is an error."""
+    from ift.corpora.scratchpad import write_alpaca_splits, write_scratchpad_corpus
+    from ift.corpora.synthetic import arithmetic_split
 
     corpus = os.path.join(WORK, "corpus")
     marker = os.path.join(corpus, "task.txt")
@@ -53,15 +57,16 @@ def write_corpus(task: str, n_train: int, n_test: int, seed: int, size: int | No
                          f"{WORK} away to run --task {task}")
     for arm, rationale in ARMS.items():
         out = os.path.join(corpus, arm)
-        if os.path.exists(os.path.join(out, "test.tsv")):
+        if os.path.exists(os.path.join(out, "test.json")):
             continue
         if task == "word_problems":
-            info = write_arithmetic_corpus(out, n_train, n_test, seed, with_rationale=rationale)
+            train, test = arithmetic_split(n_train, n_test, seed)
+            write_alpaca_splits(out, {"train": train, "test": test}, rationale)
+            info = {"n_train": len(train), "n_test": len(test)}
         else:
-            from ift.corpora.scratchpad import write_scratchpad_corpus
-
             info = write_scratchpad_corpus(out, task, n_train, n_test, seed,
-                                           with_rationale=rationale, size=size)
+                                           with_rationale=rationale, size=size,
+                                           layout="alpaca")
         with open(marker, "w") as f:
             f.write(task + "\n")
         print(f"[cot-ablation] wrote {info['n_train']} train and {info['n_test']} held-out "
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.size or DEFAULT_SIZE.get(args.task))
     model = os.path.join(WORK, "model")
     if not os.path.exists(os.path.join(model, "config.json")):
-        init_tiny(model, arch="llama", data=[os.path.join(corpus, "cot", "train.tsv")],
+        init_tiny(model, arch="llama", data=[os.path.join(corpus, "cot", "train.json")],
                   vocab_size=args.vocab_size, hidden_size=args.hidden_size, layers=args.layers,
                   heads=4, seed=args.seed, max_positions=512)
         print(f"[cot-ablation] wrote a random-init llama to {model}", flush=True)

@@ -26,6 +26,14 @@ one).
   and no two-hop lookup (which parity_indexed needs: find the letter, then read the token
   after it). The answer alone is still the parity of all the bits at once.
 
+* `parity_aligned`: the bits as digits ("1011") and the running parity as digits too
+  ("Steps: 1101": 1 while the count of 1s so far is odd). Every bit and every step is one
+  token, and written in the Alpaca layout (`write_alpaca_splits`: one fixed prompt, the
+  question itself) the distance from step i back to bit i is the same for every i and
+  every row: a fixed-offset lookup and an XOR with the step before, the two things a
+  small transformer learns first. (The FLAN CoT layout picks one of 12 prompt templates
+  per question, which moves the bits by a different distance in each.)
+
 Train and held-out are disjoint: held-out additions use first operands that no training
 problem uses; held-out bit strings never occur in training. Both arms of an ablation get
 the same questions and answers, written as FLAN CoT TSV (question, answer, rationale) with
@@ -39,7 +47,9 @@ from __future__ import annotations
 
 import random
 
-TASKS = ("add", "parity", "parity_indexed", "parity_cased")
+TASKS = ("add", "parity", "parity_indexed", "parity_cased", "parity_aligned")
+ANSWER_PHRASE = "So the answer is {answer}."
+"""The one closing sentence of an Alpaca-layout corpus (`alpaca_rows`)."""
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -87,6 +97,15 @@ def cased_rationale(bits: str) -> str:
     return "Steps: " + " ".join(steps)
 
 
+def aligned_rationale(bits: str) -> str:
+    """The running parity as digits, one per bit: "1011" -> "Steps: 1101"."""
+    ones, steps = 0, []
+    for b in bits:
+        ones += b == "1"
+        steps.append(str(ones % 2))
+    return "Steps: " + "".join(steps)
+
+
 def parity_rationale(bits: str, hints: bool = False) -> str:
     """The running parity of the 1s after each bit (each step led by its index hint when
     `hints`)."""
@@ -128,7 +147,7 @@ def addition_split(n_train: int, n_test: int, seed: int, digits: int = 3
 def parity_split(n_train: int, n_test: int, seed: int, bits: int = 12, hints: bool = False,
                  style: str = "bits") -> tuple[list[dict], list[dict]]:
     """Parity problems (with index hints when `hints`; as cased letters when `style` is
-    "cased"); no held-out bit string occurs in training. The same seed and size give the
+    "cased", with digit steps when "aligned"); no held-out bit string occurs in training. The same seed and size give the
     same strings in every style."""
     if n_train + n_test > 2 ** bits:
         raise ValueError(f"{n_train} + {n_test} problems: more than the {2 ** bits} strings "
@@ -142,28 +161,73 @@ def parity_split(n_train: int, n_test: int, seed: int, bits: int = 12, hints: bo
         if style == "cased":
             return {"question": f"Is the number of capital letters in {cased(s)} even or odd?",
                     "answer": answer, "rationale": cased_rationale(s)}
+        if style == "aligned":
+            return {"question": f"Is the number of 1s in {s} even or odd?",
+                    "answer": answer, "rationale": aligned_rationale(s)}
         return {"question": f"Is the number of 1s in {indexed(s) if hints else s} even or odd?",
                 "answer": answer, "rationale": parity_rationale(s, hints)}
 
     return [row(c) for c in codes[n_test:]], [row(c) for c in codes[:n_test]]
 
 
-def write_scratchpad_corpus(out_dir: str, task: str, n_train: int, n_test: int, seed: int,
-                            with_rationale: bool = True, size: int | None = None) -> dict:
-    """Write train.tsv and test.tsv of `task` (add: `size` digits, default 3; parity:
-    `size` bits, default 12) under out_dir. Returns {train, test, n_train, n_test, task,
-    size, with_rationale}."""
-    from ift.corpora.synthetic import write_tsv_splits
+def alpaca_rows(rows: list[dict], with_rationale: bool = True) -> list[dict]:
+    """{question, answer, rationale} rows in the Alpaca layout under one fixed prompt: the
+    question is the instruction, the output the rationale and ANSWER_PHRASE, or the phrase
+    alone (the answers-only arm: the same prompts, other targets)."""
+    out = []
+    for r in rows:
+        phrase = ANSWER_PHRASE.format(answer=r["answer"])
+        out.append({"instruction": r["question"], "input": "",
+                    "output": f"{r['rationale']}\n{phrase}" if with_rationale else phrase})
+    return out
 
+
+def write_alpaca_splits(out_dir: str, splits: dict[str, list[dict]],
+                        with_rationale: bool = True) -> dict[str, str]:
+    """Write <split>.json (Alpaca layout, `alpaca_rows`) per split under out_dir (local or
+    s3://). Returns split -> path."""
+    import json
+
+    from ift import storage
+
+    storage.makedirs(out_dir)
+    paths = {}
+    for split, rows in splits.items():
+        path = storage.join(out_dir, f"{split}.json")
+        storage.write_text(path, json.dumps(alpaca_rows(rows, with_rationale),
+                                            ensure_ascii=False, indent=1) + "\n")
+        paths[split] = path
+    return paths
+
+
+def task_splits(task: str, n_train: int, n_test: int, seed: int, size: int | None = None
+                ) -> tuple[list[dict], list[dict], int]:
+    """(train, held-out, size) rows of `task` (add: `size` digits, default 3; the parity
+    tasks: `size` bits, default 12)."""
     if task == "add":
         size = size or 3
-        train, test = addition_split(n_train, n_test, seed, size)
-    elif task in ("parity", "parity_indexed", "parity_cased"):
+        return (*addition_split(n_train, n_test, seed, size), size)
+    if task in ("parity", "parity_indexed", "parity_cased", "parity_aligned"):
         size = size or 12
-        train, test = parity_split(n_train, n_test, seed, size, hints=task == "parity_indexed",
-                                   style="cased" if task == "parity_cased" else "bits")
-    else:
-        raise ValueError(f"task {task!r}: one of {', '.join(TASKS)}")
-    paths = write_tsv_splits(out_dir, {"train": train, "test": test}, with_rationale)
+        style = {"parity_cased": "cased", "parity_aligned": "aligned"}.get(task, "bits")
+        return (*parity_split(n_train, n_test, seed, size, hints=task == "parity_indexed",
+                              style=style), size)
+    raise ValueError(f"task {task!r}: one of {', '.join(TASKS)}")
+
+
+def write_scratchpad_corpus(out_dir: str, task: str, n_train: int, n_test: int, seed: int,
+                            with_rationale: bool = True, size: int | None = None,
+                            layout: str = "tsv") -> dict:
+    """Write the train and test splits of `task` (`task_splits`) under out_dir: FLAN CoT
+    TSV (train.tsv, test.tsv) or, with layout "alpaca", Alpaca JSON under one fixed prompt
+    (train.json, test.json). Returns {train, test, n_train, n_test, task, size,
+    with_rationale}."""
+    from ift.corpora.synthetic import write_tsv_splits
+
+    train, test, size = task_splits(task, n_train, n_test, seed, size)
+    if layout not in ("tsv", "alpaca"):
+        raise ValueError(f"layout {layout!r}: tsv or alpaca")
+    write = write_alpaca_splits if layout == "alpaca" else write_tsv_splits
+    paths = write(out_dir, {"train": train, "test": test}, with_rationale)
     return {"train": paths["train"], "test": paths["test"], "n_train": len(train),
             "n_test": len(test), "task": task, "size": size, "with_rationale": with_rationale}

@@ -5,6 +5,7 @@ reads the public files beside the repository (and says which one is missing)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -32,19 +33,22 @@ def test_toy_job_writes_the_arms_the_config_trains_and_scores(tmp_path, monkeypa
     assert cfg.tune.space == {"exclude_tags": [["answers"], ["cot"]]}
     assert len(cfg.tune.seeds) == 3 and cfg.tune.scheduler == "none"
     assert cfg.model.name_or_path == os.path.join(job.WORK, "model")
-    assert cfg.eval.data == os.path.join(job.WORK, "corpus", "cot", "test.tsv")
+    assert cfg.eval.data == os.path.join(job.WORK, "corpus", "cot", "test.json")
 
     monkeypatch.chdir(tmp_path)
     corpus = job.write_corpus(job.DEFAULT_TASK, 40, 10, seed=0)
     assert corpus == os.path.join(job.WORK, "corpus")
+    rows = {}
     for tag, src in by_tag.items():
-        rows = [line.split("\t") for line in open(src.path).read().splitlines()]
-        assert len(rows) == 40 and src.format == "flan_cot_tsv"
+        rows[tag] = json.loads(open(src.path).read())
+        assert len(rows[tag]) == 40 and src.format == "alpaca"
         # rationales in every row of the cot arm, in none of the answers arm
-        assert [bool(r[2]) for r in rows] == [job.ARMS[tag]] * 40
-    cot_q = [r.split("\t")[0] for r in open(by_tag["cot"].path)]
-    assert cot_q == [r.split("\t")[0] for r in open(by_tag["answers"].path)]
-    held = {r.split("\t")[0] for r in open(cfg.eval.data)}
+        assert [r["output"].startswith("Steps: ") for r in rows[tag]] == [job.ARMS[tag]] * 40
+    cot_q = [r["instruction"] for r in rows["cot"]]
+    assert cot_q == [r["instruction"] for r in rows["answers"]]
+    assert [r["output"].splitlines()[-1] for r in rows["cot"]] == [
+        r["output"] for r in rows["answers"]]
+    held = {r["instruction"] for r in json.loads(open(cfg.eval.data).read())}
     assert len(held) == 10 and not held & set(cot_q)
     with pytest.raises(SystemExit, match="holds the"):
         job.write_corpus("add" if job.DEFAULT_TASK != "add" else "parity", 40, 10, seed=0)

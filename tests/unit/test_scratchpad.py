@@ -73,6 +73,41 @@ def test_cased_parity_steps_are_the_letters_cased_by_the_running_count():
         sp.cased("0" * 27)
 
 
+def test_aligned_parity_writes_one_running_parity_digit_per_bit():
+    assert sp.aligned_rationale("1011") == "Steps: 1101"
+    train, test = sp.parity_split(100, 20, seed=0, bits=10, style="aligned")
+    plain = sp.parity_split(100, 20, seed=0, bits=10)
+    for r, p in zip(train + test, plain[0] + plain[1]):  # the same strings
+        bits = re.search(r"[01]{10}", p["question"]).group(0)
+        assert r["question"] == f"Is the number of 1s in {bits} even or odd?"
+        steps = r["rationale"].removeprefix("Steps: ")
+        assert len(steps) == 10 and steps[0] == bits[0]
+        # step i is bit i XOR step i-1
+        assert all(int(steps[i]) == int(bits[i]) ^ int(steps[i - 1]) for i in range(1, 10))
+        assert ("odd" if steps[-1] == "1" else "even") == r["answer"] == p["answer"]
+
+
+def test_alpaca_layout_keeps_one_prompt_and_the_arms_differ_only_in_targets(tmp_path):
+    import json
+
+    from ift.data.formats import convert
+
+    cot = sp.write_scratchpad_corpus(str(tmp_path / "cot"), "parity_aligned", 30, 5, seed=0,
+                                     layout="alpaca")
+    ans = sp.write_scratchpad_corpus(str(tmp_path / "ans"), "parity_aligned", 30, 5, seed=0,
+                                     layout="alpaca", with_rationale=False)
+    c, a = (json.loads(open(x["train"]).read()) for x in (cot, ans))
+    assert [r["instruction"] for r in c] == [r["instruction"] for r in a]
+    for rc, ra in zip(c, a):
+        assert ra["output"] in ("So the answer is odd.", "So the answer is even.")
+        assert rc["output"] == rc["output"].split("\n")[0] + "\n" + ra["output"]
+        rec = convert("alpaca", rc, id="x", source="s")
+        assert rec["messages"][0]["content"] == rc["instruction"]  # the question, no template
+        assert exact_match(rec["messages"][-1]["content"], ra["output"].split()[-1][:-1])
+    with pytest.raises(ValueError, match="layout"):
+        sp.write_scratchpad_corpus(str(tmp_path / "x"), "add", 1, 1, seed=0, layout="csv")
+
+
 def test_train_and_heldout_are_disjoint_and_deterministic():
     train, test = sp.addition_split(2000, 100, seed=1)
     firsts = {int(re.findall(r"\d+", r["question"])[0]) for r in train}
@@ -102,5 +137,5 @@ def test_both_arms_share_questions_and_convert(tmp_path, task):
                   id="x", source="s", seed=0)
     reply = rec["messages"][-1]["content"]
     assert reply.startswith(rationale) and exact_match(reply, answer)
-    with pytest.raises(ValueError, match="one of add, parity, parity_indexed, parity_cased"):
+    with pytest.raises(ValueError, match="one of add, parity, parity_indexed, parity_cased, parity_aligned"):
         sp.write_scratchpad_corpus(str(tmp_path / "x"), "sort", 1, 1, seed=0)
