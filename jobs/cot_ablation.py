@@ -33,7 +33,7 @@ sys.path.insert(0, REPO)
 
 from ift.corpora.scratchpad import TASKS  # noqa: E402
 
-CONFIG = os.path.join("configs", "cot-ablation.yaml")
+CONFIG = os.path.join(REPO, "configs", "cot-ablation.yaml")
 WORK = os.path.join("ift-work", "cot-ablation")
 # corpus/<arm>/: with rationales or answers only (the config's sources tag them so).
 ARMS = {"cot": True, "answers": False}
