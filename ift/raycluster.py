@@ -22,17 +22,24 @@ def forwarded_env() -> dict[str, str]:
 # is missing.
 QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
                  "bitsandbytes.backends.cpu.ops")
+# Loggers whose INFO lines repeat what ift's own progress lines say: Ray Data announces
+# every dataset it starts and finishes reading, in every worker, once per epoch. Ray Data
+# sets its logger's level when it is imported, from RAY_DATA_LOG_LEVEL if that is set.
+QUIET_INFO = ("ray.data",)
 # Deprecation notices raised inside transformers and peft themselves.
 QUIET_WARNINGS = (r".*is_gradient_checkpointing.*",)
 
 
 def quiet_logs() -> None:
-    """Raise QUIET_LOGGERS to ERROR and ignore QUIET_WARNINGS (also the worker process
-    setup hook of every Ray worker ift starts)."""
+    """Raise QUIET_LOGGERS to ERROR and QUIET_INFO to WARNING, and ignore QUIET_WARNINGS
+    (also the worker process setup hook of every Ray worker ift starts)."""
     import warnings
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # a user's own level wins
+    for name in QUIET_INFO:
+        logging.getLogger(name).setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 from ift import raycluster
@@ -10,11 +11,17 @@ from ift import raycluster
 
 def test_quiet_logs_silences_only_the_listed_loggers_and_warnings(monkeypatch):
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
-    for name in raycluster.QUIET_LOGGERS:
+    monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "unset")  # restored after the test
+    monkeypatch.delenv("RAY_DATA_LOG_LEVEL")
+    for name in (*raycluster.QUIET_LOGGERS, *raycluster.QUIET_INFO):
         logging.getLogger(name).setLevel(logging.NOTSET)
     raycluster.quiet_logs()
     for name in raycluster.QUIET_LOGGERS:
         assert logging.getLogger(name).getEffectiveLevel() == logging.ERROR
+    # Ray Data keeps its warnings, loses its per-dataset INFO lines
+    data = logging.getLogger("ray.data._internal.execution.streaming_executor")
+    assert data.getEffectiveLevel() == logging.WARNING
+    assert os.environ["RAY_DATA_LOG_LEVEL"] == "WARNING"  # kept when Ray Data configures it
     assert logging.getLogger("ray.train").getEffectiveLevel() < logging.ERROR
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
