@@ -196,10 +196,18 @@ def _pairs(n: int) -> list[dict]:
     return rows
 
 
-def _lora(tiny):
+def _lora(tiny, nonzero_seed: int | None = None):
+    """A LoRA model of the tiny llama; with `nonzero_seed`, its B matrices drawn non-zero."""
     cfg = load_config(None, [f"model.name_or_path={tiny}", "peft.r=4", "peft.dropout=0"])
     torch.manual_seed(0)
-    return methods.build(load_model(cfg.model, device="cpu", dtype="fp32"), cfg, 10)
+    model = methods.build(load_model(cfg.model, device="cpu", dtype="fp32"), cfg, 10)
+    if nonzero_seed is not None:
+        torch.manual_seed(nonzero_seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+    return model
 
 
 def test_concatenated_batch_gives_the_loss_of_two_separate_passes(tiny):
@@ -232,12 +240,7 @@ def test_packed_pairs_give_the_padded_loss_metrics_and_gradient(tiny, name, attn
 
     from ift.train.collate import model_inputs
 
-    model = _lora(tiny)
-    torch.manual_seed(4)
-    with torch.no_grad():  # a non-zero adapter: policy and reference differ
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    model = _lora(tiny, nonzero_seed=4)  # policy and reference differ
     rows = _pairs(5)  # prompts and replies of several lengths: the padded batch has pads
     inner = methods.unwrap(model)
     impl = {"flash": IMPL}.get(attn, attn)
@@ -296,12 +299,7 @@ def test_precomputed_reference_logps_give_the_on_the_fly_loss_and_gradient(tiny)
     reference (the adapter disabled) on every batch."""
     from ift.train.ref_logps import REF_COLUMNS, reference_logps
 
-    model = _lora(tiny)
-    torch.manual_seed(3)
-    with torch.no_grad():  # a non-zero adapter: policy and reference differ
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    model = _lora(tiny, nonzero_seed=3)  # policy and reference differ
     rows = _pairs(6)
     cfg = load_config(None, [f"model.name_or_path={tiny}"])
     base = load_model(cfg.model, device="cpu", dtype="fp32")
