@@ -519,6 +519,14 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     except ray.train.TrainingFailedError as e:
         raise TrainError(f"training run {t.run_name} failed: {e}{_storage_hint(run_dir)}") from e
     finally:
+        # MLflow first: `finished` in run.json then means the run is closed (a sweep that
+        # stopped this trial marks it KILLED after that, ift.tune.driver).
+        if status != "FINISHED" and run_id:
+            try:
+                tracking.end_run(run_id, status=status)
+            except Exception as e:  # noqa: BLE001 - keep the error that ended the run
+                print(f"[ift train] warning: could not mark MLflow run {run_id} {status}: "
+                      f"{e}", flush=True)
         info.update(status=status,
                     finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         try:
@@ -528,8 +536,6 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
                 raise
             print(f"[ift train] warning: could not record status {status} in {run_file}: "
                   f"{e}", flush=True)
-        if status != "FINISHED" and run_id:
-            tracking.end_run(run_id, status=status)
 
     summary = _finish(cfg, run_dir, run_id, plan, time.time() - started, result)
     info.update(final=summary["final"], steps=summary["steps"],

@@ -344,9 +344,17 @@ def collect(results, points: list[dict[str, Any]], sweep_dir: str) -> list[dict[
     return out
 
 
+STOPPED_CLOSE_WAIT_S = 60.0
+"""How long the sweep waits for a stopped trial's own training run to record its end."""
+
+
 def _close_stopped(cfg: Config, trials: list[dict[str, Any]]) -> None:
-    """Mark the MLflow runs of trials the scheduler stopped (their process was ended before
-    training could close them)."""
+    """Mark the MLflow runs of trials the scheduler stopped (KILLED) or that errored.
+
+    A stopped trial's training run may still be closing itself (as FAILED, since it was
+    interrupted) when the Tuner returns: its run.json gets `finished` when it has. The
+    mark is made after that (or after STOPPED_CLOSE_WAIT_S, for a process ended before it
+    could close anything), so the scheduler's stop is what the run says last."""
     from ift import tracking
 
     if not cfg.tracking.enabled:
@@ -354,7 +362,12 @@ def _close_stopped(cfg: Config, trials: list[dict[str, Any]]) -> None:
     for t in trials:
         if t["status"] not in ("stopped", "error"):
             continue
-        info = _read_json(storage.join(sweep_dir_of(cfg), RUNS_DIR, t["name"], RUN_FILE))
+        path = storage.join(sweep_dir_of(cfg), RUNS_DIR, t["name"], RUN_FILE)
+        info = _read_json(path)
+        deadline = time.time() + STOPPED_CLOSE_WAIT_S
+        while info.get("mlflow_run_id") and not info.get("finished") and time.time() < deadline:
+            time.sleep(0.5)
+            info = _read_json(path)
         run_id = info.get("mlflow_run_id")
         if not run_id:
             continue
