@@ -60,10 +60,7 @@ def collate_pairs(rows: Sequence[dict[str, Any]], pad_id: int, *,
     micro-batch costs its real tokens only; `sequence_logps` then sums per sequence by the
     position restarts. Rows carrying precomputed reference log-probs also give `ref_logps`
     (2B, same order)."""
-    chosen = [{"id": r.get("id"), "input_ids": r["input_ids"], "labels": r["labels"]}
-              for r in rows]
-    rejected = [{"id": r.get("id"), "input_ids": r["rejected_input_ids"],
-                 "labels": r["rejected_labels"]} for r in rows]
+    chosen, rejected = _side(rows, ""), _side(rows, "rejected_")
     if packed:
         batch = collate([_one_row(chosen + rejected)], pad_id, packed=True)
     else:
@@ -78,11 +75,16 @@ def collate_chosen(rows: Sequence[dict[str, Any]], pad_id: int, *,
                    packed: bool | None = None) -> dict[str, torch.Tensor]:
     """SFT on preference pairs trains on the chosen sides: B padded rows, or (packed) one
     row of the B chosen sequences back to back."""
-    chosen = [{"id": r.get("id"), "input_ids": r["input_ids"], "labels": r["labels"]}
-              for r in rows]
+    chosen = _side(rows, "")
     if packed:
         return collate([_one_row(chosen)], pad_id, packed=True)
     return collate(chosen, pad_id, packed=False)
+
+
+def _side(rows: Sequence[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """One side of each pair row as a plain sequence: "" the chosen, "rejected_" the other."""
+    return [{"id": r.get("id"), "input_ids": r[f"{prefix}input_ids"],
+             "labels": r[f"{prefix}labels"]} for r in rows]
 
 
 def _one_row(seqs: Sequence[dict[str, Any]]) -> dict[str, Any]:
