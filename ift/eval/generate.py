@@ -52,7 +52,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     left in eval mode.
     """
     from ift.serve.engine import Engine
-    from ift.serve.generation import SamplingParams
+    from ift.serve.sampling import SamplingParams
 
     if not prompts:
         return []

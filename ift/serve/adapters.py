@@ -23,7 +23,7 @@ from typing import Any
 
 from ift import storage
 from ift.artifacts import ADAPTER_CONFIG, LINEAGE_FILE
-from ift.serve.generation import RequestError
+from ift.serve.protocol import RequestError
 
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_NAME_LEN = 512

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from ift.serve.generation import RequestError
+from ift.serve.protocol import RequestError
 
 
 class Overloaded(RequestError):

@@ -41,10 +41,9 @@ from fastapi import Request
 from ift.config import Config, ConfigError, load_config
 from ift.serve import openapi
 from ift.serve.adapters import Catalog, public_entry
-from ift.serve.generation import (
+from ift.serve.protocol import (
     SSE_DONE,
     RequestError,
-    SamplingParams,
     chat_chunk,
     chat_response,
     completion_chunk,
@@ -57,6 +56,7 @@ from ift.serve.generation import (
     sse,
     usage_chunk,
 )
+from ift.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -83,7 +83,7 @@ def local_reply(model_path: str, adapter: str, temperature: float, max_tokens: i
                 template: str = "auto") -> ReplyFn:
     from ift import storage
     from ift.serve.engine import Engine
-    from ift.serve.generation import SamplingParams
+    from ift.serve.sampling import SamplingParams
 
     engine = Engine(model_path, template=template, batch_wait_timeout_s=0.0)
     name = None

@@ -1,6 +1,6 @@
 """The request bodies of the OpenAI routes as JSON Schema, for the app's /openapi.json.
 
-The routes read their bodies themselves (generation.py validates every field and answers
+The routes read their bodies themselves (protocol.py validates every field and answers
 400 naming it), so FastAPI does not know their shape; these schemas tell clients and API
 fuzzers what a request looks like. They describe what is accepted, not every check: ranges
 that depend on the server (max_tokens up to serve.max_tokens_limit) are checked per request.

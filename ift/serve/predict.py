@@ -105,7 +105,7 @@ class Predictor:
         self.params = params
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from ift.serve.generation import SamplingParams
+        from ift.serve.sampling import SamplingParams
 
         tok = self.engine.tokenizer
         n = len(batch["id"])

@@ -56,7 +56,7 @@ def test_predict_prepared_val_split_in_order_and_resumable(ray_cluster, tiny_mod
                                                            tmp_path):
     from ift.config import build_config
     from ift.serve.engine import Engine
-    from ift.serve.generation import SamplingParams
+    from ift.serve.sampling import SamplingParams
     from ift.serve.predict import SHARDS, predict
 
     out = tmp_path / "pred"

@@ -193,7 +193,7 @@ def test_engine_uses_each_adapters_format_and_stops_at_its_end_of_turn(tiny_mode
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ift.serve.engine import Engine
-    from ift.serve.generation import SamplingParams
+    from ift.serve.sampling import SamplingParams
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     msgs = [{"role": "user", "content": "Name three colors."}]

@@ -11,7 +11,8 @@ import pytest
 from train_support import random_lora_adapter as make_adapter
 
 from ift.serve.adapters import Catalog, check_adapter_name, read_lineage
-from ift.serve.generation import RequestError, SamplingParams
+from ift.serve.protocol import RequestError
+from ift.serve.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 
@@ -142,7 +143,7 @@ def test_released_adapter_is_deleted_only_when_unused(tiny_model, adapters):
         assert done[-1]["type"] == "end"
         assert "".join(e["text"] for e in done if e["type"] == "delta") == before
         assert eng.loaded_adapters() == ["b"]
-        assert "a" not in eng._adapters  # actually deleted from the model
+        assert "a" not in eng.adapters.names  # actually deleted from the model
         # The last adapter is never deleted from PEFT, but it is reloadable and usable.
         eng.release_adapter("b")
         eng.load_adapter("a", adapters["a"]).result()
@@ -162,7 +163,7 @@ def test_base_batches_run_the_plain_model_and_peft_still_finds_its_layers(tiny_m
     from ift.serve.engine import Engine
 
     def lora_names(eng) -> set[str]:
-        return {k for m in eng.peft.modules() if isinstance(m, BaseTunerLayer)
+        return {k for m in eng.adapters.peft.modules() if isinstance(m, BaseTunerLayer)
                 for k in m.lora_A}
 
     eng = Engine(tiny_model, max_batch_size=4)
@@ -181,11 +182,11 @@ def test_base_batches_run_the_plain_model_and_peft_still_finds_its_layers(tiny_m
         assert eng.generate(ids, GREEDY)["text"] == plain
         assert eng.loaded_adapters() == ["a"]
         deadline = time.monotonic() + 60  # the engine thread deletes it just after the batch
-        while "b" in eng._adapters and time.monotonic() < deadline:
+        while "b" in eng.adapters.names and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert "b" not in eng._adapters
+        assert "b" not in eng.adapters.names
         assert eng.generate(ids, GREEDY, "a")["text"] == with_a
-        assert lora_names(eng) == {eng._adapters["a"]}  # gone from every layer
+        assert lora_names(eng) == {eng.adapters.names["a"]}  # gone from every layer
         # Loading right after a base batch: PEFT wraps each layer once, not twice.
         assert eng.generate(ids, GREEDY)["text"] == plain
         eng.load_adapter("b", adapters["b"]).result()

@@ -6,15 +6,13 @@ import json
 
 import pytest
 
-from ift.serve.generation import (
+from ift.serve.protocol import (
     RequestError,
-    SamplingParams,
-    TextStream,
-    TokenChooser,
     parse_chat_request,
     parse_completion_request,
     parse_sampling,
 )
+from ift.serve.sampling import SamplingParams, TextStream, TokenChooser
 
 USER = [{"role": "user", "content": "hi"}]
 
