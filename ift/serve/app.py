@@ -1,18 +1,19 @@
 """`ift serve`: an OpenAI-compatible Ray Serve application.
 
-Deployments:
+Two plain classes, wrapped with `serve.deployment` when the app is built (`build_app`):
 
-- the ingress, named `llm-<base id>`: a FastAPI deployment that is also the base model's
-  replica. It checks auth, parses and validates requests (4xx with a message for anything
-  malformed) and answers base-model requests itself, one hop from Serve's HTTP proxy. It
-  loads LoRA adapters on demand (local or s3://) into an LRU of `max_adapters_per_replica`
-  through Serve model multiplexing; with more than one replica, a request for an adapter
-  this replica does not hold goes through a handle to a replica that does. Its engine
-  batches requests for any mix of adapters into one forward pass (engine.py).
-- one `LLMServer` per merged model, served under its own id through a handle.
-
-Every model replica admits generation requests itself (admission.py): an overload is a
-503 with a JSON body, a request over `request_timeout_s` a 504.
+- `Ingress`, named `llm-<base id>`: the FastAPI ingress (ROUTES, mounted by
+  `fastapi_app`), which is also the base model's replica. It checks auth, parses and
+  validates requests (4xx with a message for anything malformed) and resolves each
+  request's model id once, into a `protocol.ModelRequest` that names the adapter and its
+  path. Base-model requests are answered here, one hop from Serve's HTTP proxy; with more
+  than one replica, a request for an adapter this replica does not hold goes through a
+  handle to a replica that does (Serve model multiplexing routes it by the adapter id).
+- `ModelServer`: one model's engine (engine.py, which batches requests for any mix of
+  adapters into one forward pass), its LRU of `max_adapters_per_replica` adapters (local
+  or s3://) and its admission (admission.py: an overload is a 503 with a JSON body, a
+  request over `request_timeout_s` a 504). Deployed as is for each merged model, under its
+  own id, and held by the ingress for the base model.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET
 /v1/models, GET /health, GET / (a small chat page).
@@ -33,16 +34,21 @@ import re
 import signal
 import threading
 import time
+import types
 from importlib import resources
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from ift.config import Config, ConfigError, load_config
 from ift.serve import openapi
 from ift.serve.adapters import Catalog, public_entry
+from ift.serve.admission import Admission, Overloaded
 from ift.serve.protocol import (
     SSE_DONE,
+    GenerationRequest,
+    ModelRequest,
     RequestError,
     chat_chunk,
     chat_response,
@@ -161,105 +167,91 @@ def _error_event(e: Exception) -> dict[str, Any]:
     return {"type": "error", "status": 500, "message": internal_error("request failed")}
 
 
-def model_server_class(max_adapters: int):
+class ModelServer:
     """What every model replica does: hold one model's engine, load adapters on demand into
     an LRU of `max_adapters` (Serve model multiplexing), admit generation requests and
-    answer them as events. The LRU size is fixed when the class is made."""
-    from ray import serve
+    answer them as events. `build_app` deploys it as is for merged models; the ingress
+    holds one for the base model."""
 
-    from ift.serve.admission import Admission, Overloaded
+    def __init__(self, model_path: str, engine_args: dict[str, Any], limits: dict[str, int],
+                 max_adapters: int):
+        from ray import serve
 
-    class ModelServer:
-        def __init__(self, model_path: str, engine_args: dict[str, Any],
-                     catalog_args: dict[str, Any] | None, limits: dict[str, int]):
-            from ift.serve.engine import Engine
+        from ift.serve.engine import Engine
 
-            self.engine = Engine(model_path, **engine_args)
-            self.catalog = Catalog(**catalog_args) if catalog_args else None
-            self.admission = Admission(limits["max_ongoing_requests"],
-                                       limits["max_queued_requests"])
+        self.engine = Engine(model_path, **engine_args)
+        self.admission = Admission(limits["max_ongoing_requests"], limits["max_queued_requests"])
+        self._adapter_paths: dict[str, str] = {}
 
-        @serve.multiplexed(max_num_models_per_replica=max_adapters)
-        async def get_adapter(self, model_id: str) -> AdapterRef:
-            from ift import storage
+        async def load(adapter: str) -> AdapterRef:
+            return await self._load_adapter(adapter)
 
-            if self.catalog is None:
-                raise RequestError(f"model {model_id!r} takes no adapters", "model", 404)
-            path = self.catalog.adapter_path(model_id)
-            if path is None:
-                raise RequestError(f"model {model_id!r} not found", "model", 404)
-            local = await asyncio.to_thread(storage.local_copy, path)
-            await asyncio.wrap_future(self.engine.load_adapter(model_id, local))
-            return AdapterRef(self.engine, model_id)
+        # The LRU's size is this deployment's; Serve reports the ids held here to its
+        # router, so requests sent with an adapter as multiplexed id come to this replica.
+        self._adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load)
 
-        async def _prepare(self, req: dict[str, Any]) -> tuple[list[int], SamplingParams, str | None]:
-            # A request answered on the replica it reached names its adapter; one routed
-            # here through a handle carries it as the multiplexed model id.
-            adapter = req["adapter"] if "adapter" in req else serve.get_multiplexed_model_id()
-            adapter = adapter or None
-            if adapter is not None:
-                await self.get_adapter(adapter)
-            params = SamplingParams.from_dict(req["params"])
-            if req["kind"] == "chat":
-                ids = self.engine.chat_prompt_ids(req["messages"], adapter)
-            else:
-                ids = self.engine.completion_prompt_ids(req["prompt"])
-            return ids, self.engine.check_length(ids, params), adapter
+    def __del__(self):
+        self.stop()
 
-        async def generate(self, req: dict[str, Any]):
-            """Events for one request: start, deltas, then end (or one error event)."""
-            try:
-                async with self.admission.slot():
-                    try:
-                        ids, params, adapter = await self._prepare(req)
-                        events = self.engine.stream(ids, params, adapter)
-                    except Exception as e:  # noqa: BLE001 - sent as an event
-                        yield _error_event(e)
-                        return
-                    yield {"type": "start", "prompt_tokens": len(ids)}
-                    async for ev in events:
-                        yield ev
-            except Overloaded as e:  # no slot
-                yield _error_event(e)
+    async def _load_adapter(self, adapter: str) -> AdapterRef:
+        from ift import storage
 
-        async def complete(self, req: dict[str, Any]) -> dict[str, Any]:
-            """The whole result in one message: {type: end, text, ...} or an error event."""
-            try:
-                async with self.admission.slot():
-                    ids, params, adapter = await self._prepare(req)
-                    return await self.engine.complete(ids, params, adapter)
-            except Exception as e:  # noqa: BLE001 - sent as an event
-                return _error_event(e)
+        local = await asyncio.to_thread(storage.local_copy, self._adapter_paths[adapter])
+        await asyncio.wrap_future(self.engine.load_adapter(adapter, local))
+        return AdapterRef(self.engine, adapter)
 
-        def info(self) -> dict[str, Any]:
-            return {"replica": serve.get_replica_context().replica_id.unique_id,
-                    "model_path": self.engine.model_path,
-                    "adapters": self.engine.loaded_adapters(), "steps": self.engine.steps,
-                    "adapter_loads": self.engine.adapter_loads,
-                    "running": self.admission.running, "waiting": self.admission.waiting}
+    async def _prepare(self, req: ModelRequest) -> tuple[list[int], SamplingParams]:
+        if req.adapter is not None:
+            self._adapter_paths[req.adapter] = req.adapter_path
+            await self._adapter(req.adapter)
+        if req.kind == "chat":
+            ids = self.engine.chat_prompt_ids(req.messages, req.adapter)
+        else:
+            ids = self.engine.completion_prompt_ids(req.prompt)
+        return ids, self.engine.check_length(ids, req.params)
 
-        def check_health(self) -> None:
-            if not self.engine.alive():
-                raise RuntimeError("the decode engine has stopped")
+    async def generate(self, req: ModelRequest):
+        """Events for one request: start, deltas, then end (or one error event)."""
+        try:
+            async with self.admission.slot():
+                try:
+                    ids, params = await self._prepare(req)
+                    events = self.engine.stream(ids, params, req.adapter)
+                except Exception as e:  # noqa: BLE001 - sent as an event
+                    yield _error_event(e)
+                    return
+                yield {"type": "start", "prompt_tokens": len(ids)}
+                async for ev in events:
+                    yield ev
+        except Overloaded as e:  # no admission slot
+            yield _error_event(e)
 
-        def _stop_engine(self) -> None:
-            engine = getattr(self, "engine", None)
-            if engine is not None:
-                engine.shutdown(timeout=5)
+    async def complete(self, req: ModelRequest) -> dict[str, Any]:
+        """The whole result in one message: {type: end, text, ...} or an error event."""
+        try:
+            async with self.admission.slot():
+                ids, params = await self._prepare(req)
+                return await self.engine.complete(ids, params, req.adapter)
+        except Exception as e:  # noqa: BLE001 - sent as an event
+            return _error_event(e)
 
-    return ModelServer
+    def info(self) -> dict[str, Any]:
+        from ray import serve
 
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "model_path": self.engine.model_path,
+                "adapters": self.engine.loaded_adapters(), "steps": self.engine.steps,
+                "adapter_loads": self.engine.adapter_loads,
+                "running": self.admission.running, "waiting": self.admission.waiting}
 
-def llm_server_class(max_adapters: int):
-    """A model deployment reached through handles (merged models)."""
-    from ray import serve
+    def check_health(self) -> None:
+        if not self.engine.alive():
+            raise RuntimeError("the decode engine has stopped")
 
-    @serve.deployment
-    class LLMServer(model_server_class(max_adapters)):
-        def __del__(self):
-            self._stop_engine()
-
-    return LLMServer
+    def stop(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=5)
 
 
 class _LocalStream:
@@ -277,269 +269,319 @@ class _LocalStream:
             self._closing = asyncio.get_running_loop().create_task(self._agen.aclose())
 
 
-def ingress_class(max_adapters: int):
-    """The HTTP ingress, which is also the base model's replica.
+def _json_error(status: int, message: str, type: str = "invalid_request_error",
+                param: str | None = None, code: str | None = None, headers=None):
+    return JSONResponse(error_body(message, type, param, code), status_code=status,
+                        headers=headers)
 
-    Base-model requests, and adapter requests on a replica that holds the adapter (or when
-    the deployment has one replica), are answered where they arrive: one hop from the HTTP
-    proxy. Other adapter requests go through a handle with the adapter as multiplexed model
-    id, so Serve routes them to a replica that already holds it; merged models go to their
-    own deployments.
+
+def _internal_error(what: str):
+    """A JSON 500 naming the request id under which the failure is logged."""
+    return _json_error(500, internal_error(what), "server_error")
+
+
+def _status_type(status: int) -> str:
+    return {401: "authentication_error", 404: "invalid_request_error",
+            503: "overloaded_error", 504: "timeout_error"}.get(
+                status, "invalid_request_error" if status < 500 else "server_error")
+
+
+def _event_error(ev: dict[str, Any]):
+    """The HTTP answer to an error event from a model replica (503: overloaded)."""
+    headers = {"Retry-After": "1"} if ev["status"] == 503 else None
+    return _json_error(ev["status"], ev["message"], _status_type(ev["status"]),
+                       ev.get("param"), headers=headers)
+
+
+def _timeout(seconds: float):
+    return _json_error(504, f"request timed out after {seconds:g}s", "timeout_error")
+
+
+class Ingress:
+    """The HTTP ingress, which is also the base model's replica (it holds its
+    `ModelServer`).
+
+    Each request's model id is resolved once, here, into a `ModelRequest`. Base-model
+    requests, and adapter requests on a replica that holds the adapter (or when the
+    deployment has one replica), are answered where they arrive: one hop from the HTTP
+    proxy. Other adapter requests go through a handle to this deployment with the adapter
+    as multiplexed model id, so Serve routes them to a replica that already holds it;
+    merged models go to their own deployments. `build_app` mounts ROUTES on a FastAPI app.
     """
+
+    def __init__(self, model_path: str, engine_args: dict[str, Any],
+                 catalog_args: dict[str, Any], limits: dict[str, int], max_adapters: int,
+                 merged: dict[str, Any], settings: dict[str, Any]):
+        self.model = ModelServer(model_path, engine_args, limits, max_adapters)
+        self.catalog = Catalog(**catalog_args)
+        self.merged = merged
+        self.max_tokens_limit = int(settings["max_tokens_limit"])
+        self.timeout = float(settings["request_timeout_s"])
+        self.key_digest = settings.get("api_key_sha256", "")
+        self.route_adapters = bool(settings.get("route_adapters", False))
+        # Callers of /v1/models see server paths when they hold the key, or when the
+        # config says everyone may.
+        self.show_paths = bool(self.key_digest) or bool(settings.get("show_model_paths"))
+        self.created = int(time.time())
+        self._self_handle = None
+
+    async def __del__(self):
+        self.model.stop()
+        await super().__del__()  # the ASGI app's lifespan shutdown (Serve's ingress wrapper)
+
+    # ------------------------------------------------------------------ the model replica
+    # (what a handle to this deployment calls: adapter requests routed by Serve)
+
+    async def generate(self, req: ModelRequest):
+        events = self.model.generate(req)
+        try:
+            async for ev in events:
+                yield ev
+        finally:
+            await events.aclose()  # releases the admission slot and the engine request
+
+    async def complete(self, req: ModelRequest) -> dict[str, Any]:
+        return await self.model.complete(req)
+
+    def info(self) -> dict[str, Any]:
+        return self.model.info()
+
+    def check_health(self) -> None:
+        self.model.check_health()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _unauthorized(self, request: Request):
+        if not self.key_digest:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() == "bearer" and hmac.compare_digest(digest, self.key_digest):
+            return None
+        return _json_error(401, "missing or invalid bearer token (Authorization: Bearer KEY)",
+                           "authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def _handle(self, req: ModelRequest):
+        """The handle that answers a request, or None to answer it on this replica."""
+        if req.model in self.merged and req.adapter is None:
+            return self.merged[req.model]
+        if (req.adapter is None or not self.route_adapters
+                or self.model.engine.has_adapter(req.adapter)):
+            return None
+        from ray import serve
+
+        if self._self_handle is None:
+            ctx = serve.get_replica_context()
+            self._self_handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+        return self._self_handle.options(multiplexed_model_id=req.adapter)
+
+    async def _parse(self, request: Request, kind: str) -> tuple[GenerationRequest, ModelRequest]:
+        raw = await request.body()
+        if not raw.strip():
+            raise RequestError("request body is empty; send a JSON object")
+        try:
+            body = json.loads(raw)
+        except UnicodeDecodeError as e:
+            raise RequestError(f"request body is not UTF-8 text: {e}") from e
+        except json.JSONDecodeError as e:
+            raise RequestError(f"request body is not valid JSON: {e.msg} at line "
+                               f"{e.lineno} column {e.colno}") from e
+        except RecursionError:
+            raise RequestError("request body is nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise RequestError(f"request body is not valid JSON: {e}") from None
+        parse = parse_chat_request if kind == "chat" else parse_completion_request
+        greq = parse(body, self.max_tokens_limit)
+        if self.catalog.is_static(greq.model):
+            target = self.catalog.resolve(greq.model)
+        else:  # a name under adapter_root: its existence is checked on disk or S3
+            target = await asyncio.to_thread(self.catalog.resolve, greq.model)
+        if target.kind == "adapter":
+            return greq, greq.for_model(target.model_id, target.path)
+        return greq, greq.for_model()
+
+    # ------------------------------------------------------------------ routes
+
+    async def index(self):
+        return HTMLResponse(_index_html())
+
+    async def health(self):
+        return {"status": "ok"}
+
+    async def models(self, request: Request):
+        from ray import serve
+
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        rows = await asyncio.to_thread(self.catalog.list_models, self.created)
+        # The last lineage stage: which app and deployment serve each id, at which URL.
+        url = str(request.base_url).rstrip("/") + "/v1"
+        ctx = serve.get_replica_context()
+        for row in rows:
+            handle = self.merged.get(row["id"])
+            if handle is None:  # the base and its adapters: this deployment
+                where = {"app": ctx.app_name, "deployment": ctx.deployment}
+            else:
+                where = {"app": getattr(handle, "app_name", None),
+                         "deployment": getattr(handle, "deployment_name", None)}
+            row["metadata"]["serving"] = {"url": url, **where}
+        if not self.show_paths:
+            rows = [public_entry(row) for row in rows]
+        return {"object": "list", "data": rows}
+
+    async def chat_completions(self, request: Request):
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: Request):
+        return await self._generate(request, "completion")
+
+    async def _generate(self, request: Request, kind: str):
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        try:
+            greq, req = await self._parse(request, kind)
+        except RequestError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        handle = self._handle(req)
+        deadline = time.monotonic() + self.timeout
+        if greq.stream:
+            return await self._stream(handle, req, greq, deadline)
+        resp = self.model.complete(req) if handle is None else handle.complete.remote(req)
+        try:
+            out = await asyncio.wait_for(resp, self.timeout)  # cancels a local request
+        except asyncio.TimeoutError:
+            if handle is not None:
+                resp.cancel()
+            return _timeout(self.timeout)
+        except Exception:  # noqa: BLE001 - a replica failure, not a bad request
+            return _internal_error("generation failed")
+        if out["type"] == "error":
+            return _event_error(out)
+        rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        build = chat_response if kind == "chat" else completion_response
+        return build(rid, greq.model, out["text"], out["finish_reason"],
+                     out["prompt_tokens"], out["completion_tokens"])
+
+    async def _stream(self, handle, req: ModelRequest, greq: GenerationRequest,
+                      deadline: float):
+        if handle is None:
+            gen = _LocalStream(self.model.generate(req))
+        else:
+            gen = handle.options(stream=True).generate.remote(req)
+        try:
+            first = await asyncio.wait_for(gen.__anext__(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            gen.cancel()
+            return _timeout(self.timeout)
+        except StopAsyncIteration:
+            return _json_error(500, "generation ended early", "server_error")
+        except Exception:  # noqa: BLE001
+            gen.cancel()
+            return _internal_error("generation failed")
+        if first["type"] == "error":
+            gen.cancel()  # a local stream holds its admission slot until closed
+            return _event_error(first)
+        events = _sse_events(gen, greq, first.get("prompt_tokens", 0), deadline, self.timeout)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse_events(gen, greq: GenerationRequest, prompt_tokens: int, deadline: float,
+                      timeout: float):
+    """A replica's events after `start` as OpenAI stream chunks, ending with [DONE]."""
+    kind, model = greq.kind, greq.model
+    rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+    created = int(time.time())
+    if kind == "chat":
+        yield sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                ev = await asyncio.wait_for(gen.__anext__(), max(0.0, left))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                yield sse(error_body(f"request timed out after {timeout:g}s", "timeout_error"))
+                break
+            if ev["type"] == "delta":
+                if kind == "chat":
+                    yield sse(chat_chunk(rid, model, created, {"content": ev["text"]}))
+                else:
+                    yield sse(completion_chunk(rid, model, created, ev["text"]))
+            elif ev["type"] == "end":
+                if kind == "chat":
+                    yield sse(chat_chunk(rid, model, created, {}, ev["finish_reason"]))
+                else:
+                    yield sse(completion_chunk(rid, model, created, "", ev["finish_reason"]))
+                if greq.include_usage:
+                    yield sse(usage_chunk(rid, model, created, kind, prompt_tokens,
+                                          ev["completion_tokens"]))
+                break
+            elif ev["type"] == "error":
+                yield sse(error_body(ev["message"], _status_type(ev["status"])))
+                break
+    except Exception:  # noqa: BLE001 - the stream is already 200
+        yield sse(error_body(internal_error("stream failed"), "server_error"))
+    finally:
+        gen.cancel()
+    yield SSE_DONE
+
+
+# (path, HTTP method, Ingress method, route options)
+ROUTES: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("/", "GET", "index", {"response_class": HTMLResponse}),
+    ("/health", "GET", "health", {}),
+    ("/v1/models", "GET", "models", {}),
+    ("/v1/chat/completions", "POST", "chat_completions",
+     {"openapi_extra": openapi.request_body(openapi.CHAT_REQUEST)}),
+    ("/v1/completions", "POST", "completions",
+     {"openapi_extra": openapi.request_body(openapi.COMPLETION_REQUEST)}),
+]
+
+
+def fastapi_app():
+    """A FastAPI app with the ingress's routes and JSON error answers (one per build: Serve
+    rebinds an app's routes to the class it wraps)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from ray import serve
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     api = FastAPI(title="ift", docs_url=None, redoc_url=None)
 
-    @api.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):  # 404 for unknown routes, 405, ... as JSON
+    async def http_error(request, exc):  # 404 for unknown routes, 405, ... as JSON
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error"),
                             status_code=exc.status_code)
 
-    @api.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc):
+    async def validation_error(request, exc):
         return JSONResponse(error_body(str(exc), "invalid_request_error"), status_code=400)
 
-    def _json_error(status: int, message: str, type: str = "invalid_request_error",
-                    param: str | None = None, code: str | None = None, headers=None):
-        return JSONResponse(error_body(message, type, param, code), status_code=status,
-                            headers=headers)
-
-    def _internal_error(what: str):
-        """A JSON 500 naming the request id under which the failure is logged."""
-        return _json_error(500, internal_error(what), "server_error")
-
-    @api.exception_handler(Exception)
-    async def _unexpected(request, exc):  # anything a route did not answer itself
+    async def unexpected(request, exc):  # anything a route did not answer itself
         return _internal_error(f"{request.method} {request.url.path} failed")
 
-    def _status_type(status: int) -> str:
-        return {401: "authentication_error", 404: "invalid_request_error",
-                503: "overloaded_error", 504: "timeout_error"}.get(
-                    status, "invalid_request_error" if status < 500 else "server_error")
+    api.add_exception_handler(StarletteHTTPException, http_error)
+    api.add_exception_handler(RequestValidationError, validation_error)
+    api.add_exception_handler(Exception, unexpected)
+    for path, method, name, options in ROUTES:
+        api.add_api_route(path, _endpoint(getattr(Ingress, name)), methods=[method], **options)
+    return api
 
-    def _event_error(ev: dict[str, Any]):
-        """The HTTP answer to an error event from a model replica (503: overloaded)."""
-        headers = {"Retry-After": "1"} if ev["status"] == 503 else None
-        return _json_error(ev["status"], ev["message"], _status_type(ev["status"]),
-                           ev.get("param"), headers=headers)
 
-    @serve.deployment
-    @serve.ingress(api)
-    class Ingress(model_server_class(max_adapters)):
-        def __init__(self, model_path: str, engine_args: dict[str, Any],
-                     catalog_args: dict[str, Any], limits: dict[str, int],
-                     merged: dict[str, Any], settings: dict[str, Any]):
-            super().__init__(model_path, engine_args, catalog_args, limits)
-            self.merged = merged
-            self.max_tokens_limit = int(settings["max_tokens_limit"])
-            self.timeout = float(settings["request_timeout_s"])
-            self.key_digest = settings.get("api_key_sha256", "")
-            self.route_adapters = bool(settings.get("route_adapters", False))
-            # Callers of /v1/models see server paths when they hold the key, or when the
-            # config says everyone may.
-            self.show_paths = bool(self.key_digest) or bool(settings.get("show_model_paths"))
-            self.created = int(time.time())
-            self._self_handle = None
-
-        async def __del__(self):
-            self._stop_engine()
-            await super().__del__()  # the ASGI app's lifespan shutdown
-
-        # ------------------------------------------------------------------ helpers
-
-        def _unauthorized(self, request: Request):
-            if not self.key_digest:
-                return None
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            digest = hashlib.sha256(token.strip().encode()).hexdigest()
-            if scheme.lower() == "bearer" and hmac.compare_digest(digest, self.key_digest):
-                return None
-            return _json_error(401, "missing or invalid bearer token (Authorization: Bearer KEY)",
-                               "authentication_error", code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"})
-
-        def _handle(self, target):
-            """The handle that answers a target, or None to answer it on this replica."""
-            if target.kind == "merged":
-                return self.merged[target.model_id]
-            if (target.kind != "adapter" or not self.route_adapters
-                    or self.engine.has_adapter(target.model_id)):
-                return None
-            if self._self_handle is None:
-                ctx = serve.get_replica_context()
-                self._self_handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
-            return self._self_handle.options(multiplexed_model_id=target.model_id)
-
-        async def _parse(self, request: Request, kind: str):
-            raw = await request.body()
-            if not raw.strip():
-                raise RequestError("request body is empty; send a JSON object")
-            try:
-                body = json.loads(raw)
-            except UnicodeDecodeError as e:
-                raise RequestError(f"request body is not UTF-8 text: {e}") from e
-            except json.JSONDecodeError as e:
-                raise RequestError(f"request body is not valid JSON: {e.msg} at line "
-                                   f"{e.lineno} column {e.colno}") from e
-            except RecursionError:
-                raise RequestError("request body is nested too deeply") from None
-            except ValueError as e:  # e.g. an integer of more digits than Python converts
-                raise RequestError(f"request body is not valid JSON: {e}") from None
-            parse = parse_chat_request if kind == "chat" else parse_completion_request
-            greq = parse(body, self.max_tokens_limit)
-            if self.catalog.is_static(greq.model):
-                target = self.catalog.resolve(greq.model)
-            else:  # a name under adapter_root: its existence is checked on disk or S3
-                target = await asyncio.to_thread(self.catalog.resolve, greq.model)
-            return greq, target
-
-        # ------------------------------------------------------------------ routes
-
-        @api.get("/", response_class=HTMLResponse)
-        async def index(self):
-            return HTMLResponse(_index_html())
-
-        @api.get("/health")
-        async def health(self):
-            return {"status": "ok"}
-
-        @api.get("/v1/models")
-        async def models(self, request: Request):
-            denied = self._unauthorized(request)
-            if denied is not None:
-                return denied
-            rows = await asyncio.to_thread(self.catalog.list_models, self.created)
-            # The last lineage stage: which app and deployment serve each id, at which URL.
-            url = str(request.base_url).rstrip("/") + "/v1"
-            ctx = serve.get_replica_context()
-            for row in rows:
-                handle = self.merged.get(row["id"])
-                if handle is None:  # the base and its adapters: this deployment
-                    where = {"app": ctx.app_name, "deployment": ctx.deployment}
-                else:
-                    where = {"app": getattr(handle, "app_name", None),
-                             "deployment": getattr(handle, "deployment_name", None)}
-                row["metadata"]["serving"] = {"url": url, **where}
-            if not self.show_paths:
-                rows = [public_entry(row) for row in rows]
-            return {"object": "list", "data": rows}
-
-        @api.post("/v1/chat/completions",
-                  openapi_extra=openapi.request_body(openapi.CHAT_REQUEST))
-        async def chat_completions(self, request: Request):
-            return await self._generate(request, "chat")
-
-        @api.post("/v1/completions",
-                  openapi_extra=openapi.request_body(openapi.COMPLETION_REQUEST))
-        async def completions(self, request: Request):
-            return await self._generate(request, "completion")
-
-        async def _generate(self, request: Request, kind: str):
-            denied = self._unauthorized(request)
-            if denied is not None:
-                return denied
-            try:
-                greq, target = await self._parse(request, kind)
-            except RequestError as e:
-                return JSONResponse(e.body(), status_code=e.status)
-            payload = {"kind": kind, "messages": greq.messages, "prompt": greq.prompt,
-                       "params": greq.params.to_dict()}
-            handle = self._handle(target)
-            if handle is None:
-                payload["adapter"] = target.model_id if target.kind == "adapter" else None
-            deadline = time.monotonic() + self.timeout
-            if greq.stream:
-                return await self._stream(handle, payload, greq, kind, deadline)
-            resp = self.complete(payload) if handle is None else handle.complete.remote(payload)
-            try:
-                out = await asyncio.wait_for(resp, self.timeout)  # cancels a local request
-            except asyncio.TimeoutError:
-                if handle is not None:
-                    resp.cancel()
-                return _json_error(504, f"request timed out after {self.timeout:g}s",
-                                   "timeout_error")
-            except Exception:  # noqa: BLE001 - a replica failure, not a bad request
-                return _internal_error("generation failed")
-            if out["type"] == "error":
-                return _event_error(out)
-            rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
-            build = chat_response if kind == "chat" else completion_response
-            return build(rid, greq.model, out["text"], out["finish_reason"],
-                         out["prompt_tokens"], out["completion_tokens"])
-
-        async def _stream(self, handle, payload, greq, kind: str, deadline: float):
-            if handle is None:
-                gen = _LocalStream(self.generate(payload))
-            else:
-                gen = handle.options(stream=True).generate.remote(payload)
-            try:
-                first = await asyncio.wait_for(gen.__anext__(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                gen.cancel()
-                return _json_error(504, f"request timed out after {self.timeout:g}s",
-                                   "timeout_error")
-            except StopAsyncIteration:
-                return _json_error(500, "generation ended early", "server_error")
-            except Exception:  # noqa: BLE001
-                gen.cancel()
-                return _internal_error("generation failed")
-            if first["type"] == "error":
-                gen.cancel()  # a local stream holds its admission slot until closed
-                return _event_error(first)
-            prompt_tokens = first.get("prompt_tokens", 0)
-            timeout = self.timeout
-
-            async def events():
-                rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
-                created = int(time.time())
-                model = greq.model
-                if kind == "chat":
-                    yield sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
-                try:
-                    while True:
-                        left = deadline - time.monotonic()
-                        try:
-                            ev = await asyncio.wait_for(gen.__anext__(), max(0.0, left))
-                        except StopAsyncIteration:
-                            break
-                        except asyncio.TimeoutError:
-                            yield sse(error_body(f"request timed out after {timeout:g}s",
-                                                 "timeout_error"))
-                            break
-                        if ev["type"] == "delta":
-                            if kind == "chat":
-                                yield sse(chat_chunk(rid, model, created, {"content": ev["text"]}))
-                            else:
-                                yield sse(completion_chunk(rid, model, created, ev["text"]))
-                        elif ev["type"] == "end":
-                            if kind == "chat":
-                                yield sse(chat_chunk(rid, model, created, {},
-                                                     ev["finish_reason"]))
-                            else:
-                                yield sse(completion_chunk(rid, model, created, "",
-                                                           ev["finish_reason"]))
-                            if greq.include_usage:
-                                yield sse(usage_chunk(rid, model, created, kind, prompt_tokens,
-                                                      ev["completion_tokens"]))
-                            break
-                        elif ev["type"] == "error":
-                            yield sse(error_body(ev["message"], _status_type(ev["status"])))
-                            break
-                except Exception:  # noqa: BLE001 - the stream is already 200
-                    yield sse(error_body(internal_error("stream failed"), "server_error"))
-                finally:
-                    gen.cancel()
-                yield SSE_DONE
-
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
-
-    return Ingress
+def _endpoint(method):
+    """A copy of an Ingress method for one app's route. Serve rewrites a route's `self`
+    parameter into a dependency on the replica's instance by setting the endpoint's
+    signature; a copy carries that signature to the replicas (the module's own function,
+    pickled by reference, would arrive without it)."""
+    copy = types.FunctionType(method.__code__, method.__globals__, method.__name__,
+                              method.__defaults__, method.__closure__)
+    copy.__qualname__ = method.__qualname__
+    copy.__kwdefaults__ = method.__kwdefaults__
+    copy.__annotations__ = dict(method.__annotations__)
+    copy.__doc__ = method.__doc__
+    return copy
 
 
 def _index_html() -> str:
@@ -592,15 +634,17 @@ def build_app(cfg: Config):
     """The Serve application for a config (transformers backend, or vLLM when asked)."""
     if cfg.serve.backend == "vllm":
         return build_vllm_app(cfg)
+    from ray import serve
+
     s = cfg.serve
     cat = preflight(cfg)
     eng = engine_kwargs(cfg)
     limits = {"max_ongoing_requests": s.max_ongoing_requests,
               "max_queued_requests": s.max_queued_requests}
-    LLMServer = llm_server_class(s.max_adapters_per_replica)
     merged = {
-        mid: LLMServer.options(name=_deployment_name("merged", mid), **_scaling(cfg)).bind(
-            path, eng, None, limits)
+        mid: serve.deployment(ModelServer).options(
+            name=_deployment_name("merged", mid), **_scaling(cfg)).bind(
+                path, eng, limits, s.max_adapters_per_replica)
         for mid, path in cat["merged"].items()
     }
     settings = {"max_tokens_limit": s.max_tokens_limit, "request_timeout_s": s.request_timeout_s,
@@ -609,9 +653,9 @@ def build_app(cfg: Config):
                 # One fixed replica holds every adapter it is asked for; with more, adapter
                 # requests go where the adapter already is.
                 "route_adapters": bool(s.autoscaling) or s.num_replicas > 1}
-    Ingress = ingress_class(s.max_adapters_per_replica)
-    return Ingress.options(name=_deployment_name("llm", s.base_model_id), **_scaling(cfg)).bind(
-        cat["base_path"], eng, cat, limits, merged, settings)
+    ingress = serve.deployment(serve.ingress(fastapi_app())(Ingress))
+    return ingress.options(name=_deployment_name("llm", s.base_model_id), **_scaling(cfg)).bind(
+        cat["base_path"], eng, cat, limits, s.max_adapters_per_replica, merged, settings)
 
 
 def vllm_llm_configs(cfg: Config, adapters: dict[str, dict[str, Any]] | None = None

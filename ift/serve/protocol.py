@@ -14,7 +14,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from ift.serve.sampling import SamplingParams
@@ -160,9 +160,33 @@ class GenerationRequest:
     include_usage: bool = False
     """stream: send a last chunk with token counts."""
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return d
+    def for_model(self, adapter: str | None = None, adapter_path: str | None = None
+                  ) -> ModelRequest:
+        """What a model replica runs for this request, once its model id is resolved."""
+        return ModelRequest(self.kind, self.model, self.params, self.messages, self.prompt,
+                            adapter, adapter_path)
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """A request resolved once against the server's models: the ingress builds it from the
+    HTTP body and the catalog, and the replica that answers (reached directly or through a
+    handle) runs it as it is, with no second look-up of the model id."""
+
+    kind: str
+    """chat or completion."""
+    model: str
+    """The model id as asked (base, adapter or merged model)."""
+    params: SamplingParams
+    """Decoding parameters."""
+    messages: list[dict[str, str]]
+    """chat: the conversation so far."""
+    prompt: str
+    """completion: the raw prompt text."""
+    adapter: str | None = None
+    """The adapter to apply (its canonical id), or None for a model as it is."""
+    adapter_path: str | None = None
+    """Where the adapter lives (local or s3://)."""
 
 
 def _require_dict(body: Any) -> dict[str, Any]:
