@@ -165,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-log-model", action="store_true",
                        help="log the merge run without uploading the weights")
 
-    _add(sub, "merge", "ift.serve.merge:merge_cmd",
+    _add(sub, "merge", "ift.merge:merge_cmd",
          "merge a LoRA adapter into its base model and write a HF model dir", merge_args)
-    _add(sub, "predict", "ift.serve.predict:predict_cmd",
+    _add(sub, "predict", "ift.infer.predict:predict_cmd",
          "batch generation over a dataset with Ray Data (resumable, in input order)",
          _config_args)
 
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.7)
         p.add_argument("--max-tokens", type=int, default=256)
 
-    _add(sub, "chat", "ift.serve.chat:chat_cmd",
+    _add(sub, "chat", "ift.infer.chat:chat_cmd",
          "chat in the terminal with a running server or an in-process model", chat_args)
 
     _add(sub, "config", "ift.config_cmd:config_cmd",

@@ -315,7 +315,7 @@ def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None
 
     # Merge.
     t0 = _step(next(step), n, "merge the adapter into the base model")
-    from ift.serve.merge import merge
+    from ift.merge import merge
 
     merged = os.path.join(workdir, "merged")
     if storage.is_complete(merged) and os.path.getmtime(merged) >= os.path.getmtime(final):

@@ -1,4 +1,6 @@
-"""Serving: an OpenAI-compatible Ray Serve app, merge, batch prediction and terminal chat.
+"""Serving: an OpenAI-compatible Ray Serve app. Merging adapters (`ift.merge`), batch
+prediction and terminal chat (`ift.infer`, on this package's decode engine) are not HTTP
+serving and live elsewhere.
 
 Commands
 --------
@@ -23,22 +25,15 @@ Commands
     `serve.show_model_paths`; bearer-key holders always see them. /openapi.json describes
     the request bodies (`ift.serve.openapi`).
 
-`ift merge --base B --adapter A --out DIR`
-    Writes a plain HF model dir (safetensors + tokenizer + ift_lineage.json) and logs it
-    to MLflow, nested under the adapter's training run. The adapter's prompt format
-    (ift_prompt_format.json) goes with it, and its jinja is the tokenizer's chat_template.
+Modules: `app` (the deployments and how the app is built), `protocol` (OpenAI request
+validation, typed requests, response shapes), `adapters` (model ids -> paths, lineage),
+`admission`, `engine` (the scheduler) over `adapter_manager` and `runner`, `sampling`
+(token choice and detokenizing), `multilora`, `openapi`, `vllm`.
 
 Prompts: chat requests are rendered in the prompt format recorded in the model's or the
 adapter's dir (`ift.artifacts.read_prompt_format`; `data.template` when there is none, or
 when it is set to another template, with a warning), and replies end at the format's
 end-of-turn tokens.
-
-`ift predict -c predict.yaml`
-    Ray Data batch generation over a prepared dataset's val split or raw files, in input
-    order, resumable by shard (see `ift.serve.predict`).
-
-`ift chat --url URL --model M` / `ift chat --model-path DIR [--adapter DIR]`
-    A streamed multi-turn terminal chat, against a server or in-process.
 
 Example config::
 
@@ -65,8 +60,8 @@ passes the request through a handle with the adapter as multiplexed model id, so
 routes it to a replica that already holds it. Merged models have their own deployments,
 reached through handles. Admission is the replica's own (`admission.py`) rather than
 Serve's `max_queued_requests`, whose refusal is a plain-text 503 from the proxy; Serve's
-cap per replica is set above it, with room for the light routes. The replica's engine (`engine.py`) batches whatever requests
-are waiting, for any mix of adapters, into one forward pass per decode step: a batch
+cap per replica is set above it, with room for the light routes. The replica's engine (`engine.py`) batches whatever
+requests are waiting, for any mix of adapters, into one forward pass per decode step: a batch
 with several adapters uses stacked LoRA weights and batched matmuls (`multilora.py`), a
 batch with one adapter uses PEFT's own computation. No request ever switches a shared
 "active adapter" under another. Batching is the engine's own rather than `@serve.batch`,

@@ -253,8 +253,8 @@ def test_dpo_adapter_through_merge_serve_and_eval_unchanged(chain, tiny_model):
     from transformers import AutoModelForCausalLM
 
     from ift.config import build_config
+    from ift.merge import merge
     from ift.serve.app import start
-    from ift.serve.merge import merge
 
     final, root = chain["final"], chain["root"]
     merged = str(root / "served-dpo-merged")

@@ -24,7 +24,7 @@ def chain(ray_cluster, s3_server, tiny_model, sample_data_dir, tmp_path_factory)
 
     from ift.data.pipeline import prepare
     from ift.eval.run import evaluate_run
-    from ift.serve.merge import log_merge, merge
+    from ift.merge import log_merge, merge
     from ift.train import driver
 
     bucket = f"ift-chain-{uuid.uuid4().hex[:8]}"

@@ -50,8 +50,8 @@ def server(ray_cluster, s3_server, tiny_model, tmp_path_factory):
 
     from ift import storage
     from ift.config import build_config
+    from ift.merge import merge
     from ift.serve.app import start
-    from ift.serve.merge import merge
 
     root = tmp_path_factory.mktemp("serve")
     adapter_root = root / "adapters"

@@ -43,9 +43,9 @@ def served(request, ray_cluster, tiny_model, tmp_path_factory):
     from ift.artifacts import write_prompt_format
     from ift.config import build_config
     from ift.data.templates import prompt_format
+    from ift.merge import merge
     from ift.models import load_tokenizer
     from ift.serve.app import start
-    from ift.serve.merge import merge
 
     base = tiny_model
     if request.param == "real":

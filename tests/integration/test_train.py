@@ -176,7 +176,7 @@ def test_final_records_its_lineage_and_ift_lineage_prints_the_chain(two_workers,
     from mlflow.tracking import MlflowClient
 
     from ift.data.dataset import read_manifest
-    from ift.serve.merge import merge
+    from ift.merge import merge
 
     cfg, summary, run_dir = two_workers
     final = os.path.join(run_dir, "final")

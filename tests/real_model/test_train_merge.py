@@ -67,7 +67,7 @@ def test_twenty_lora_steps_lower_the_heldout_paraphrase_loss(trained, smollm2):
 
 
 def test_merged_real_weights_equal_base_plus_adapter(trained, smollm2, tmp_path):
-    from ift.serve.merge import merge
+    from ift.merge import merge
 
     *_, final = trained
     out = str(tmp_path / "merged")

@@ -240,7 +240,7 @@ def test_engine_uses_each_adapters_format_and_stops_at_its_end_of_turn(tiny_mode
 def test_merge_carries_the_format_into_the_tokenizer(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
-    from ift.serve.merge import merge
+    from ift.merge import merge
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     adapter = random_lora_adapter(tiny_model, str(tmp_path / "adapter"), seed=4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from ift.serve.chat import chat_loop
+from ift.infer.chat import chat_loop
 
 
 def test_chat_loop_keeps_history_and_handles_commands():
@@ -38,7 +38,7 @@ def test_chat_loop_reports_errors_and_drops_the_failed_turn():
 
 
 def test_in_process_model_streams_a_multi_turn_chat(tiny_model):
-    from ift.serve.chat import local_reply
+    from ift.infer.chat import local_reply
 
     reply = local_reply(tiny_model, "", temperature=0.0, max_tokens=8)
     first = "".join(reply([{"role": "user", "content": "hi"}]))

@@ -55,9 +55,9 @@ def read_jsonl(path: str) -> list[dict]:
 def test_predict_prepared_val_split_in_order_and_resumable(ray_cluster, tiny_model, prepared,
                                                            tmp_path):
     from ift.config import build_config
+    from ift.infer.predict import SHARDS, predict
     from ift.serve.engine import Engine
     from ift.serve.sampling import SamplingParams
-    from ift.serve.predict import SHARDS, predict
 
     out = tmp_path / "pred"
     cfg = build_config({"predict": {"data": prepared, "output": str(out), "model": tiny_model,
@@ -93,7 +93,7 @@ def test_predict_prepared_val_split_in_order_and_resumable(ray_cluster, tiny_mod
 
 def test_predict_raw_files_with_an_adapter(ray_cluster, tiny_model, sample_data_dir, tmp_path):
     from ift.config import build_config
-    from ift.serve.predict import predict
+    from ift.infer.predict import predict
 
     adapter = make_adapter(tiny_model, str(tmp_path / "adapter"), seed=9)
     src = str(sample_data_dir / "alpaca_en.json")

@@ -75,7 +75,7 @@ def test_merge_matches_adapter_logits_and_links_the_training_run(tiny_model, tmp
 
 
 def test_merge_refuses_a_dir_without_an_adapter(tiny_model, tmp_path):
-    from ift.serve.merge import merge
+    from ift.merge import merge
 
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         merge(tiny_model, str(tmp_path), str(tmp_path / "out"))
