@@ -101,12 +101,7 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
 
     from ift.models import find_lora_targets, load_tokenizer, tokenizer_identity
 
-    method = cfg.peft.method
-    if method not in methods.METHODS:
-        raise ConfigError(
-            f"peft.method={method!r} is not allowed (allowed: {', '.join(methods.METHODS)})"
-        )
-
+    method = cfg.peft.method  # a choice PeftConfig has checked
     # The tokenizer the data was encoded with must be the model's.
     tok_path = cfg.model.name_or_path
     tokenizer = load_tokenizer(storage.local_copy(tok_path) if storage.is_remote(tok_path)
@@ -162,7 +157,7 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
                 f"has {n} layers (allowed: 1..{n})"
             )
     if method == "adalora":
-        methods.check_adalora_schedule(cfg, plan.total_steps)
+        methods.check_adalora_schedule(methods.AdaLoraOptions.of(cfg.peft), plan.total_steps)
     methods.check_quantizable(model_config, cfg, cfg.train.use_gpu)
     fsdp.check(cfg)
     if cfg.train.eval_every and not plan.num_val_rows:

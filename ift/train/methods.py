@@ -1,7 +1,9 @@
 """Fine-tuning methods: a loaded base model in, the model to train out.
 
-One function per method, all with the same signature `(model, cfg, total_steps)`, and a
-dict from method name to function. Adapter methods return a `peft.PeftModel` (saved in
+One function per method, all with the same signature `(model, options, build)`: the
+method's own small options dataclass (taken from the flat `peft` config section, which
+keeps every method's knobs) and what the run adds (`Build`: steps, tokenizer). A dict maps
+each method name to its options and its builder. Adapter methods return a `peft.PeftModel` (saved in
 PEFT's own adapter format); `full` and `freeze` return the HF model itself with
 `requires_grad` set on what trains.
 
@@ -13,11 +15,12 @@ training (`prepare_model_for_kbit_training`) before adding LoRA.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from ift.config import Config, ConfigError
+from ift.config import Config, ConfigError, PeftConfig
 
 ADAPTER_METHODS = ("lora", "qlora", "dora", "adalora", "prefix", "p_tuning", "prompt_tuning")
 """Methods whose checkpoints hold only adapter weights (PEFT format)."""
@@ -72,25 +75,108 @@ def check_quantizable(model_config: Any, cfg: Config, use_gpu: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Builders
+# Each method's options: only what its builder reads, taken from the flat `peft` section
 # ---------------------------------------------------------------------------------------
 
 
-def _targets(model: nn.Module, cfg: Config) -> list[str]:
-    from ift.models import find_lora_targets
+@dataclass(frozen=True)
+class LoraOptions:
+    """lora and dora (and the LoRA half of qlora)."""
 
-    return list(find_lora_targets(model, cfg.peft.target_modules))
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str] | str
+    """all-linear or module names (resolved against the model by the builder)."""
+
+    @classmethod
+    def of(cls, p: PeftConfig) -> LoraOptions:
+        return cls(p.r, p.alpha, p.dropout, p.target_modules)
 
 
-def _lora_config(model: nn.Module, cfg: Config, **extra):
+@dataclass(frozen=True)
+class AdaLoraOptions:
+    """adalora: LoRA whose rank budget is pruned from `r` to `target_r`."""
+
+    r: int
+    target_r: int
+    tinit: int
+    tfinal: int
+    delta_t: int
+    alpha: int
+    dropout: float
+    target_modules: list[str] | str
+
+    @classmethod
+    def of(cls, p: PeftConfig) -> AdaLoraOptions:
+        return cls(p.r, p.adalora_target_r, p.adalora_tinit, p.adalora_tfinal,
+                   p.adalora_delta_t, p.alpha, p.dropout, p.target_modules)
+
+
+@dataclass(frozen=True)
+class VirtualTokenOptions:
+    """prefix, p_tuning and prompt_tuning."""
+
+    num_virtual_tokens: int
+    encoder_hidden_size: int
+    """p_tuning: the prompt encoder's hidden size."""
+    init_text: str | None
+    """prompt_tuning: initialise the soft prompt from this text."""
+
+    @classmethod
+    def of(cls, p: PeftConfig) -> VirtualTokenOptions:
+        return cls(p.num_virtual_tokens, p.encoder_hidden_size, p.prompt_init_text)
+
+
+@dataclass(frozen=True)
+class FreezeOptions:
+    """freeze: train the last `trainable_layers` layers (and the final norm)."""
+
+    trainable_layers: int
+    train_embeddings: bool
+
+    @classmethod
+    def of(cls, p: PeftConfig) -> FreezeOptions:
+        return cls(p.freeze_trainable_layers, p.freeze_train_embeddings)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """full: nothing to set."""
+
+    @classmethod
+    def of(cls, p: PeftConfig) -> NoOptions:
+        return cls()
+
+
+# ---------------------------------------------------------------------------------------
+# Builders: (base model, the method's options, a Build) -> the model to train
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Build:
+    """What a builder may need besides its options."""
+
+    total_steps: int
+    """Optimizer steps of the run (adalora's schedule)."""
+    tokenizer: str = ""
+    """The base model's tokenizer path (prompt_tuning's text init)."""
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    """qlora: prepare the quantized model for checkpointed training."""
+
+
+def _lora_config(model: nn.Module, o: LoraOptions | AdaLoraOptions, **extra):
     from peft import LoraConfig
 
-    p = cfg.peft
+    from ift.models import find_lora_targets
+
     return LoraConfig(
-        r=p.r,
-        lora_alpha=p.alpha,
-        lora_dropout=p.dropout,
-        target_modules=_targets(model, cfg),
+        r=o.r,
+        lora_alpha=o.alpha,
+        lora_dropout=o.dropout,
+        target_modules=list(find_lora_targets(model, o.target_modules)),
         bias="none",
         task_type="CAUSAL_LM",
         **extra,
@@ -103,12 +189,12 @@ def _wrap(model: nn.Module, peft_config) -> nn.Module:
     return get_peft_model(model, peft_config)
 
 
-def lora(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+def lora(model: nn.Module, o: LoraOptions, b: Build) -> nn.Module:
     """Low-rank adapters on the target projections; the base stays frozen."""
-    return _wrap(model, _lora_config(model, cfg))
+    return _wrap(model, _lora_config(model, o))
 
 
-def qlora(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+def qlora(model: nn.Module, o: LoraOptions, b: Build) -> nn.Module:
     """LoRA on a base loaded in 4-bit NF4 (or 8-bit); see `quantization`."""
     from peft import prepare_model_for_kbit_training
 
@@ -123,97 +209,97 @@ def qlora(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
     # because the order (before LoRA wraps the layers) matters.
     model = prepare_model_for_kbit_training(
         model,
-        use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+        use_gradient_checkpointing=b.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    return _wrap(model, _lora_config(model, cfg))
+    return _wrap(model, _lora_config(model, o))
 
 
-def dora(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+def dora(model: nn.Module, o: LoraOptions, b: Build) -> nn.Module:
     """Weight-decomposed LoRA: LoRA on the direction plus a trained magnitude vector."""
-    return _wrap(model, _lora_config(model, cfg, use_dora=True))
+    return _wrap(model, _lora_config(model, o, use_dora=True))
 
 
-def adalora(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
-    """LoRA whose rank budget is pruned from r to adalora_target_r during training.
+def adalora(model: nn.Module, o: AdaLoraOptions, b: Build) -> nn.Module:
+    """LoRA whose rank budget is pruned from r to target_r during training.
 
     The loop must call `after_optimizer_step` every step (it runs `update_and_allocate`).
     """
     from peft import AdaLoraConfig
 
-    p = cfg.peft
-    check_adalora_schedule(cfg, total_steps)
+    from ift.models import find_lora_targets
+
+    check_adalora_schedule(o, b.total_steps)
     config = AdaLoraConfig(
-        init_r=p.r,
-        target_r=p.adalora_target_r,
-        tinit=p.adalora_tinit,
-        tfinal=p.adalora_tfinal,
-        deltaT=p.adalora_delta_t,
-        total_step=total_steps,
-        lora_alpha=p.alpha,
-        lora_dropout=p.dropout,
-        target_modules=_targets(model, cfg),
+        init_r=o.r,
+        target_r=o.target_r,
+        tinit=o.tinit,
+        tfinal=o.tfinal,
+        deltaT=o.delta_t,
+        total_step=b.total_steps,
+        lora_alpha=o.alpha,
+        lora_dropout=o.dropout,
+        target_modules=list(find_lora_targets(model, o.target_modules)),
         task_type="CAUSAL_LM",
     )
     return _wrap(model, config)
 
 
-def check_adalora_schedule(cfg: Config, total_steps: int) -> None:
-    p = cfg.peft
-    if p.adalora_tinit >= total_steps - p.adalora_tfinal:
+def check_adalora_schedule(o: AdaLoraOptions, total_steps: int) -> None:
+    if o.tinit >= total_steps - o.tfinal:
         raise ConfigError(
-            f"peft.method=adalora: peft.adalora_tinit={p.adalora_tinit} + "
-            f"peft.adalora_tfinal={p.adalora_tfinal} leave no budgeting phase in "
+            f"peft.method=adalora: peft.adalora_tinit={o.tinit} + "
+            f"peft.adalora_tfinal={o.tfinal} leave no budgeting phase in "
             f"{total_steps} training steps; lower them or train longer"
         )
 
 
-def prefix(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+def prefix(model: nn.Module, o: VirtualTokenOptions, b: Build) -> nn.Module:
     """Prefix tuning: trained key/value prefixes in every attention layer."""
     from peft import PrefixTuningConfig
 
     return _wrap(model, PrefixTuningConfig(
-        num_virtual_tokens=cfg.peft.num_virtual_tokens, task_type="CAUSAL_LM"))
+        num_virtual_tokens=o.num_virtual_tokens, task_type="CAUSAL_LM"))
 
 
-def p_tuning(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+def p_tuning(model: nn.Module, o: VirtualTokenOptions, b: Build) -> nn.Module:
     """P-tuning: virtual token embeddings produced by a small trained prompt encoder."""
     from peft import PromptEncoderConfig
 
     return _wrap(model, PromptEncoderConfig(
-        num_virtual_tokens=cfg.peft.num_virtual_tokens,
-        encoder_hidden_size=cfg.peft.encoder_hidden_size,
+        num_virtual_tokens=o.num_virtual_tokens,
+        encoder_hidden_size=o.encoder_hidden_size,
         task_type="CAUSAL_LM",
     ))
 
 
-def prompt_tuning(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+def prompt_tuning(model: nn.Module, o: VirtualTokenOptions, b: Build) -> nn.Module:
     """Prompt tuning: trained soft-prompt embeddings, optionally initialised from text."""
     from peft import PromptTuningConfig
 
     kwargs: dict[str, Any] = {}
-    if cfg.peft.prompt_init_text:
+    if o.init_text:
         kwargs = {
             "prompt_tuning_init": "TEXT",
-            "prompt_tuning_init_text": cfg.peft.prompt_init_text,
-            "tokenizer_name_or_path": cfg.model.name_or_path,
-            "tokenizer_kwargs": {"trust_remote_code": cfg.model.trust_remote_code},
+            "prompt_tuning_init_text": o.init_text,
+            "tokenizer_name_or_path": b.tokenizer,
+            "tokenizer_kwargs": {"trust_remote_code": b.trust_remote_code},
         }
     return _wrap(model, PromptTuningConfig(
-        num_virtual_tokens=cfg.peft.num_virtual_tokens, task_type="CAUSAL_LM", **kwargs))
+        num_virtual_tokens=o.num_virtual_tokens, task_type="CAUSAL_LM", **kwargs))
 
 
-def full(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+def full(model: nn.Module, o: NoOptions, b: Build) -> nn.Module:
     """Every parameter trains."""
     for param in model.parameters():
         param.requires_grad_(True)
     return model
 
 
-def freeze(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
+def freeze(model: nn.Module, o: FreezeOptions, b: Build) -> nn.Module:
     """Only the last k transformer layers and the final norm train (plus, optionally, the
     input embeddings and the LM head)."""
-    k = cfg.peft.freeze_trainable_layers
+    k = o.trainable_layers
     layers = decoder_layers(model)
     if not 1 <= k <= len(layers):
         raise ConfigError(
@@ -226,7 +312,7 @@ def freeze(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
     norm = final_norm(model)
     if norm is not None:
         trained.append(norm)
-    if cfg.peft.freeze_train_embeddings:
+    if o.train_embeddings:
         trained.append(model.get_input_embeddings())
         out = model.get_output_embeddings()
         if out is not None:
@@ -260,27 +346,30 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     return norms[-1] if norms else None
 
 
-METHODS: dict[str, Callable[[nn.Module, Config, int], nn.Module]] = {
-    "lora": lora,
-    "qlora": qlora,
-    "dora": dora,
-    "adalora": adalora,
-    "prefix": prefix,
-    "p_tuning": p_tuning,
-    "prompt_tuning": prompt_tuning,
-    "full": full,
-    "freeze": freeze,
+METHODS: dict[str, tuple[Callable[[PeftConfig], Any], Callable[..., nn.Module]]] = {
+    "lora": (LoraOptions.of, lora),
+    "qlora": (LoraOptions.of, qlora),
+    "dora": (LoraOptions.of, dora),
+    "adalora": (AdaLoraOptions.of, adalora),
+    "prefix": (VirtualTokenOptions.of, prefix),
+    "p_tuning": (VirtualTokenOptions.of, p_tuning),
+    "prompt_tuning": (VirtualTokenOptions.of, prompt_tuning),
+    "full": (NoOptions.of, full),
+    "freeze": (FreezeOptions.of, freeze),
 }
+"""Method name -> (its options from the peft section, its builder). The names are the
+config's `peft.method` choices, which `PeftConfig` checks when a config is made."""
 
 
 def build(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
-    """Apply cfg.peft.method to a loaded base model."""
-    method = cfg.peft.method
-    if method not in METHODS:
-        raise ConfigError(f"peft.method={method!r} is not allowed (allowed: {', '.join(METHODS)})")
-    if cfg.train.gradient_checkpointing and method != "qlora":
+    """Apply cfg.peft.method to a loaded base model: the builder gets only its method's
+    options."""
+    options, builder = METHODS[cfg.peft.method]
+    if cfg.train.gradient_checkpointing and cfg.peft.method != "qlora":
         enable_gradient_checkpointing(model)
-    return METHODS[method](model, cfg, total_steps)
+    return builder(model, options(cfg.peft),
+                   Build(total_steps, cfg.model.name_or_path, cfg.model.trust_remote_code,
+                         cfg.train.gradient_checkpointing))
 
 
 def from_adapter(model: nn.Module, cfg: Config) -> nn.Module:

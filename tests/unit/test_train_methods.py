@@ -169,7 +169,7 @@ def test_prompt_tuning_starts_from_the_init_text(model32):
 def test_adalora_schedule_without_budget_phase_is_rejected(model32):
     cfg = _cfg(model32, "adalora", 1e-2, "peft.adalora_tinit=6", "peft.adalora_tfinal=4")
     with pytest.raises(ConfigError, match="adalora_tinit=6.*no budgeting phase"):
-        methods.check_adalora_schedule(cfg, STEPS)
+        methods.check_adalora_schedule(methods.AdaLoraOptions.of(cfg.peft), STEPS)
 
 
 def test_gradient_checkpointing_gives_the_same_step(model32):
@@ -193,3 +193,26 @@ def test_methods_dict_covers_every_configurable_method():
     from ift.config import PEFT_METHODS
 
     assert set(methods.METHODS) == set(PEFT_METHODS)
+
+
+def test_each_builder_gets_its_own_knobs_from_the_peft_section():
+    """The flat `peft` section is cut into one options object per method; every knob lands
+    in the right field of the methods that read it (qlora's `bits` is the loader's)."""
+    from ift.config import PeftConfig
+
+    p = PeftConfig(method="adalora", r=12, alpha=24, dropout=0.1, target_modules=["q_proj"],
+                   adalora_target_r=3, adalora_tinit=5, adalora_tfinal=6, adalora_delta_t=7,
+                   num_virtual_tokens=9, encoder_hidden_size=33, prompt_init_text="hi",
+                   freeze_trainable_layers=1, freeze_train_embeddings=True)
+    lora = methods.LoraOptions(r=12, alpha=24, dropout=0.1, target_modules=["q_proj"])
+    virtual = methods.VirtualTokenOptions(num_virtual_tokens=9, encoder_hidden_size=33,
+                                          init_text="hi")
+    expected = {
+        "lora": lora, "qlora": lora, "dora": lora,
+        "adalora": methods.AdaLoraOptions(r=12, target_r=3, tinit=5, tfinal=6, delta_t=7,
+                                          alpha=24, dropout=0.1, target_modules=["q_proj"]),
+        "prefix": virtual, "p_tuning": virtual, "prompt_tuning": virtual,
+        "full": methods.NoOptions(),
+        "freeze": methods.FreezeOptions(trainable_layers=1, train_embeddings=True),
+    }
+    assert {name: options(p) for name, (options, _) in methods.METHODS.items()} == expected
