@@ -115,7 +115,7 @@ class Smoke:
     def packed_flash(self) -> str:
         if self.cpu:
             raise Skip("flash-attention kernels need CUDA (the CPU form is "
-                       "tests/unit/test_train_collate.py with SDPA kernel stand-ins)")
+                       "tests/unit/train/test_collate.py with SDPA kernel stand-ins)")
         try:
             import flash_attn  # noqa: F401
         except ImportError as e:
@@ -142,7 +142,7 @@ class Smoke:
 
     def vllm_two_adapters(self) -> str:
         if self.cpu:
-            raise Skip("vLLM needs CUDA (the CPU form is tests/unit/test_serve_vllm_config.py)")
+            raise Skip("vLLM needs CUDA (the CPU form is tests/unit/serve/test_vllm.py)")
         try:
             import vllm  # noqa: F401
         except ImportError as e:

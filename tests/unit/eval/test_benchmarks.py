@@ -11,7 +11,7 @@ import pytest
 from ift.config import ConfigError, load_config
 from ift.eval import benchmarks as bm
 
-SAMPLES = Path(__file__).resolve().parents[2] / "ift" / "eval" / "sample_benchmarks"
+SAMPLES = Path(__file__).resolve().parents[3] / "ift" / "eval" / "sample_benchmarks"
 
 
 def _bench(name: str, path, **kw):

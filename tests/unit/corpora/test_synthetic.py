@@ -27,7 +27,7 @@ from ift.data.quality import substitute_placeholders, validate
 from ift.data.readers import iter_raw, plan_reads
 from ift.data.record import ConvertError, conversation_hash
 
-BUNDLED = Path(__file__).resolve().parents[2] / "ift" / "sample_data"
+BUNDLED = Path(__file__).resolve().parents[3] / "ift" / "sample_data"
 EQUATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)\.$")
 
 

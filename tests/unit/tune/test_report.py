@@ -12,7 +12,7 @@ import pytest
 from ift.config import load_config
 from ift.tune import report, space
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _write(path: Path, obj) -> None:

@@ -13,7 +13,7 @@ from train_support import random_lora_adapter
 
 from ift.eval.run import eval_cmd
 
-SAMPLES = Path(__file__).resolve().parents[2] / "ift" / "eval" / "sample_benchmarks"
+SAMPLES = Path(__file__).resolve().parents[3] / "ift" / "eval" / "sample_benchmarks"
 
 
 @pytest.fixture(scope="module")

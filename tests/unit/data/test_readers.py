@@ -14,7 +14,7 @@ import pytest
 from ift.data import readers
 from ift.data.readers import ReadTask, detect_format, iter_raw, plan_reads
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "formats")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "formats")
 
 
 def fixture(name: str) -> str:

@@ -16,8 +16,8 @@ from ift.data.ingest import CHUNK_SHIFT, RowOptions, clean_rows
 from ift.data.readers import detect_format, iter_raw, plan_reads
 from ift.data.record import ConvertError
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "ie")
-BUNDLED = Path(__file__).resolve().parents[2] / "ift" / "sample_data" / "ie"
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "ie")
+BUNDLED = Path(__file__).resolve().parents[3] / "ift" / "sample_data" / "ie"
 
 
 def schema(name: str, fmt: str) -> dict:
@@ -330,7 +330,7 @@ def test_source_schema_is_checked_before_any_work(tmp_path):
 def test_ie_zh_config_prepares_three_tasks_with_general_data_and_evaluates_each():
     from ift.config import load_config
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     cfg = load_config(str(root / "configs" / "ie-zh.yaml"), [])
     schemas = {Path(s.path).name: Path(s.schema).name for s in cfg.data.sources if s.schema}
     assert schemas == {"duie.jsonl": "duie_schema.json", "duee.jsonl": "duee_schema.json",

@@ -17,7 +17,7 @@ from ift.data.quality import validate
 from ift.data.readers import iter_raw, plan_reads
 from ift.data.record import ConvertError
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "formats")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "formats")
 
 
 def outcomes(name: str, fmt: str | None = None, **kw) -> dict[int, dict | str]:

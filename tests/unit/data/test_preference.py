@@ -154,7 +154,7 @@ def test_the_dpo_config_loads_and_names_the_bundled_pairs():
 
     from ift.config import load_config
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     cfg = load_config(str(repo / "configs" / "dpo.yaml"))
     assert cfg.data.kind == "preference" and cfg.train.objective == "dpo"
     assert os.path.exists(cfg.data.sources[0].path)
