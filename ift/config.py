@@ -1,7 +1,7 @@
 """Typed job configuration: one dataclass per section, YAML files plus dotted overrides.
 
 A job reads one YAML file whose top-level keys are the sections below. Every field has a
-docstring (the string literal after it), which `ift config show` prints. Overrides on the
+docstring (the string literal after it), which `ift config` prints. Overrides on the
 command line use dotted keys: `train.lr=1e-4 data.sources.0.weight=0.5`; values are parsed
 as YAML scalars. Unknown keys and bad values raise ConfigError before any work starts,
 naming the key, the value and what is allowed (with the closest valid key for typos).
