@@ -4,6 +4,8 @@ pyarrow), so the trainer's tests do not depend on the Ray Data preparation pipel
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import os
 import random
@@ -170,3 +172,50 @@ def random_lora_adapter(base: str, out: str, seed: int, r: int = 4,
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     peft.save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run torch on n intra-op threads, then restore the count. A reference computed in the
+    test process must use a server replica's thread count (serve sets it from
+    `cpus_per_replica`): fp32 sums split over other thread counts can differ in the last
+    bits, enough to flip a near-tie in a random model's greedy choice."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for each byte -> the byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def served_text(tok, ids: list[int]) -> str:
+    """What the server sends for the generated ids of a byte-level BPE tokenizer:
+    transformers' decode, less the U+FFFD it writes for a character cut at the end (the
+    reply stopped before its last byte), which the server drops rather than send."""
+    text = tok.decode(ids, skip_special_tokens=True)
+    alphabet = _byte_level_alphabet()
+    special = set(tok.all_special_ids)
+    tokens = tok.convert_ids_to_tokens([i for i in ids if i not in special])
+    if not all(c in alphabet for t in tokens for c in t):
+        return text  # not byte-level: no cut characters
+    data = bytes(alphabet[c] for t in tokens for c in t)
+    held = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
+    if held != data.decode("utf-8", "replace") and text.endswith("\ufffd"):
+        return text[:-1]
+    return text

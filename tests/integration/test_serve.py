@@ -24,12 +24,14 @@ import threading
 import pytest
 import requests
 from train_support import random_lora_adapter as make_adapter
+from train_support import served_text, torch_threads
 
 pytestmark = pytest.mark.timeout(600)
 
 KEY_ENV = "IFT_TEST_SERVE_KEY"
 KEY = "s3cret-key"
 GREEDY = {"temperature": 0, "max_tokens": 16}
+REPLICA_THREADS = 1  # every app here has cpus_per_replica < 2: its engine runs on 1 thread
 USER = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -125,9 +127,10 @@ def reference(model_dir: str, adapter: str | None, messages, max_new_tokens: int
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     x = torch.tensor([list(ids)])
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                         do_sample=False)
-    return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)
+    with torch_threads(REPLICA_THREADS):
+        out = model.generate(x, attention_mask=torch.ones_like(x),
+                             max_new_tokens=max_new_tokens, do_sample=False)
+    return served_text(tok, out[0, x.shape[1]:].tolist())
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ import os
 
 import pytest
 import requests
-from train_support import random_lora_adapter
+from train_support import random_lora_adapter, served_text, torch_threads
 
 pytestmark = pytest.mark.timeout(600)
 
 MAX_TOKENS = 16
+REPLICA_THREADS = 1  # cpus_per_replica 0.5: the engine runs on 1 thread
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You are terse."},
@@ -99,12 +100,12 @@ def reference(model_dir: str, adapter: str | None, messages) -> tuple[int, str, 
                                   tokenize=True, return_dict=False)
     x = torch.tensor([list(ids)])
     stops = sorted({*fmt.stop_token_ids, tok.eos_token_id} - {None})
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS,
-                         do_sample=False, eos_token_id=stops,
-                         pad_token_id=model.config.pad_token_id)
+    with torch_threads(REPLICA_THREADS):
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS,
+                             do_sample=False, eos_token_id=stops,
+                             pad_token_id=model.config.pad_token_id)
     new = out[0, x.shape[1]:].tolist()
-    return x.shape[1], tok.decode([t for t in new if t not in stops],
-                                  skip_special_tokens=True), len(new)
+    return x.shape[1], served_text(tok, [t for t in new if t not in stops]), len(new)
 
 
 def test_adapter_replies_equal_peft_generate_in_the_recorded_format(served):
