@@ -159,8 +159,7 @@ class Engine:
         completion_tokens} or {type: error, status, message}. With deltas=False there
         are no delta events and the end event carries the whole `text`."""
         self._raise_if_dead()
-        req = Request(list(prompt_ids), params, adapter, sink, deltas=deltas,
-                      submitted=time.monotonic())
+        req = Request(list(prompt_ids), params, adapter, sink, deltas=deltas)
         self._queue.put(("req", req))
         return req
 

@@ -32,7 +32,6 @@ class Request:
     deltas: bool = True  # send text as it comes; else once, in the end event
     cancelled: bool = False
     done: bool = False
-    submitted: float = 0.0
 
 
 class Runner:

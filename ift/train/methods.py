@@ -167,7 +167,7 @@ class Build:
     """qlora: prepare the quantized model for checkpointed training."""
 
 
-def _lora_config(model: nn.Module, o: LoraOptions | AdaLoraOptions, **extra):
+def _lora_config(model: nn.Module, o: LoraOptions, **extra):
     from peft import LoraConfig
 
     from ift.models import find_lora_targets
