@@ -1,8 +1,8 @@
 """Preference objectives with train.strategy=fsdp on CPU: 2 Ray Train workers joined by
 gloo, the FSDP wrap the GPU path uses.
 
-DPO (reference: the same FSDP-wrapped model with the adapter disabled, the path a
-reference-free objective such as SimPO does not take) on 2 FSDP workers equals 1 DDP
+DPO (reference: the same FSDP-wrapped model with the adapter disabled) and SimPO
+(reference-free, length-normalised: no second pass) on 2 FSDP workers each equal 1 DDP
 worker × accumulation 2 (the same 8 pairs per step, losses as means over pairs):
 losses, rewards and eval loss per step within 2e-4, the final adapters within 1e-4 (float
 summation order: reduce-scatter against local accumulation); the FSDP run's adapter
@@ -55,7 +55,7 @@ def _adapter(run_dir):
     return load_file(os.path.join(run_dir, "final", "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("objective", ["dpo"])
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
 def test_fsdp_preference_run_equals_ddp_and_its_adapter_loads(objective, tiny_model, prepared,
                                                               tmp_path):
     from peft import PeftModel

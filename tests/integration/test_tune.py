@@ -1,12 +1,12 @@
 """`ift tune` end to end: each sweep runs as `python -m ift tune` in a fresh process (its own
 local Ray), on a tiny llama and the bundled sample data.
 
-* A sweep of two trials over the mixture axis: each trial's re-mixed data, parent and child
-  MLflow runs, per-trial eval files and the report (one row per trial, plots).
-* A sweep killed mid-run (SIGKILL to its process group) and resumed with --resume: the
-  finished trial is not run again, the interrupted one resumes from its checkpoint, and
-  MLflow holds one parent and one child per trial. Each trial's held-out evaluation ran as
-  a Ray task holding one training worker's CPUs.
+* A sweep of two trials over the mixture axis, killed mid-run (SIGKILL to its process
+  group) and resumed with --resume: the finished trial is not run again, the interrupted
+  one resumes from its checkpoint, and MLflow holds one parent and one child per trial.
+  Each trial's held-out evaluation ran as a Ray task holding one training worker's CPUs.
+  The finished sweep then has each trial's re-mixed data, parent and child MLflow runs,
+  per-trial eval files and the report (one row per trial, plots).
 * ASHA on a metric computed by generation during training (heldout/rouge_l): the trial with
   a near-zero learning rate is stopped early, and its MLflow child run is KILLED.
 """
@@ -40,20 +40,9 @@ def prepared(tmp_path_factory, tiny_model) -> Path:
     return out
 
 
-def test_sweep_over_the_mixture_with_mlflow_and_report(tmp_path, tiny_model, prepared):
-    cfg = write_config(tmp_path / "sweep.yaml", tmp_path / "work", tiny_model, prepared, {
-        "name": "mix",
-        "space": {"exclude_tags": [[], ["zh"]]},
-        "seeds": [1],
-        "scheduler": "none", "metric": "eval_loss", "mode": "min",
-    }, train={"max_steps": 4})
-    # the sweep prepares nothing itself: train.data points at the module's prepared dir
-    raw = yaml.safe_load(cfg.read_text())
-    raw["data"].pop("sources")
-    cfg.write_text(yaml.safe_dump(raw))
-    run_ift(["tune", "-c", str(cfg)], tmp_path / "tune.log")
-
-    sweep_dir = tmp_path / "work" / "sweeps" / "mix"
+def _check_mixture_sweep(sweep_dir: Path, prepared: Path, tmp_path: Path) -> None:
+    """A finished sweep of two trials over exclude_tags [[], [zh]]: each trial's re-mixed
+    data, eval files, parent and child MLflow runs, and the report (rows, plots, rewrite)."""
     sweep = json.loads((sweep_dir / "sweep.json").read_text())
     assert [p["name"] for p in sweep["points"]] == ["t000", "t001"]
     trials = {t["name"]: t for t in json.loads((sweep_dir / "trials.json").read_text())}
@@ -142,9 +131,13 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return bool(snap.get("latest_checkpoint_result"))
 
 
-def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
+def test_interrupted_mixture_sweep_resumes(tmp_path, tiny_model, prepared):
+    """Two trials over the mixture axis, killed once the first is done and the second has a
+    checkpoint, then resumed; the finished sweep is checked whole (_check_mixture_sweep)."""
+    # the sweep prepares nothing itself: train.data points at the module's prepared dir
     cfg = write_config(tmp_path / "sweep.yaml", tmp_path / "work", tiny_model, prepared, {
-        "name": "resumable", "space": {}, "seeds": [1, 2], "scheduler": "none",
+        "name": "resumable", "space": {"exclude_tags": [[], ["zh"]]}, "seeds": [1],
+        "scheduler": "none", "metric": "eval_loss", "mode": "min",
     }, train={"max_steps": 8, "checkpoint_every": 2, "eval_every": 4, "cpus_per_worker": 2})
     raw = yaml.safe_load(cfg.read_text())
     raw["data"].pop("sources")
@@ -216,6 +209,8 @@ def test_interrupted_sweep_resumes(tmp_path, tiny_model, prepared):
         assert trial["eval"]["exact_match_n"] == ev["exact_match_n"] == 4
         assert float(row["heldout_loss"]) == pytest.approx(ev["loss"], rel=1e-4)
         assert float(row["exact_match"]) == pytest.approx(ev["exact_match"], abs=1e-6)
+
+    _check_mixture_sweep(sweep_dir, prepared, tmp_path)
 
 
 def test_asha_stops_a_trial_on_a_generation_metric(tmp_path, tiny_model):
