@@ -759,7 +759,54 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         raw = expand_env(raw, path)
     for item in overrides or []:
         apply_override(raw, item)
-    return build_config(raw)
+    return absolute_paths(build_config(raw))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """`cfg` with its local relative paths made absolute against the current directory, the
+    one they were written for (in place; returned for chaining).
+
+    Ray Train workers start in a folder of their session and Tune trials and Serve replicas
+    may too, so a relative path read there names nothing (or is taken for a hub id):
+    `model.name_or_path: ift-work/model` would fail in the workers of a run started from
+    the folder that holds ift-work. storage.root is made absolute, and with it every output
+    under it (`cfg.resolve`). A model, adapter, tokenizer or data path is made absolute when
+    it exists here (else it stays as written: a hub id, or a name under storage.root);
+    globs too. s3:// paths, hub ids and `@sample/` paths are left as they are."""
+    from ift.storage import is_remote
+
+    def local(p: str) -> bool:
+        return bool(p) and not is_remote(p) and not os.path.isabs(p) and not p.startswith("@")
+
+    def here(p: str) -> str:
+        return os.path.abspath(p) if local(p) and os.path.exists(p) else p
+
+    def data(p: str) -> str:
+        parts = [x.strip() for x in p.split(",")] if p else []
+        return ",".join(os.path.abspath(x) if local(x) and (os.path.exists(x) or any(
+            c in x for c in "*?[")) else x for x in parts) if parts else p
+
+    if local(cfg.storage.root):
+        cfg.storage.root = os.path.abspath(cfg.storage.root)
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        cfg.tracking.uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    m = cfg.model
+    m.name_or_path, m.adapter = here(m.name_or_path), here(m.adapter)
+    cfg.data.tokenizer = here(cfg.data.tokenizer)
+    for src in cfg.data.sources:
+        src.path, src.schema = data(src.path), here(src.schema)
+    e = cfg.eval
+    e.data, e.during_training.data = data(e.data), data(e.during_training.data)
+    for bench in e.benchmarks.values():
+        bench.path = here(bench.path)
+    s = cfg.serve
+    s.base_model, s.adapter_root = here(s.base_model), here(s.adapter_root)
+    s.adapters = {k: here(v) for k, v in s.adapters.items()}
+    s.merged_models = {k: here(v) for k, v in s.merged_models.items()}
+    pr = cfg.predict
+    pr.data, pr.model, pr.adapter = data(pr.data), here(pr.model), here(pr.adapter)
+    return cfg
 
 
 _ENV_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")

@@ -128,3 +128,39 @@ def test_real_ablation_config_is_on_the_bucket(monkeypatch):
     assert cfg.storage.root == "s3://b/cot-ablation-real"
     assert all(s.path.startswith("s3://b/") for s in cfg.data.sources)
     assert cfg.eval.data.startswith("s3://b/")
+
+
+def test_local_relative_paths_are_made_absolute_where_the_config_is_loaded(tmp_path,
+                                                                          monkeypatch):
+    """Ray Train workers start in a folder of their own session, so a config's relative
+    paths must name the same files there as in the folder the command ran in."""
+    import os
+
+    (tmp_path / "ift-work" / "model").mkdir(parents=True)
+    (tmp_path / "ift-work" / "sft" / "final").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "types.json").write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [
+        "storage.root=ift-work", "model.name_or_path=ift-work/model",
+        "model.adapter=ift-work/sft/final", "data.sources.0.path=data/*.jsonl",
+        "data.sources.0.schema=types.json", "data.sources.1.path=@sample/alpaca_en.json",
+        "eval.data=data/a.jsonl,val", "serve.adapter_root=ift-work",
+        "tracking.uri=sqlite:///ift-work/mlflow.db", "train.data=prepared"])
+    monkeypatch.chdir("/")  # where a worker would read them
+    assert cfg.storage.root == str(tmp_path / "ift-work")
+    assert os.path.isdir(cfg.model.name_or_path) and os.path.isdir(cfg.model.adapter)
+    assert cfg.data.sources[0].path == str(tmp_path / "data" / "*.jsonl")
+    assert cfg.data.sources[0].schema == str(tmp_path / "types.json")
+    assert os.path.isfile(cfg.data.sources[1].path)  # bundled: the package's own file
+    # a part that is not there stays as written: a name under storage.root
+    assert cfg.eval.data == f"{tmp_path / 'data' / 'a.jsonl'},val"
+    assert cfg.serve.adapter_root == str(tmp_path / "ift-work")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'ift-work' / 'mlflow.db'}"
+    assert cfg.resolve(cfg.train.data) == str(tmp_path / "ift-work" / "prepared")
+    # hub ids and remote paths are left alone
+    cfg = load_config(None, ["model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct",
+                             "storage.root=s3://bucket/work"])
+    assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert cfg.storage.root == "s3://bucket/work"
