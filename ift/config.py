@@ -781,10 +781,12 @@ def absolute_paths(cfg: Config) -> Config:
     def here(p: str) -> str:
         return os.path.abspath(p) if local(p) and os.path.exists(p) else p
 
-    def data(p: str) -> str:
-        parts = [x.strip() for x in p.split(",")] if p else []
-        return ",".join(os.path.abspath(x) if local(x) and (os.path.exists(x) or any(
-            c in x for c in "*?[")) else x for x in parts) if parts else p
+    def data(p: str) -> str:  # comma-separated files, dirs or globs
+        def one(x: str) -> str:
+            glob = any(c in x for c in "*?[")
+            return os.path.abspath(x) if local(x) and (glob or os.path.exists(x)) else x
+
+        return ",".join(one(x.strip()) for x in p.split(",")) if p else p
 
     if local(cfg.storage.root):
         cfg.storage.root = os.path.abspath(cfg.storage.root)
