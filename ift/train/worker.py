@@ -7,6 +7,7 @@ ift.train.loop.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -200,7 +201,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if objective is not None:
         make_batch = preference.collate_pairs
     else:  # sft; on preference pairs, on their chosen sides
-        make_batch = preference.collate_chosen if plan.pairs else collate
+        # Packed masks are built on the device, in model_inputs.
+        make_batch = (preference.collate_chosen if plan.pairs
+                      else functools.partial(collate, mask_4d=False))
     pad_id = tokenizer.pad_token_id
     _log(rank, f"{cfg.peft.method}: {trainable:,} trainable of {total:,} parameters "
                f"({100.0 * trainable / max(total, 1):.3f}%)")

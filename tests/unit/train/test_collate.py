@@ -74,6 +74,22 @@ def test_model_inputs_match_the_attention_kernel():
     assert "attention_mask" not in flash and "position_ids" in flash
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "flash_attention_2"])
+def test_a_batch_without_its_4d_mask_gets_the_same_inputs_built_from_seq_ids(impl):
+    rows = [{"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3, 4, 5],
+             "position_ids": [0, 1, 2, 0, 1], "seq_ids": [0, 0, 0, 1, 1]},
+            {"input_ids": [6, 7], "labels": [6, 7], "position_ids": [0, 1], "seq_ids": [0, 0]}]
+    lazy = collate(rows, pad_id=0, mask_4d=False)
+    assert "attention_mask" not in lazy and lazy["seq_ids"].shape == (2, 5)
+    assert input_tokens(lazy) == 7
+    want = model_inputs(collate(rows, pad_id=0), attn_implementation=impl,
+                        dtype=torch.bfloat16, device="cpu")
+    got = model_inputs(lazy, attn_implementation=impl, dtype=torch.bfloat16, device="cpu")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("archs")
