@@ -252,9 +252,13 @@ def _encode(texts: list[str], tokenizer, offsets: bool
         tokenizer, "is_fast", False) else None
     if backend is not None:
         # The Rust tokenizer directly: the same ids without transformers' per-row wrapping.
-        encs = backend.encode_batch(texts, add_special_tokens=False)
-        return [e.ids for e in encs], ([e.offsets for e in encs] if offsets
-                                       else [[] for _ in texts])
+        # Without offsets, encode_batch_fast: it skips computing them (the same ids, and
+        # 1.3-1.45x faster on bench/data_prepare.py's rows).
+        if offsets:
+            encs = backend.encode_batch(texts, add_special_tokens=False)
+            return [e.ids for e in encs], [e.offsets for e in encs]
+        fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in fast(texts, add_special_tokens=False)], [[] for _ in texts]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
     return enc["input_ids"], (enc["offset_mapping"] if offsets else [[] for _ in texts])
 

@@ -354,3 +354,18 @@ def test_reasoning_is_labelled_with_the_reply_and_can_be_dropped(toks):
     (same,), _ = tokenize_records([rec("t1", [("user", "2 + 2?"), ("assistant", "4.")])], tok,
                                   template="chatml", max_seq_len=4096)
     assert same["input_ids"] == plain["input_ids"] and same["labels"] == plain["labels"]
+
+
+def test_fast_encoding_gives_the_ids_of_the_tokenizer_call(toks):
+    """Without offsets the Rust tokenizer's encode_batch_fast is used: the same ids as the
+    transformers call, on English, Chinese, emoji and control tokens."""
+    from ift.data.tokenize import _encode
+
+    texts = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n", "你好，世界！今天天气很好。",
+             "emoji 🙂👍🏽 and tabs\tand  spaces", ""]
+    for tok in toks.values():
+        ids, offsets = _encode(texts, tok, False)
+        assert ids == tok(texts, add_special_tokens=False)["input_ids"]
+        assert offsets == [[] for _ in texts]
+        with_offsets, spans = _encode(texts, tok, True)
+        assert with_offsets == ids and len(spans[0]) == len(ids[0])
