@@ -10,6 +10,8 @@ that process tree every 0.2 s (the driver, and for ift the Ray processes it star
             num_proc=2)` doing the same conversion (ift.data.formats.convert, Alpaca ->
             messages) and ChatML rendering + tokenization + masking
             (ift.data.tokenize.tokenize_records), then `.to_parquet(...)`.
+* tokenizer the ceiling: the Rust tokenizer's `encode_batch_fast` alone (its own threads) on
+            each row's ChatML text, read and rendered before the clock starts.
 
 Same rendering, tokenizer call and masks in both arms. The baseline's map function returns
 Python lists, as a `datasets` map function does; ift's ingest builds its Arrow columns from
@@ -19,7 +21,7 @@ rows) and runs with the cyclic garbage collector off while a task tokenizes.
 Both arms use the same tokenizer (a tiny byte-level BPE trained on the generated rows with
 ift.models.train_tokenizer), template (chatml) and max_seq_len. rows/s = rows read / wall
 seconds of the measured call (in the subprocess, after imports). Results go to
-bench/results/data_prepare.json; targets: ift rows/s >= baseline at the largest size, and
+bench/results/data_prepare.json; targets: ift rows/s >= 2 x baseline at the largest size, and
 ift peak RSS at the largest size <= 1.5 x that at the smallest.
 
     python bench/data_prepare.py                      # 100k and 1M rows
@@ -213,8 +215,40 @@ def run_baseline(data_dir: str, tokenizer: str, work: str) -> dict:
     return {"rows_read": rows_read, "rows_written": len(out), "wall_s": wall}
 
 
+TOKENIZER_CHUNK = 8192
+
+
+def run_tokenizer(data_dir: str, tokenizer: str, work: str) -> dict:
+    """The ceiling: the Rust tokenizer's encode_batch_fast alone (ids without offsets, its
+    own threads, both cores) on each row's whole ChatML text. Reading and rendering happen
+    before the clock starts."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    from ift.models import load_tokenizer
+
+    backend = load_tokenizer(tokenizer).backend_tokenizer
+    texts = []
+    for path in sorted(glob.glob(os.path.join(data_dir, "*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                user = r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")
+                texts.append(f"<|im_start|>user\n{user}<|im_end|>\n"
+                             f"<|im_start|>assistant\n{r['output']}<|im_end|>\n")
+    t0 = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(texts), TOKENIZER_CHUNK):
+        enc = backend.encode_batch_fast(texts[i:i + TOKENIZER_CHUNK], add_special_tokens=False)
+        tokens += sum(len(e.ids) for e in enc)
+    wall = time.perf_counter() - t0
+    return {"rows_read": len(texts), "rows_written": len(texts), "tokens": tokens,
+            "wall_s": wall}
+
+
+ARMS = {"ift": run_ift, "baseline": run_baseline, "tokenizer": run_tokenizer}
+
+
 def worker_main(args: argparse.Namespace) -> int:
-    fn = {"ift": run_ift, "baseline": run_baseline}[args.worker]
+    fn = ARMS[args.worker]
     result = fn(args.data, args.tokenizer, args.work)
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
     return 0
@@ -232,6 +266,7 @@ def measure(arm: str, data_dir: str, tokenizer: str, scratch: str, timeout: floa
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", arm, "--data", data_dir,
            "--tokenizer", tokenizer, "--work", work, "--result", result_file]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    env.pop("RAY_ADDRESS", None)
     proc = run_measured(cmd, env=env, cwd=str(REPO), timeout=timeout,
                         log_path=os.path.join(scratch, f"{arm}-{os.path.basename(data_dir)}.log"),
                         interval=SAMPLE_INTERVAL_S)
@@ -252,16 +287,20 @@ def summarize(sizes: dict[int, dict[str, dict]]) -> dict:
     rows = sorted(sizes)
     big, small = rows[-1], rows[0]
     ift_big, base_big = sizes[big].get("ift", {}), sizes[big].get("baseline", {})
-    ratio = None
+    ceiling = sizes[big].get("tokenizer", {})
+    ratio = ceiling_fraction = None
     if ift_big.get("rows_per_s") and base_big.get("rows_per_s"):
         ratio = round(ift_big["rows_per_s"] / base_big["rows_per_s"], 3)
+    if ift_big.get("rows_per_s") and ceiling.get("rows_per_s"):
+        ceiling_fraction = round(ift_big["rows_per_s"] / ceiling["rows_per_s"], 3)
     growth = None
     if len(rows) > 1 and sizes[small].get("ift", {}).get("peak_rss_mb") and ift_big.get("peak_rss_mb"):
         growth = round(ift_big["peak_rss_mb"] / sizes[small]["ift"]["peak_rss_mb"], 3)
     return {
         "throughput_ratio_ift_over_baseline": {
-            "rows": big, "value": ratio, "target": ">= 1.0",
-            "met": None if ratio is None else ratio >= 1.0},
+            "rows": big, "value": ratio, "target": ">= 2.0",
+            "met": None if ratio is None else ratio >= 2.0},
+        "ift_fraction_of_tokenizer_ceiling": {"rows": big, "value": ceiling_fraction},
         "ift_peak_rss_ratio": {
             "rows": [big, small], "value": growth, "target": "<= 1.5",
             "met": None if growth is None else growth <= 1.5},
@@ -282,11 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="100000,1000000", help="comma-separated sizes")
     p.add_argument("--quick", action="store_true", help="2k and 20k rows (smoke test)")
-    p.add_argument("--arms", default="ift,baseline", help="ift, baseline or both")
+    p.add_argument("--arms", default="ift,baseline,tokenizer",
+                   help="comma-separated: ift, baseline, tokenizer (the encode_batch ceiling)")
     p.add_argument("--scratch", help="folder for data and outputs (default: a temp dir, removed)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--out", help="results folder (default bench/results)")
-    p.add_argument("--worker", choices=["ift", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=list(ARMS), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -297,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = parse_rows("2000,20000" if args.quick else args.rows)
     arms = [a for a in args.arms.split(",") if a]
-    bad = [a for a in arms if a not in ("ift", "baseline")]
+    bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
-        raise SystemExit(f"--arms {args.arms!r}: allowed ift, baseline")
+        raise SystemExit(f"--arms {args.arms!r}: allowed {', '.join(ARMS)}")
     scratch = args.scratch or tempfile.mkdtemp(prefix="ift-bench-data-")
     os.makedirs(scratch, exist_ok=True)
     try:
@@ -351,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                                "rows_written"]))
     t, g = summary["throughput_ratio_ift_over_baseline"], summary["ift_peak_rss_ratio"]
     print(f"rows/s ift/baseline at {t['rows']} rows: {t['value']} (target {t['target']})")
+    c = summary["ift_fraction_of_tokenizer_ceiling"]
+    print(f"rows/s ift/tokenizer-only ceiling at {c['rows']} rows: {c['value']}")
     print(f"ift peak RSS {g['rows'][0]}/{g['rows'][1]} rows: {g['value']} (target {g['target']})")
     print(f"wrote {path}")
     failed = [(n, a) for n in sizes for a, r in results[n].items() if r["returncode"] != 0]
