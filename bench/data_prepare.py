@@ -220,20 +220,20 @@ TOKENIZER_CHUNK = 8192
 
 def run_tokenizer(data_dir: str, tokenizer: str, work: str) -> dict:
     """The ceiling: the Rust tokenizer's encode_batch_fast alone (ids without offsets, its
-    own threads, both cores) on each row's whole ChatML text. Reading and rendering happen
-    before the clock starts."""
+    own threads, both cores) on each row's whole text as ift renders it. Reading,
+    converting and rendering happen before the clock starts."""
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    from ift.data.formats import convert
     from ift.models import load_tokenizer
 
-    backend = load_tokenizer(tokenizer).backend_tokenizer
-    texts = []
+    tok = load_tokenizer(tokenizer)
+    backend = tok.backend_tokenizer
+    records = []
     for path in sorted(glob.glob(os.path.join(data_dir, "*.jsonl"))):
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                user = r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")
-                texts.append(f"<|im_start|>user\n{user}<|im_end|>\n"
-                             f"<|im_start|>assistant\n{r['output']}<|im_end|>\n")
+            records.extend(convert("alpaca", json.loads(line), id=str(i), source="bench")
+                           for i, line in enumerate(f))
+    texts = rendered_texts(records, tok)
     t0 = time.perf_counter()
     tokens = 0
     for i in range(0, len(texts), TOKENIZER_CHUNK):
@@ -242,6 +242,14 @@ def run_tokenizer(data_dir: str, tokenizer: str, work: str) -> dict:
     wall = time.perf_counter() - t0
     return {"rows_read": len(texts), "rows_written": len(texts), "tokens": tokens,
             "wall_s": wall}
+
+
+def rendered_texts(records: list[dict], tokenizer) -> list[str]:
+    """Each record's whole text as ift renders it (ift.data.templates.render_segments)."""
+    from ift.data.templates import render_segments
+
+    return ["".join(text for text, _ in render_segments(r, TEMPLATE, tokenizer))
+            for r in records]
 
 
 ARMS = {"ift": run_ift, "baseline": run_baseline, "tokenizer": run_tokenizer}

@@ -91,8 +91,7 @@ def one_pass(path: str, tokenizer, out: str) -> dict[str, float]:
         shards.close()
         t["tokenize+write"] = time.perf_counter() - t0
 
-        texts = ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-                         for m in r["messages"]) for _, r in recs]
+        texts = data_prepare.rendered_texts([r for _, r in recs], tokenizer)
         backend = tokenizer.backend_tokenizer
         t0 = time.perf_counter()
         for i in range(0, len(texts), BATCH):

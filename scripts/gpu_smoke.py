@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -282,7 +283,8 @@ class Smoke:
         data = build_prepared_for(os.path.join(self.workdir, f"packed-{seq}"), model,
                                   n_train=300 if self.cpu else 4000, max_seq_len=seq)
         run = self.train("mfu-ift", "peft.method=full", "model.dtype=bf16",
-                         f"train.micro_batch_size={2 if self.cpu else 4}", "train.grad_accum=1", "train.lr=1e-5",
+                         f"train.micro_batch_size={2 if self.cpu else 4}", "train.grad_accum=1",
+                         "train.lr=1e-5",
                          "train.num_workers=1", "train.checkpoint_every=0",
                          "model.attn_implementation=sdpa", data=data,
                          steps=3 if self.cpu else 10, workers=1, model=model)
@@ -291,7 +293,7 @@ class Smoke:
         from ift.train.loop import read_metrics
 
         with safe_open(os.path.join(model, "model.safetensors"), "pt") as f:
-            params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         rates = [r["tokens_per_s"] for r in read_metrics(run)][2:]
         tok_s = statistics.median(rates)
         detail = f"{params / 1e6:.0f}M params, {tok_s:,.0f} tok/s (median of steps 3+)"
@@ -372,13 +374,6 @@ class Smoke:
         }
         base = arms["bare causal"]
         return "; ".join(f"{k} {v:,.0f} tok/s ({v / base:.2f}x)" for k, v in arms.items())
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def build_prepared_for(out: str, model: str, *, n_train: int, max_seq_len: int) -> str:
