@@ -17,6 +17,8 @@ import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from ift import storage
 from ift.artifacts import MANIFEST_FILE
@@ -70,13 +72,10 @@ def load_index(prepared: str) -> pa.Table:
     Datasets prepared before the index existed hold exactly the kept rows in their
     `split=train|val` folders; their index is read off those.
     """
-    import pyarrow.parquet as pq
-
     path = storage.join(prepared, SOURCES_DIR, INDEX_FILE)
     if storage.exists(path):
         fs, root = storage.arrow_fs(path)
         return pq.read_table(root, filesystem=fs)
-    import pyarrow.dataset as pads
 
     fs, root = storage.arrow_fs(storage.join(prepared, SOURCES_DIR))
     part = pads.partitioning(pa.schema([("source", pa.string()), ("split", pa.string())]),

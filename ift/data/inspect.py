@@ -5,6 +5,11 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pyarrow.dataset as pads
+
+from ift import storage
+from ift.data.dataset import PrepareError, read_manifest
+from ift.models import load_tokenizer
 
 TRAIN_OPEN, TRAIN_CLOSE = "\u27e6", "\u27e7"  # ⟦ trained ⟧ when the terminal has no colour
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
@@ -64,12 +69,6 @@ def mark_trained(tokenizer, input_ids: list[int], labels: list[int], color: bool
 
 
 def inspect_cmd(args) -> int:
-    import pyarrow.dataset as pads
-
-    from ift import storage
-    from ift.data.dataset import PrepareError, read_manifest
-    from ift.models import load_tokenizer
-
     try:
         manifest = read_manifest(args.dir)
     except PrepareError as e:

@@ -32,6 +32,7 @@ from ift.config import PAIR_FORMATS
 from ift.data import formats
 from ift.data.quality import record_lang, validate
 from ift.data.record import ConvertError, conversation_hash, make_record
+from ift.data.tokenize import tokenize_records
 
 IGNORE_INDEX = -100
 _NO_LIMIT = 1 << 30
@@ -255,8 +256,6 @@ def tokenize_pairs(pairs: list[dict[str, Any]], tokenizer, *, template: str, max
 
     Both sides are rendered with the same template; labels cover the final reply only.
     """
-    from ift.data.tokenize import tokenize_records
-
     sides = []
     for i, p in enumerate(pairs):
         for side in ("chosen", "rejected"):

@@ -20,9 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from ift import storage
 from ift.config import InputError
 from ift.data.formats import split_human_assistant
+from ift.data.preference import pair_format_of
 
 _BOM = b"\xef\xbb\xbf"
 _HEAD_BYTES = 64 * 1024
@@ -121,8 +124,6 @@ def _looks_multiturn(text: Any) -> bool:
 
 
 def _format_of(rec: dict[str, Any]) -> str | None:
-    from ift.data.preference import pair_format_of
-
     pair = pair_format_of(rec)  # chosen/rejected keys make any layout a preference pair
     if pair:
         return pair
@@ -467,8 +468,6 @@ def _iter_bio(data: bytes) -> Iterator[Row]:
 
 
 def _iter_parquet(task: ReadTask) -> Iterator[Row]:
-    import pyarrow.parquet as pq
-
     fs, inner = storage.arrow_fs(task.file)
     pf = pq.ParquetFile(inner, filesystem=fs)
     idx = 0

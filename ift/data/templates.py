@@ -26,10 +26,13 @@ tokens (bos, eos, markers): tokenize it with `add_special_tokens=False`.
 
 from __future__ import annotations
 
+import copy
+import difflib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ift.artifacts import IM_END, IM_START
+from ift.artifacts import IM_END, IM_START, PromptFormat
 from ift.data.record import ROLES
 
 BUILTIN = ("chatml", "alpaca", "human_assistant")
@@ -111,8 +114,6 @@ def resolve_template(name: str, tokenizer) -> str:
     (the same text, rendered without jinja).
     """
     if name not in TEMPLATES:
-        import difflib
-
         close = difflib.get_close_matches(str(name), TEMPLATES, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"template {name!r} is not known{hint} (allowed: {', '.join(TEMPLATES)})")
@@ -120,7 +121,7 @@ def resolve_template(name: str, tokenizer) -> str:
     if name == "auto":
         if not own:
             return "chatml"
-        from ift.models import CHATML_TEMPLATE
+        from ift.models import CHATML_TEMPLATE  # cycle: ift.models -> ift.config -> this module
 
         if own == CHATML_TEMPLATE:
             return "chatml"
@@ -455,7 +456,7 @@ def builtin_jinja(name: str, traits: TokenizerTraits) -> str:
     """A jinja chat template that renders what the built-in template `name` renders for a
     conversation without meta (the prompt part with add_generation_prompt, and whole
     conversations). ift's own ChatML jinja where that is the same text."""
-    from ift.models import CHATML_TEMPLATE
+    from ift.models import CHATML_TEMPLATE  # cycle: ift.models -> ift.config -> this module
 
     q = _jinja_str
     bos = q(traits.bos)
@@ -526,8 +527,6 @@ def prompt_format(template: str, tokenizer):
     """The PromptFormat of data rendered with `template` (any name resolve_template takes)
     and `tokenizer`: the resolved name, its jinja, its end-of-turn token(s), its system
     prompt policy."""
-    from ift.artifacts import PromptFormat
-
     name = resolve_template(template, tokenizer)
     traits = tokenizer_traits(tokenizer)
     eos = traits.eos
@@ -555,8 +554,6 @@ def choose_prompt_format(recorded, override: str, tokenizer, where: str, log=Non
     """The prompt format to generate with: the one recorded at `where` (a model or adapter
     dir), unless `override` (a template name; "auto" or "" is none) names another, which
     then wins with a warning. Without a record, the override (or "auto") for this tokenizer."""
-    import logging
-
     log = log or logging.getLogger("ift.prompt_format")
     explicit = bool(override) and override != "auto"
     if recorded is None:
@@ -576,8 +573,6 @@ def format_prompt(messages: list[dict], tokenizer, fmt, system: str = "", *,
     """render_prompt with a PromptFormat: its template, and for "tokenizer" its own jinja
     (which may differ from the tokenizer's current one)."""
     if fmt.template == "tokenizer" and tokenizer.chat_template != fmt.chat_template:
-        import copy
-
         tokenizer = copy.copy(tokenizer)
         tokenizer.chat_template = fmt.chat_template
     return render_prompt(messages, tokenizer, fmt.template, system, meta=meta)
