@@ -25,6 +25,7 @@ elsewhere and moved into place (local) or uploaded with its `_COMPLETE` marker l
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -36,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from ift import storage
@@ -45,6 +48,8 @@ from ift.artifacts import (
     PromptFormat,
     write_prompt_format,
 )
+from ift.train import fsdp
+from ift.train.fsdp import clean_module_names
 from ift.train.methods import is_adapter, unwrap
 
 STATE_FILE = "training_state.pt"
@@ -97,7 +102,6 @@ def full_state_dict(model: nn.Module, strategy: str, method: str = "full"
     calls it; the result is for rank 0 to save. DDP/single: None (each rank holds it whole)."""
     if strategy != "fsdp":
         return None
-    from ift.train import fsdp
 
     return fsdp.model_state_dict(model, adapter=is_adapter(method))
 
@@ -107,8 +111,6 @@ def save_model(model: nn.Module, out_dir: str, method: str,
     """Adapters in PEFT format, full/freeze as an HF safetensors model. An adapter file
     without tensors is an error (a state dict whose keys PEFT did not recognise)."""
     # PeftModel.save_pretrained writes only the adapter; a plain HF model writes itself.
-    from ift.train.fsdp import clean_module_names
-
     with clean_module_names(unwrap(model)) as inner:
         # A frozen reference adapter beside the trained one (DPO from model.adapter) stays out.
         extra = {"selected_adapters": ["default"]} if len(getattr(inner, "peft_config", {})) > 1 \
@@ -119,8 +121,6 @@ def save_model(model: nn.Module, out_dir: str, method: str,
 
 
 def _check_adapter_file(out_dir: str) -> None:
-    from safetensors import safe_open
-
     path = os.path.join(out_dir, ADAPTER_WEIGHTS)
     if not os.path.exists(path):
         return  # PEFT wrote another format (e.g. .bin); nothing to count here
@@ -135,8 +135,6 @@ def _check_adapter_file(out_dir: str) -> None:
 def load_model_weights(ckpt_dir: str, model: nn.Module, method: str,
                        state: dict[str, Any] | None = None) -> None:
     """Load a checkpoint's weights into a freshly built (not yet wrapped) model."""
-    from safetensors.torch import load_file
-
     if is_adapter(method):
         from peft import set_peft_model_state_dict
 
@@ -352,7 +350,6 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     """The optimizer state to save. FSDP gathers a full one (a collective: all ranks call)."""
     if strategy != "fsdp":
         return optimizer.state_dict()
-    from ift.train import fsdp
 
     return fsdp.optimizer_state_dict(model, optimizer)
 
@@ -362,7 +359,6 @@ def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
     if strategy != "fsdp":
         optimizer.load_state_dict(state)
         return
-    from ift.train import fsdp
 
     fsdp.load_optimizer_state_dict(model, optimizer, state)
 
@@ -380,8 +376,6 @@ def save_final(run_dir: str, *, model: nn.Module, method: str, tokenizer=None,
     lineage record (ift_lineage.json, stamped with the time final/ is written) and the
     prompt format (ift_prompt_format.json; the tokenizer's chat_template is its jinja). All
     of it is in place before the _COMPLETE marker, so a complete final/ has its lineage."""
-    import copy
-
     dest = storage.join(run_dir, FINAL_DIR)
     fmt = PromptFormat.from_dict(prompt_format) if prompt_format is not None else None
     with tempfile.TemporaryDirectory(prefix="ift-final-") as tmp:

@@ -19,22 +19,48 @@ the same storage_path/name, the workers load the latest checkpoint, and the data
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
 import time
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
+import ray
+import ray.data
+import ray.train
+import torch
 import yaml
+from ray.data import ExecutionOptions
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
+from ray.train.torch import TorchTrainer
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from ift import storage
-from ift.artifacts import CONFIG_FILE, RUN_FILE
+from ift import lineage, storage, tracking
+from ift.artifacts import CONFIG_FILE, FINAL_DIR, RUN_FILE
 from ift.config import Config, ConfigError, load_config
+from ift.data.dataset import PrepareError, read_manifest, split_files
+from ift.data.templates import prompt_format
+from ift.eval.during import check_config
+from ift.lineage import parent_adapter_record
+from ift.models import find_lora_targets, load_tokenizer, tokenizer_identity
+from ift.raycluster import init_ray
 from ift.train import fsdp, methods, multinode
+from ift.train.checkpoint import STATE_FILE, find_latest
+from ift.train.collate import block_causal_mask, model_inputs
 from ift.train.loop import Plan, make_plan, read_metrics
 from ift.train.preference import PAIR_COLUMNS
-from ift.train.worker import train_loop_per_worker
+from ift.train.ref_logps import attach, lookup, precompute
+from ift.train.worker import check_resumable, load_dtype, train_loop_per_worker
 
 LOSS_PNG = "loss_curve.png"
 
@@ -57,8 +83,6 @@ def prepared_dir(cfg: Config) -> str:
 
 def read_prepared(path: str) -> dict[str, Any]:
     """The manifest of a complete prepared dataset, or a ConfigError naming what is wrong."""
-    from ift.data.dataset import PrepareError, read_manifest
-
     try:
         manifest = read_manifest(path)
     except PrepareError as e:
@@ -72,8 +96,6 @@ def read_prepared(path: str) -> dict[str, Any]:
 
 
 def _model_config(cfg: Config):
-    from transformers import AutoConfig
-
     path = cfg.model.name_or_path
     if not path:
         raise ConfigError("model.name_or_path is required")
@@ -96,11 +118,6 @@ def max_positions(model_config) -> int | None:
 
 def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
     """Every check that needs no worker: data, tokenizer, batch shape, method, targets."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ift.models import find_lora_targets, load_tokenizer, tokenizer_identity
-
     method = cfg.peft.method  # a choice PeftConfig has checked
     # The tokenizer the data was encoded with must be the model's.
     tok_path = cfg.model.name_or_path
@@ -163,8 +180,6 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
     if cfg.train.eval_every and not plan.num_val_rows:
         print(f"[ift train] note: {prepared} has no val rows; evaluation is skipped", flush=True)
     if cfg.eval.during_training.max_samples:
-        from ift.eval.during import check_config
-
         check_config(cfg)  # before any worker starts
     return plan
 
@@ -173,10 +188,6 @@ def _probe_packed(meta_model, cfg: Config) -> None:
     """Packed rows need a model whose attention takes a 4D mask (most current ones do;
     ALiBi models such as BLOOM build their biases from a 2D mask and cannot). A forward
     pass on the weightless model checks it without computing anything."""
-    import torch
-
-    from ift.train.collate import block_causal_mask, model_inputs
-
     impl = cfg.model.attn_implementation or ""
     if impl.startswith("flash"):
         return  # flash kernels split packed samples by position ids, no mask involved
@@ -210,10 +221,6 @@ def _datasets(prepared: str, plan: Plan) -> dict[str, Any]:
     that the training workers may hold all of on a small machine (Ray Data's file listing
     and read tasks each reserve one), so it happens before they take them.
     """
-    import ray.data
-
-    from ift.data.dataset import split_files
-
     cols = ["id", "input_ids", "labels"]
     if plan.pairs:  # a pair row is packed with the others of its micro-batch when batched
         cols += list(PAIR_COLUMNS)
@@ -234,10 +241,6 @@ def _datasets(prepared: str, plan: Plan) -> dict[str, Any]:
             paths = [storage.arrow_fs(f)[1] for f in files]
             ds = ray.data.read_parquet(paths, filesystem=fs, columns=cols)
             if plan.ref_logps:
-                from functools import partial
-
-                from ift.train.ref_logps import attach, lookup
-
                 ds = ds.map_batches(partial(attach, table=lookup(plan.ref_logps, split)),
                                     batch_format="numpy")
             ds = ds.materialize()
@@ -284,8 +287,6 @@ def _storage(output: str) -> tuple[str, Any]:
 
 
 def _check_resources(cfg: Config) -> None:
-    import ray
-
     t = cfg.train
     have = ray.cluster_resources()
     need_cpu = t.num_workers * t.cpus_per_worker
@@ -306,13 +307,6 @@ def _check_resources(cfg: Config) -> None:
 def resume_point(cfg: Config, plan: Plan, run_dir: str) -> tuple[int, str] | None:
     """The checkpoint a re-run will resume from, checked against this run's shape (data,
     global batch, method) before any worker starts; None for a fresh run."""
-    import io
-
-    import torch
-
-    from ift.train.checkpoint import STATE_FILE, find_latest
-    from ift.train.worker import check_resumable
-
     found = find_latest(run_dir)
     if found is None:
         return None
@@ -326,9 +320,6 @@ def lineage_record(cfg: Config, manifest: dict[str, Any], prepared: str, run_dir
                    run_id: str, tracking_uri: str) -> dict[str, Any]:
     """What final/ift_lineage.json says (ift.lineage.training_record); a re-mixed dataset's
     parent manifest fills in source files the re-mix does not carry."""
-    from ift import lineage
-    from ift.data.dataset import PrepareError, read_manifest
-
     parent = None
     up = manifest.get("parent")
     if isinstance(up, dict) and up.get("path"):
@@ -348,9 +339,6 @@ def lineage_record(cfg: Config, manifest: dict[str, Any], prepared: str, run_dir
 def prompt_format_record(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     """The prompt format every adapter and final model of the run records
     (ift.artifacts.PromptFormat): the template the prepared data was rendered with."""
-    from ift.data.templates import prompt_format
-    from ift.models import load_tokenizer
-
     tok_path = cfg.model.name_or_path
     tokenizer = load_tokenizer(storage.local_copy(tok_path) if storage.is_remote(tok_path)
                                else tok_path, trust_remote_code=cfg.model.trust_remote_code,
@@ -379,21 +367,6 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     `callbacks` are Ray Train callbacks for the RunConfig (e.g. Tune's report callback
     when a sweep runs this inside a trial); `parent_run_id` nests the MLflow run.
     """
-    import ray.train
-    from ray.data import ExecutionOptions
-    from ray.train import (
-        CheckpointConfig,
-        DataConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchTrainer
-
-    from ift import tracking
-    from ift.raycluster import init_ray
-
     prepared = prepared_dir(cfg)
     manifest = read_prepared(prepared)
     plan = preflight(cfg, manifest, prepared)
@@ -455,8 +428,6 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     record = lineage_record(cfg, manifest, prepared, run_dir, run_id, tracking_uri)
     record["objective"] = cfg.train.objective
     if cfg.model.adapter:
-        from ift.lineage import parent_adapter_record
-
         record["parent_adapter"] = parent_adapter_record(cfg.model.adapter)
     print(f"[ift train] run {cfg.train.run_name}: {plan.num_rows} train rows, global batch "
           f"{plan.micro_batch_size} × {plan.world_size} workers × {plan.grad_accum} accum = "
@@ -470,9 +441,6 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     storage_path, filesystem = _storage(output)
     t = cfg.train
     if t.objective == "dpo" and t.precompute_ref_logps:
-        from ift.train.ref_logps import precompute
-        from ift.train.worker import load_dtype
-
         plan.ref_logps = precompute(cfg, prepared, plan.data_hash, load_dtype(cfg))
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
@@ -541,9 +509,6 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
 
 def _finish(cfg: Config, run_dir: str, run_id: str, plan: Plan, seconds: float,
             result) -> dict[str, Any]:
-    from ift import tracking
-    from ift.artifacts import FINAL_DIR
-
     history = read_metrics(run_dir)
     final_dir = storage.join(run_dir, FINAL_DIR)
     if not storage.is_complete(final_dir):
@@ -570,8 +535,6 @@ def _finish(cfg: Config, run_dir: str, run_id: str, plan: Plan, seconds: float,
 def run_summary(cfg: Config, run_dir: str, plan: Plan, history: list[dict[str, Any]],
                 run_id: str, seconds: float, checkpoint: str | None) -> dict[str, Any]:
     """What `train` returns, from the run's metrics history."""
-    from ift.train.checkpoint import FINAL_DIR
-
     last = history[-1] if history else {}
     evals = [r for r in history if r.get("eval_loss") is not None]
     return {
@@ -596,8 +559,6 @@ def finished_run(cfg: Config, plan: Plan, run_dir: str,
     """The summary of a run that already reached its last step with a complete final/
     (its checkpoint checked against this config by resume_point), else None: re-running a
     finished run starts no workers."""
-    from ift.train.checkpoint import FINAL_DIR
-
     if resume is None or resume[0] < plan.total_steps:
         return None
     info = storage.read_json(storage.join(run_dir, RUN_FILE))

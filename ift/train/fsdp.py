@@ -33,10 +33,24 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.fsdp.wrap import (
+    _or_policy,
+    lambda_auto_wrap_policy,
+    transformer_auto_wrap_policy,
+)
 
 from ift.config import Config, ConfigError, TrainConfig
-from ift.train.methods import PROMPT_METHODS
+from ift.train.methods import PROMPT_METHODS, unwrap
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -100,8 +114,6 @@ def clean_module_names(model: nn.Module) -> Iterator[nn.Module]:
 
 def decoder_layer_classes(model: nn.Module) -> set[type]:
     """The module classes the model names as not-to-split (its decoder layers)."""
-    from ift.train.methods import unwrap
-
     inner = unwrap(model)
     names: set[str] = set()
     for m in inner.modules():
@@ -116,12 +128,6 @@ def _has_own_trainable(module: nn.Module) -> bool:
 
 def wrap_policy(model: nn.Module, *, adapter: bool) -> Callable[..., bool]:
     """Decoder layers as units; for adapters, also every leaf with trainable weights."""
-    from torch.distributed.fsdp.wrap import (
-        _or_policy,
-        lambda_auto_wrap_policy,
-        transformer_auto_wrap_policy,
-    )
-
     policies = [functools.partial(transformer_auto_wrap_policy,
                                   transformer_layer_cls=decoder_layer_classes(model))]
     if adapter:
@@ -160,8 +166,6 @@ def on_meta(model: nn.Module) -> bool:
 def broadcast_from_rank0(model: nn.Module) -> None:
     """Every parameter and buffer takes rank 0's value (a collective; the models must have
     the same structure on every rank)."""
-    import torch.distributed as dist
-
     with torch.no_grad():
         for tensor in (*model.parameters(), *model.buffers()):
             dist.broadcast(tensor.data, src=0)
@@ -175,9 +179,6 @@ def wrap(model: nn.Module, train: TrainConfig, device: torch.device, *, adapter:
     One worker has nothing to shard: it trains the plain model (FSDP's NO_SHARD fallback
     cannot gather a state dict with frozen tensors). Its checkpoints have the same format,
     so runs move between 1 and N workers."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return model.to(device)
 
@@ -220,15 +221,11 @@ def grad_scaler(strategy: str, amp: torch.dtype | None) -> Any:
     if amp != torch.float16:
         return None
     if strategy == "fsdp":
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
         return ShardedGradScaler()
     return torch.amp.GradScaler("cuda")
 
 
 def _options(model: nn.Module, *, ignore_frozen: bool = False):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     # Offloading to CPU from a CPU model frees the tensors it returns (a crash in clone).
     on_cpu = next(model.parameters()).device.type == "cpu"
     return StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu,
@@ -239,22 +236,16 @@ def model_state_dict(model: nn.Module, *, adapter: bool) -> dict[str, torch.Tens
     """The full (unsharded) state dict, keys as the unwrapped model names them. A
     collective: every rank calls it; rank 0 holds the result (GPU: only rank 0). Adapter
     methods gather only trainable tensors."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     sd = get_model_state_dict(model, options=_options(model, ignore_frozen=adapter))
     return {clean_name(k): v for k, v in sd.items()}
 
 
 def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The full optimizer state keyed by parameter name (a collective)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     return get_optimizer_state_dict(model, optimizer, options=_options(model))
 
 
 def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
                               state: dict[str, Any]) -> None:
     """Shard a full optimizer state (from any number of ranks) into this rank's optimizer."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     set_optimizer_state_dict(model, optimizer, state, options=_options(model))

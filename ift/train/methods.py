@@ -19,8 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.nn.parallel import DistributedDataParallel
 
+from ift import storage
 from ift.config import Config, ConfigError, PeftConfig
+from ift.models import find_lora_targets
 
 ADAPTER_METHODS = ("lora", "qlora", "dora", "adalora", "prefix", "p_tuning", "prompt_tuning")
 """Methods whose checkpoints hold only adapter weights (PEFT format)."""
@@ -170,8 +174,6 @@ class Build:
 def _lora_config(model: nn.Module, o: LoraOptions, **extra):
     from peft import LoraConfig
 
-    from ift.models import find_lora_targets
-
     return LoraConfig(
         r=o.r,
         lora_alpha=o.alpha,
@@ -226,8 +228,6 @@ def adalora(model: nn.Module, o: AdaLoraOptions, b: Build) -> nn.Module:
     The loop must call `after_optimizer_step` every step (it runs `update_and_allocate`).
     """
     from peft import AdaLoraConfig
-
-    from ift.models import find_lora_targets
 
     check_adalora_schedule(o, b.total_steps)
     config = AdaLoraConfig(
@@ -378,8 +378,7 @@ def from_adapter(model: nn.Module, cfg: Config) -> nn.Module:
     second time, frozen, as the reference (ift.train.preference.REFERENCE_ADAPTER)."""
     from peft import PeftModel
 
-    from ift import storage
-    from ift.train.preference import REFERENCE_ADAPTER
+    from ift.train.preference import REFERENCE_ADAPTER  # cycle: preference imports methods
 
     path = storage.local_copy(cfg.model.adapter)
     if cfg.train.gradient_checkpointing:
@@ -410,9 +409,6 @@ def after_optimizer_step(model: nn.Module, method: str, step: int) -> None:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP/FSDP wrappers."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.nn.parallel import DistributedDataParallel
-
     while isinstance(model, (DistributedDataParallel, FullyShardedDataParallel)):
         model = model.module
     return model

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+import ray
+
 from ift import storage
 from ift.config import Config, ConfigError
 
@@ -67,7 +69,5 @@ def check_shared_storage(cfg: Config, num_nodes: int, *, prepared: str, output: 
 
 def alive_nodes() -> int:
     """Nodes of the connected Ray cluster that are alive and offer CPUs."""
-    import ray
-
     return sum(1 for n in ray.nodes()
                if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)

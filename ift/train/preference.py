@@ -33,8 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
-from ift.train.collate import IGNORE_INDEX, collate
+from ift.train.collate import IGNORE_INDEX, collate, model_inputs
+from ift.train.methods import is_adapter, unwrap
 from ift.train.ref_logps import REF_COLUMNS
 
 OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
@@ -296,15 +298,11 @@ def means(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
 def _through(inner: nn.Module, wrapped: nn.Module | None) -> nn.Module:
     """What to call for a reference pass: an FSDP wrapper itself (it gathers the sharded
     weights around its forward), else the bare model (no DDP bookkeeping)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     return wrapped if isinstance(wrapped, FullyShardedDataParallel) else inner
 
 
 def disabled_adapter_reference(model: nn.Module) -> Callable[..., torch.Tensor]:
     """The same PEFT model with its adapter disabled: the base model, no second copy."""
-    from ift.train.methods import unwrap
-
     def ref(inputs: dict[str, torch.Tensor], labels: torch.Tensor,
             wrapped: nn.Module | None = None) -> torch.Tensor:
         inner = unwrap(model)
@@ -332,8 +330,6 @@ def frozen_adapter_reference(model: nn.Module, name: str = REFERENCE_ADAPTER
                              ) -> Callable[..., torch.Tensor]:
     """A second, frozen adapter of the same PEFT model (the parent adapter the policy
     started from): made active for the reference pass, then the policy's again."""
-    from ift.train.methods import unwrap
-
     def ref(inputs: dict[str, torch.Tensor], labels: torch.Tensor,
             wrapped: nn.Module | None = None) -> torch.Tensor:
         inner = unwrap(model)
@@ -369,8 +365,6 @@ def objective_for(cfg: Any, model: nn.Module, plan: Any,
     else the same model with its adapter disabled; a frozen copy for full and freeze.
     `model` is the built (not yet DDP-wrapped) model.
     """
-    from ift.train.methods import is_adapter
-
     t = cfg.train
     if t.objective == "sft":
         return None
@@ -392,9 +386,7 @@ def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], env: 
              ) -> dict[str, float]:
     """Held-out preference metrics over every worker's pair batches: eval_loss (the
     objective's), eval_rewards/accuracy, eval_rewards/margin, ... (means over pairs)."""
-    from ift.train.collate import model_inputs
-    from ift.train.loop import reduce_sums, step_autocast
-    from ift.train.methods import unwrap
+    from ift.train.loop import reduce_sums, step_autocast  # cycle: loop imports preference
 
     target = model if env.strategy == "fsdp" else unwrap(model)
     was_training = target.training

@@ -21,14 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 
 from ift import storage
 from ift.artifacts import REF_LOGPS_DIR, REF_LOGPS_DONE
 from ift.config import Config
+from ift.data.dataset import split_files
+from ift.models import load_model, load_tokenizer
+from ift.train.collate import model_inputs
 
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 SPLITS = ("train", "val")
@@ -68,9 +75,7 @@ def cache_dir(prepared: str, key: str) -> str:
 def reference_logps(model, rows: Sequence[dict[str, Any]], pad_id: int, batch_size: int,
                     device: str = "cpu") -> np.ndarray:
     """[len(rows), 2] summed reply log-probs (chosen, rejected) of a frozen model."""
-    import torch
-
-    from ift.train.collate import model_inputs
+    # cycle: ift.train.preference imports this module
     from ift.train.preference import _forward_logps, collate_pairs
 
     attn = getattr(model.config, "_attn_implementation", None)
@@ -89,10 +94,6 @@ def reference_logps(model, rows: Sequence[dict[str, Any]], pad_id: int, batch_si
 
 
 def _read_split(prepared: str, split: str) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    from ift.data.dataset import split_files
-
     cols = ["id", "input_ids", "labels", "rejected_input_ids", "rejected_labels"]
     rows: list[dict[str, Any]] = []
     for f in split_files(prepared, split):
@@ -104,14 +105,6 @@ def _read_split(prepared: str, split: str) -> list[dict[str, Any]]:
 def compute_and_store(cfg: Config, prepared: str, out: str, parts: dict[str, Any],
                       dtype: str, batch_size: int = 8) -> dict[str, Any]:
     """Load the reference model, score every pair of both splits, write `out`."""
-    import time
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
-    from ift.models import load_model, load_tokenizer
-
     t0 = time.time()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
@@ -151,7 +144,7 @@ def precompute(cfg: Config, prepared: str, data_hash: str, dtype: str) -> str:
     if storage.exists(storage.join(out, REF_LOGPS_DONE)):
         print(f"[ift train] reference log-probs: reusing {out}", flush=True)
         return out
-    import ray
+    import ray  # ift.train.loop imports this module and loads without Ray
 
     task = ray.remote(num_cpus=max(1, int(cfg.train.cpus_per_worker)),
                       num_gpus=1 if cfg.train.use_gpu else 0)(compute_and_store)
@@ -163,8 +156,6 @@ def precompute(cfg: Config, prepared: str, data_hash: str, dtype: str) -> str:
 
 def lookup(out: str, split: str) -> dict[str, tuple[float, float]]:
     """id -> (chosen, rejected) reference log-probs of a split ({} when it has none)."""
-    import pyarrow.parquet as pq
-
     path = storage.join(out, f"{split}.parquet")
     if not storage.exists(path):
         return {}

@@ -8,6 +8,7 @@ ift.train.loop.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import sys
@@ -15,12 +16,17 @@ import tempfile
 import time
 from typing import Any
 
+import ray.data
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ift import storage
+from ift import storage, tracking
 from ift.config import Config, ConfigError, TrainConfig, build_config
 from ift.eval import during
+from ift.models import load_model, load_tokenizer, resolve_dtype
 from ift.train import checkpoint, fsdp, methods, preference
 from ift.train.collate import (
     collate,
@@ -70,8 +76,6 @@ def wrap(model: nn.Module, train: TrainConfig, device: torch.device | None = Non
          adapter: bool = True) -> nn.Module:
     """DDP (replicated, through Ray's prepare_model) or FSDP (sharded, ift.train.fsdp: the
     same construction on GPU and on CPU with gloo)."""
-    import ray.train.torch
-
     if train.strategy == "fsdp":
         device = device if device is not None else ray.train.torch.get_device()
         return fsdp.wrap(model, train, device, adapter=adapter,
@@ -97,8 +101,6 @@ def _log(rank: int, msg: str) -> None:
 def _quiet_ray_train_logs() -> None:
     # Ray Train logs every report at INFO from a logger named after its source file; the
     # progress line already says what it would.
-    import logging
-
     suffix = os.path.join("train", "v2", "_internal", "execution", "context.py")
     for name in list(logging.root.manager.loggerDict):
         if name.endswith(suffix):
@@ -122,11 +124,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's worker function. `config` carries the resolved job config ("cfg"), the
     plan ("plan"), the run directory ("run_dir"), the MLflow run id ("run_id") and the
     lineage record final/ gets ("lineage")."""
-    import ray.train
-    import ray.train.torch
-
-    from ift.models import load_model, load_tokenizer, resolve_dtype
-
     cfg = build_config(config["cfg"])
     plan = Plan(**config["plan"])
     run_dir: str = config["run_dir"]
@@ -212,8 +209,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                f"steps per epoch, {plan.total_steps} steps")
 
     # --- data --------------------------------------------------------------------------
-    import ray.data
-
     _quiet_ray_train_logs()
     ray.data.DataContext.get_current().enable_progress_bars = False
     train_shard = ray.train.get_dataset_shard("train")
@@ -301,7 +296,6 @@ _TRACKING_WARNED = False
 def _track(run_id: str, metrics: dict[str, Any], step: int) -> None:
     """Log a step's metrics to MLflow; a tracking outage costs metrics, not the run."""
     global _TRACKING_WARNED
-    from ift import tracking
 
     try:
         tracking.log_metrics(run_id, {k: v for k, v in metrics.items()
@@ -327,8 +321,6 @@ def _find_resume_point(run_dir: str, rank: int, world: int) -> tuple[int, str] |
     when a worker died (see ift.train.checkpoint); the run dir holds every complete one,
     including the one Ray restores.
     """
-    import ray.train
-
     found = checkpoint.find_latest(run_dir) if rank == 0 else None
     if rank == 0:
         known = ray.train.get_checkpoint()
@@ -336,8 +328,6 @@ def _find_resume_point(run_dir: str, rank: int, world: int) -> tuple[int, str] |
             raise RuntimeError(f"Ray restored checkpoint {known.path}, but no complete "
                                f"checkpoint is in {run_dir}")
     if world > 1:
-        import torch.distributed as dist
-
         box = [found]
         dist.broadcast_object_list(box, src=0)
         found = box[0]
@@ -376,9 +366,6 @@ def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, ste
                        metrics_log: MetricsLog | None, run_dir: str, tokenizer,
                        final: bool, lineage: dict[str, Any] | None = None,
                        prompt_format: dict[str, Any] | None = None) -> None:
-    import ray.train
-    import torch.distributed as dist
-
     strategy = cfg.train.strategy
     # Collectives first (every rank): FSDP gathers, and rank 0 collects RNG states.
     model_state = checkpoint.full_state_dict(model, strategy, cfg.peft.method)
@@ -433,8 +420,6 @@ def _val_batches(cfg: Config, plan: Plan, rank: int, world: int, pad_id: int,
     the worker count (so runs on different cluster sizes report comparable eval losses);
     rank r scores rows i with i mod world == r. FSDP ranks get equal batch counts.
     """
-    import ray.train
-
     shard = ray.train.get_dataset_shard("val")
     micro = plan.micro_batch_size
     limit = min(plan.num_val_rows, cfg.train.eval_max_batches * micro)
