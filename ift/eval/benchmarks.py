@@ -38,8 +38,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
 from ift import storage
 from ift.config import BenchmarkConfig, ConfigError
+from ift.data.templates import render_prompt
+from ift.eval.generate import context_limit
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -240,8 +246,6 @@ class EncodedBenchmark:
 def _chat_pieces(prefix: str, question: str, tokenizer, template: str) -> tuple[str, str]:
     """(prefix, rest) of the prompt rendered as one user turn: the text before and after
     the end of the shared prefix in the rendered turn."""
-    from ift.data.templates import render_prompt
-
     text = render_prompt([{"role": "user", "content": prefix + question}], tokenizer, template)
     at = text.find(prefix + question)
     if at < 0:
@@ -310,8 +314,6 @@ def option_logliks_full(model, context: list[int], options: list[list[int]],
                         device: str = "cpu") -> list[float]:
     """Sum of log p(option tokens | context) per option, each row run whole (right padded,
     one batch). The reference path, and the one for prompt-learning adapters."""
-    import torch
-
     rows = [context + o for o in options]
     width = max(len(r) for r in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -335,10 +337,6 @@ class PrefixScorer:
     cache), each question extends it, and its options run as one batch on top."""
 
     def __init__(self, model, prefix: list[int], device: str = "cpu"):
-        import torch
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         self.model, self.device, self.prefix = model, device, list(prefix)
         self.cache = DynamicCache()
         with torch.no_grad():
@@ -353,8 +351,6 @@ class PrefixScorer:
             layer.keys, layer.values = k, v
 
     def score(self, question: list[int], options: list[list[int]]) -> list[float]:
-        import torch
-
         if not self.ok:
             return option_logliks_full(self.model, self.prefix + question, options,
                                        self.device)
@@ -395,8 +391,6 @@ def score_benchmark(model, enc: EncodedBenchmark, device: str = "cpu"
     results: {overall: {acc, acc_norm, n, macro_acc}, subjects: {subject: {acc, acc_norm,
     n}}, split, k_shot, rejected}.
     """
-    from ift.eval.generate import context_limit
-
     whole_rows = _is_prompt_learning(model)
     limit = context_limit(model)
     samples: list[dict[str, Any]] = []

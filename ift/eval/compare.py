@@ -32,9 +32,12 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ift import storage
+from peft import PeftModel
+
+from ift import storage, tracking
 from ift.config import Config, ConfigError
 from ift.eval import run
+from ift.models import load_model, load_tokenizer, tokenizer_identity
 
 TABLE_MD = "compare.md"
 TABLE_CSV = "compare.csv"
@@ -120,8 +123,6 @@ class _Inputs:
         self.cache: dict[str, tuple[Any, dict]] = {}
 
     def get(self, tokenizer, model, model_dir: str):
-        from ift.models import tokenizer_identity
-
         key = tokenizer_identity(tokenizer)["sha256"]
         if key not in self.cache:
             held = run.heldout_set(self.cfg, self.data, tokenizer, prepared=self.prepared,
@@ -134,8 +135,6 @@ class _Inputs:
 def score_all(cfg: Config, specs: list[ModelSpec], *, data: str | None,
               prepared: str | None, device: str = "cpu") -> dict[str, dict[str, Any]]:
     """label -> score_model's result for every model (in --models order)."""
-    from ift.models import load_model, load_tokenizer
-
     inputs = _Inputs(cfg, data, prepared)
     results: dict[str, dict[str, Any]] = {}
     shared = [s for s in specs if s.kind in ("base", "lora")]
@@ -145,8 +144,6 @@ def score_all(cfg: Config, specs: list[ModelSpec], *, data: str | None,
         tokenizer = load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
         adapters = [s for s in shared if s.kind == "lora"]
         if adapters:
-            from peft import PeftModel
-
             model = PeftModel.from_pretrained(model, storage.local_copy(adapters[0].path),
                                               adapter_name="m0", is_trainable=False)
             for i, s in enumerate(adapters[1:], start=1):
@@ -332,8 +329,6 @@ def compare(cfg: Config, models: str, *, data: str | None, output: str,
 
 def _track(cfg: Config, summary: dict[str, Any], output: str) -> str:
     """One MLflow run: <model>/<metric> for every cell, the files as artifacts."""
-    from ift import tracking
-
     if not cfg.tracking.enabled:
         return ""
     run_id = tracking.start_run(cfg, "eval-compare", tags={"ift.command": "eval-compare"})

@@ -8,10 +8,11 @@ LoRA adapter, a merged model), so nothing is loaded twice.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ift.artifacts import PromptFormat
+from ift.artifacts import PromptFormat
+from ift.serve.engine import Engine, eos_ids
+from ift.serve.sampling import SamplingParams
 
 # PEFT methods whose adapters prepend virtual tokens: the engine's KV-cache decoding does
 # not run them.
@@ -21,8 +22,6 @@ PROMPT_LEARNING = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
 def stop_ids(model, tokenizer, prompt_format: PromptFormat | None) -> set[int]:
     """Token ids that end a reply: the generation config's and tokenizer's eos, and the
     prompt format's end-of-turn tokens (none without a format)."""
-    from ift.serve.engine import eos_ids
-
     fmt_ids = prompt_format.stop_token_ids if prompt_format is not None else []
     return eos_ids(model, tokenizer) | {int(t) for t in fmt_ids}
 
@@ -51,9 +50,6 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     than the model's context minus `max_new_tokens` keeps its last tokens. The model is
     left in eval mode.
     """
-    from ift.serve.engine import Engine
-    from ift.serve.sampling import SamplingParams
-
     if not prompts:
         return []
     check_engine_can_run(model, "generation")

@@ -23,10 +23,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from ift import storage
 from ift.artifacts import IGNORE_INDEX
 from ift.config import ConfigError
+from ift.data import ie
 from ift.data.cot_templates import parse_final_answer
+from ift.data.dataset import PrepareError, read_manifest, split_files
+from ift.data.formats import convert
+from ift.data.readers import detect_format, iter_raw, plan_reads
+from ift.data.record import ConvertError
+from ift.data.templates import render_prompt
+from ift.data.tokenize import tokenize_records
 from ift.eval.metrics import extract_options
 
 
@@ -89,10 +98,6 @@ def iter_prepared_rows(prepared: str, split: str = "val", *,
                        key: str = "eval.data") -> Iterator[dict[str, Any]]:
     """Every (unpacked) tokenized row of a prepared split, in file order. Errors name the
     config key that gave the directory."""
-    import pyarrow.parquet as pq
-
-    from ift.data.dataset import PrepareError, read_manifest, split_files
-
     try:
         read_manifest(prepared)
     except PrepareError as e:
@@ -138,11 +143,6 @@ def iter_raw_records(data: str, *, seed: int = 42, key: str = "eval.data",
 
     IE rows (ift.data.ie) are read with the schema and label options of the first of
     `sources` (data.sources) in the same format, as training read them."""
-    from ift.data import ie
-    from ift.data.formats import convert
-    from ift.data.readers import iter_raw, plan_reads
-    from ift.data.record import ConvertError
-
     files: list[str] = []
     for part in (p.strip() for p in data.split(",")):
         if not part:
@@ -178,8 +178,6 @@ def iter_raw_records(data: str, *, seed: int = 42, key: str = "eval.data",
 
 def _format_of_source(src) -> str | None:
     """A source's format, detected from its first file when it is "auto"."""
-    from ift.data.readers import detect_format
-
     if src.format != "auto":
         return src.format
     files = storage.expand(src.path)
@@ -194,8 +192,6 @@ def _format_of_source(src) -> str | None:
 
 def _ie_options(fmt: str, sources: list) -> dict[str, Any]:
     """schema and labels for ie.to_records from the first source of format `fmt`."""
-    from ift.data import ie
-
     for src in sources:
         if _format_of_source(src) == fmt:
             schema = None
@@ -221,8 +217,6 @@ def raw_records(data: str, *, seed: int, sources: list | None = None) -> list[di
 def items_from_records(records: list[dict[str, Any]], tokenizer, template: str) -> list[Item]:
     """Held-out items from unified records: the prompt is everything before the last
     assistant turn, rendered for generation (see the module docstring)."""
-    from ift.data.templates import render_prompt
-
     items = []
     for rec in records:
         msgs = [dict(m) for m in rec["messages"]]
@@ -253,8 +247,6 @@ def items_from_records(records: list[dict[str, Any]], tokenizer, template: str) 
 def loss_rows_from_records(records: list[dict[str, Any]], tokenizer, template: str,
                            max_seq_len: int) -> list[dict[str, Any]]:
     """Tokenized, masked rows of the records that have an assistant turn (for the loss)."""
-    from ift.data.tokenize import tokenize_records
-
     rows, _dropped = tokenize_records(
         [r for r in records if any(m["role"] == "assistant" for m in r["messages"])],
         tokenizer, template=template, max_seq_len=max_seq_len)

@@ -25,6 +25,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from ift import storage
+from ift.config import ConfigError
+
 # ---------------------------------------------------------------------------------------
 # Parsing model output
 # ---------------------------------------------------------------------------------------
@@ -347,9 +350,6 @@ def score_files(task: str, pred_path: str, pred_text: str, gold_path: str,
 
 def score_cmd(args) -> int:
     """`ift eval score --task T --pred PRED --gold GOLD [--json] [--csv FILE]`."""
-    from ift import storage
-    from ift.config import ConfigError
-
     texts = {}
     for flag, path in (("--pred", args.pred), ("--gold", args.gold)):
         if not storage.exists(path):

@@ -18,21 +18,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow.parquet as pq
+import torch
+
 from ift import storage
 from ift.config import Config
+from ift.data.dataset import read_manifest, split_files
+from ift.data.preference import PAIR_FORMATS, convert_pair, tokenize_pairs
+from ift.data.readers import iter_raw, plan_reads
+from ift.data.record import ConvertError
+from ift.eval import heldout
+from ift.train.preference import collate_pairs, sequence_logps
 
 
 def held_out_pairs(cfg: Config, data: str, tokenizer, template: str | None
                    ) -> list[dict[str, Any]] | None:
     """Tokenized pairs of `data` when it holds preference pairs; None for conversations."""
-    from ift.eval import heldout
-
     if heldout.is_prepared(data):
-        from ift.data.dataset import read_manifest, split_files
-
         if read_manifest(data).get("kind") != "preference":
             return None
-        import pyarrow.parquet as pq
 
         rows: list[dict[str, Any]] = []
         for f in split_files(data, "val"):
@@ -44,10 +48,6 @@ def held_out_pairs(cfg: Config, data: str, tokenizer, template: str | None
 
 def _raw_pairs(cfg: Config, data: str, tokenizer, template: str | None
                ) -> list[dict[str, Any]] | None:
-    from ift.data.preference import PAIR_FORMATS, convert_pair, tokenize_pairs
-    from ift.data.readers import iter_raw, plan_reads
-    from ift.data.record import ConvertError
-
     paths = [p for part in data.split(",") if part for p in storage.expand(part)]
     try:
         tasks, infos = plan_reads("heldout", 0, paths, "auto", 0, 0)
@@ -73,10 +73,6 @@ def _raw_pairs(cfg: Config, data: str, tokenizer, template: str | None
 def pair_metrics(model, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
                  device: str, beta: float) -> dict[str, Any]:
     """pref_accuracy, pref_margin and, for a PEFT model, reward_accuracy and reward_margin."""
-    import torch
-
-    from ift.train.preference import collate_pairs, sequence_logps
-
     def logps(batch) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device), use_cache=False)
