@@ -21,6 +21,10 @@ import logging
 import os
 from collections.abc import Callable
 
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+
 from ift.artifacts import ADAPTER_CONFIG, PromptFormat
 from ift.serve import multilora
 from ift.serve.protocol import RequestError
@@ -83,7 +87,6 @@ class AdapterManager:
                 f"adapter {key!r} is a {ptype or 'unknown'} adapter; the server batches LoRA "
                 "adapters (lora, qlora, dora). Serve other methods as a merged model or "
                 "with `ift predict`.", "model", 422)
-        from peft import PeftModel
 
         self._counter += 1
         name = f"adapter_{self._counter}"  # PEFT names cannot hold '.' or '/'
@@ -136,8 +139,6 @@ class AdapterManager:
 
     def forward(self, kwargs: dict, adapters: list[str | None]):
         """The model's output on a batch whose row i uses adapters[i] (None: the base)."""
-        import torch
-
         if self.peft is None:
             return self.model(**kwargs)
         if all(a is None for a in adapters):
@@ -178,8 +179,6 @@ class AdapterManager:
         if self._detached:
             return
         if self._lora_slots is None:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
             self._lora_slots = []
             for name, module in self.model.named_modules():
                 if isinstance(module, BaseTunerLayer):

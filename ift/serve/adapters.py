@@ -16,6 +16,7 @@ manifest hash, method, base model) is read when present and shown by /v1/models.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -168,8 +169,6 @@ class Catalog:
 
 
 def _local_prefix(root: str) -> str:
-    import os
-
     return os.path.join(root, "").replace("\\", "/")
 
 

@@ -38,11 +38,17 @@ import types
 from importlib import resources
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ift import storage
 from ift.config import Config, ConfigError, load_config
-from ift.serve import openapi
+from ift.models import check_model_path
+from ift.raycluster import init_ray
+from ift.serve import openapi, vllm
 from ift.serve.adapters import Catalog, public_entry
 from ift.serve.admission import Admission, Overloaded
 from ift.serve.protocol import (
@@ -79,8 +85,6 @@ LIGHT_REQUESTS = 32  # room over the admission limits for /health, /v1/models an
 def _path(cfg: Config, p: str) -> str:
     """A configured path: under storage.root when it is relative and exists there, else as
     given (a local path, s3:// path or hub id)."""
-    from ift import storage
-
     if not p or os.path.exists(p) or storage.is_remote(p) or os.path.isabs(p):
         return p
     under = cfg.resolve(p)
@@ -175,8 +179,8 @@ class ModelServer:
 
     def __init__(self, model_path: str, engine_args: dict[str, Any], limits: dict[str, int],
                  max_adapters: int):
-        from ray import serve
-
+        # The model stack (torch, transformers, peft) loads in the replicas: imported at the
+        # top it would make the `ift serve` driver's import of this module 5 s, not 1 s.
         from ift.serve.engine import Engine
 
         self.engine = Engine(model_path, **engine_args)
@@ -194,8 +198,6 @@ class ModelServer:
         self.stop()
 
     async def _load_adapter(self, adapter: str) -> AdapterRef:
-        from ift import storage
-
         local = await asyncio.to_thread(storage.local_copy, self._adapter_paths[adapter])
         await asyncio.wrap_future(self.engine.load_adapter(adapter, local))
         return AdapterRef(self.engine, adapter)
@@ -236,8 +238,6 @@ class ModelServer:
             return _error_event(e)
 
     def info(self) -> dict[str, Any]:
-        from ray import serve
-
         return {"replica": serve.get_replica_context().replica_id.unique_id,
                 "model_path": self.engine.model_path,
                 "adapters": self.engine.loaded_adapters(), "steps": self.engine.steps,
@@ -369,7 +369,6 @@ class Ingress:
         if (req.adapter is None or not self.route_adapters
                 or self.model.engine.has_adapter(req.adapter)):
             return None
-        from ray import serve
 
         if self._self_handle is None:
             ctx = serve.get_replica_context()
@@ -410,8 +409,6 @@ class Ingress:
         return {"status": "ok"}
 
     async def models(self, request: Request):
-        from ray import serve
-
         denied = self._unauthorized(request)
         if denied is not None:
             return denied
@@ -546,10 +543,6 @@ ROUTES: list[tuple[str, str, str, dict[str, Any]]] = [
 def fastapi_app():
     """A FastAPI app with the ingress's routes and JSON error answers (one per build: Serve
     rebinds an app's routes to the class it wraps)."""
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     api = FastAPI(title="ift", docs_url=None, redoc_url=None)
 
     async def http_error(request, exc):  # 404 for unknown routes, 405, ... as JSON
@@ -620,8 +613,6 @@ def _scaling(cfg: Config) -> dict[str, Any]:
 def preflight(cfg: Config) -> dict[str, Any]:
     """The catalog arguments, once id clashes, bad adapter ids and missing local model
     directories have failed here, before anything starts."""
-    from ift.models import check_model_path
-
     cat = catalog_kwargs(cfg)
     Catalog(**cat)
     check_model_path(cat["base_path"], "serve.base_model")
@@ -634,7 +625,6 @@ def build_app(cfg: Config):
     """The Serve application for a config (transformers backend, or vLLM when asked)."""
     if cfg.serve.backend == "vllm":
         return build_vllm_app(cfg)
-    from ray import serve
 
     s = cfg.serve
     cat = preflight(cfg)
@@ -662,8 +652,6 @@ def vllm_llm_configs(cfg: Config, adapters: dict[str, dict[str, Any]] | None = N
                      ) -> list[dict[str, Any]]:
     """The `ray.serve.llm` LLMConfig fields for a config, as plain dicts (ift.serve.vllm);
     `adapters` maps each adapter served to its adapter_config.json contents."""
-    from ift.serve import vllm
-
     s = cfg.serve
     return vllm.llm_configs(cfg, base_model_path(cfg),
                             {mid: _path(cfg, p) for mid, p in s.merged_models.items()},
@@ -682,8 +670,6 @@ def build_vllm_app(cfg: Config):
     "ray[llm]"` (which brings vLLM) on GPU nodes; the chat page, auth and the adapter
     catalog of the transformers backend are not part of this app.
     """
-    from ift.serve import vllm
-
     try:
         from ray.serve.llm import LLMConfig, build_openai_app
     except ImportError as e:
@@ -702,8 +688,6 @@ def build_vllm_app(cfg: Config):
 def start(cfg: Config, *, name: str = APP_NAME, route_prefix: str = "/") -> str:
     """Start Serve's HTTP proxy on serve.host:serve.port (if it is not running yet) and
     deploy the app under `route_prefix`; returns its URL."""
-    from ray import serve
-
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
                               "request_timeout_s": cfg.serve.request_timeout_s + 30})
     serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=False)
@@ -712,10 +696,6 @@ def start(cfg: Config, *, name: str = APP_NAME, route_prefix: str = "/") -> str:
 
 def serve_cmd(args) -> int:
     """`ift serve -c CONFIG [key=value ...]`: run until Ctrl-C or SIGTERM, then drain."""
-    from ray import serve
-
-    from ift.raycluster import init_ray
-
     cfg = load_config(args.config, args.overrides)
     if cfg.serve.backend != "vllm":
         preflight(cfg)  # before Ray starts

@@ -27,7 +27,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import torch
+
 from ift.artifacts import PromptFormat, read_prompt_format
+from ift.config import ModelConfig
+from ift.data.templates import choose_prompt_format, format_prompt
+from ift.models import load_model, load_tokenizer
 from ift.serve.adapter_manager import AdapterManager
 from ift.serve.protocol import RequestError, internal_error
 from ift.serve.runner import Request, Runner
@@ -47,11 +52,6 @@ class Engine:
         """`model` and `tokenizer`, when given, are used as they are instead of loading
         `model_path` (which then only names them): `ift eval` and evaluation during
         training decode with a model they already hold."""
-        import torch
-
-        from ift.config import ModelConfig
-        from ift.models import load_model, load_tokenizer
-
         if num_threads:
             torch.set_num_threads(max(1, int(num_threads)))
         self.model_path = model_path
@@ -111,8 +111,6 @@ class Engine:
     def _choose_format(self, path: str, fallback: PromptFormat | None = None) -> PromptFormat:
         """The format recorded at path (or `fallback` when there is none), unless an
         explicit template overrides it (with a warning)."""
-        from ift.data.templates import choose_prompt_format
-
         recorded = read_prompt_format(path)
         if recorded is None and fallback is not None:
             return fallback
@@ -127,8 +125,6 @@ class Engine:
         """Token ids of a conversation rendered in the prompt format of the model (or of
         the loaded adapter), ready to generate."""
         try:
-            from ift.data.templates import format_prompt
-
             text = format_prompt(messages, self.tokenizer, self.format_of(adapter))
         except (ValueError, KeyError) as e:
             raise RequestError(f"messages cannot be rendered: {e}", "messages") from e

@@ -19,21 +19,21 @@ import types
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import Linear
+
 
 class _State:
     idx = None  # LongTensor [batch] of slots while a stacked forward runs, else None
 
 
 def _lora_linears(peft_model) -> list[Any]:
-    from peft.tuners.lora import LoraLayer
-
     return [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
 
 
 def supported(peft_model) -> bool:
     """Whether every LoRA layer is a plain linear LoRA the stacked path computes exactly."""
-    from peft.tuners.lora.layer import Linear
-
     for m in _lora_linears(peft_model):
         if type(m) is not Linear:
             return False
@@ -49,7 +49,6 @@ def _stacked_forward(self, x, *args, **kwargs):
     idx = st.idx
     if idx is None or x.dim() != 3 or x.shape[0] != idx.shape[0]:
         return type(self).forward(self, x, *args, **kwargs)
-    import torch
 
     result = self.base_layer(x, *args, **kwargs)
     a = self._ift_A.index_select(0, idx)
@@ -69,8 +68,6 @@ class StackedLoRA:
 
     def rebuild(self, names: list[str]) -> dict[str, int]:
         """Restack for the PEFT adapter `names` (in this order); returns name -> slot."""
-        import torch
-
         self.layers = _lora_linears(self.model)
         self.slots = {n: i + 1 for i, n in enumerate(names)}
         for m in self.layers:

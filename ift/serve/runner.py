@@ -17,6 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
 from ift.serve.sampling import SamplingParams, TextStream, TokenChooser
 
 
@@ -63,10 +67,6 @@ class Runner:
 
     def prefill(self, reqs: list[Request]) -> Batch:
         """Run the prompts (left-padded) and choose each row's first token."""
-        import torch
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         longest = max(len(r.prompt_ids) for r in reqs)
         ids = torch.full((len(reqs), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(reqs), longest), dtype=torch.long)
@@ -86,8 +86,6 @@ class Runner:
 
     def step(self, batch: Batch) -> None:
         """One decode step for every row of the batch."""
-        import torch
-
         batch.mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=torch.long)], 1)
         batch.pos = batch.pos + 1
         step_ids = torch.tensor([[t] for t in batch.next_tokens], dtype=torch.long)
@@ -97,8 +95,6 @@ class Runner:
 
     def _advance(self, batch: Batch, logits) -> None:
         """Choose a token per row, send text, finish rows that are done, drop them."""
-        import torch
-
         scores = logits.float().cpu()
         greedy = torch.argmax(scores, dim=-1).tolist()
         keep: list[int] = []
@@ -158,8 +154,6 @@ class Batch:
         self.next_tokens: list[int] = []
 
     def history(self, i: int):
-        import torch
-
         h = self.hist[i]
         return torch.tensor([h if h is not None else []], dtype=torch.long)
 
@@ -169,8 +163,6 @@ class Batch:
 
     def select(self, keep: list[int]) -> None:
         """Keep only these rows, and drop cache columns no remaining row attends to."""
-        import torch
-
         if len(keep) == len(self.rows):
             return
         idx = torch.tensor(keep, dtype=torch.long)
@@ -190,8 +182,6 @@ class Batch:
 
     def join(self, other: Batch) -> Batch:
         """Append other's rows: both caches are left-padded to the longer one."""
-        import torch
-
         if not other.rows:
             return self
         n = max(self.mask.shape[1], other.mask.shape[1])

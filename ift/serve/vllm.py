@@ -18,9 +18,13 @@ batch may mix, and `max_num_seqs` stays vLLM's own default unless engine_kwargs 
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
+from ift import storage
 from ift.config import Config, ConfigError
+from ift.models import CHATML_TEMPLATE
+from ift.serve.adapters import Catalog
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """Ranks vLLM's max_lora_rank accepts."""
@@ -71,8 +75,6 @@ def chat_template(cfg: Config) -> str | None:
     if template in ("auto", "tokenizer"):
         return None
     if template == "chatml":
-        from ift.models import CHATML_TEMPLATE
-
         return CHATML_TEMPLATE
     raise ConfigError(f"serve.backend=vllm: data.template={template} has no jinja form for "
                       "vLLM to render prompts with; use serve.backend=transformers, or train "
@@ -122,16 +124,12 @@ def llm_configs(cfg: Config, base_path: str, merged: dict[str, str], lora_root: 
 def collect_adapters(adapters: dict[str, str], root: str) -> dict[str, str]:
     """Name -> directory of every adapter served: the configured ones, and those under the
     root (a run's final/ under the run's name)."""
-    from ift.serve.adapters import Catalog
-
     found = {served_name(rel): path
              for rel, path in Catalog("", "", adapter_root=root).discover().items()} if root else {}
     return {**found, **adapters}
 
 
 def read_adapter_configs(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
-    from ift import storage
-
     out = {}
     for name, path in paths.items():
         conf = storage.join(path, "adapter_config.json")
@@ -144,10 +142,6 @@ def read_adapter_configs(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
 def stage_adapters(paths: dict[str, str], root: str) -> None:
     """Copy each adapter that is not at <root>/<name>/ there (vLLM's loader reads only
     that layout)."""
-    import tempfile
-
-    from ift import storage
-
     for name, path in paths.items():
         dest = storage.join(root, *name.split("/"))
         if path.rstrip("/") == dest.rstrip("/"):
