@@ -33,9 +33,19 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from ift import storage
+import ray
+from ray import tune as rtune
+from ray._raylet import PlacementGroupID
+from ray.tune import Callback, FailureConfig, RunConfig, TuneConfig, Tuner
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+from ift import storage, tracking
 from ift.artifacts import RUN_FILE, RUNS_DIR, SWEEP_FILE, TRIAL_FILE, TRIALS_FILE
 from ift.config import Config, ConfigError, load_config
+from ift.data.dataset import PrepareError, read_manifest
+from ift.data.pipeline import prepare
+from ift.raycluster import init_ray
 from ift.tune import report, space
 from ift.tune.trial import placement_groups, run_trial
 
@@ -76,7 +86,7 @@ def absolute_config(cfg: Config, tracking_uri: str) -> dict[str, Any]:
     for src in raw["data"]["sources"]:
         src["path"] = _abs(src["path"])
     if cfg.eval.data:
-        from ift.eval.run import data_path
+        from ift.eval.run import data_path  # torch and peft: only when eval.data is set
 
         parts = data_path(cfg, cfg.eval.data).split(",")
         raw["eval"]["data"] = ",".join(_abs(p) for p in parts)
@@ -95,9 +105,6 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def _prepared(cfg: Config, address: str | None) -> tuple[str, dict[str, Any]]:
-    from ift.data.dataset import PrepareError, read_manifest
-    from ift.data.pipeline import prepare
-
     if cfg.data.sources:
         manifest = prepare(cfg, address=address)
         return _abs(cfg.resolve(cfg.data.output)), manifest
@@ -112,8 +119,6 @@ def _prepared(cfg: Config, address: str | None) -> tuple[str, dict[str, Any]]:
 
 
 def _scheduler(cfg: Config):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     t = cfg.tune
     if t.scheduler == "none":
         return FIFOScheduler()
@@ -144,10 +149,6 @@ def trial_name(trial) -> str:
 def free_placement_groups(run_dir: str) -> int:
     """Remove the Train placement groups a finished or stopped trial left behind; returns how
     many were still there (a trial that trained to the end has removed its own)."""
-    import ray
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
     freed = 0
     for hex_id in placement_groups(run_dir):
         pg = PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id)))
@@ -163,8 +164,6 @@ def free_placement_groups(run_dir: str) -> int:
 
 
 def _free_stopped_trials_callback(sweep_dir: str):
-    from ray.tune import Callback
-
     class FreeStoppedTrials(Callback):
         """Frees what a trial's Train run held once Tune is done with the trial (see
         ift.tune.trial.placement_group_recorder): without it, every trial ASHA stops would
@@ -187,8 +186,6 @@ def _free_stopped_trials_callback(sweep_dir: str):
 
 
 def _check_fits(cfg: Config) -> None:
-    import ray
-
     t = cfg.train
     need = t.num_workers * t.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0)
@@ -202,12 +199,6 @@ def _check_fits(cfg: Config) -> None:
 
 def tune(cfg: Config, *, resume: bool = False, address: str | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep; returns {sweep_dir, parent_run_id, trials, report}."""
-    from ray import tune as rtune
-    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
-
-    from ift import tracking
-    from ift.raycluster import init_ray
-
     t = cfg.tune
     if t.max_concurrent_trials < 1:
         raise ConfigError(f"tune.max_concurrent_trials={t.max_concurrent_trials}: must be >= 1")
@@ -355,8 +346,6 @@ def _close_stopped(cfg: Config, trials: list[dict[str, Any]]) -> None:
     interrupted) when the Tuner returns: its run.json gets `finished` when it has. The
     mark is made after that (or after STOPPED_CLOSE_WAIT_S, for a process ended before it
     could close anything), so the scheduler's stop is what the run says last."""
-    from ift import tracking
-
     if not cfg.tracking.enabled:
         return
     for t in trials:

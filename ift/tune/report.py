@@ -28,8 +28,9 @@ import sys
 import tempfile
 from typing import Any
 
-from ift import storage
+from ift import storage, tracking
 from ift.artifacts import RUN_FILE, RUNS_DIR, SWEEP_FILE, TRIAL_FILE, TRIALS_FILE
+from ift.config import build_config
 from ift.eval.during import latest as latest_heldout
 from ift.eval.metrics import mean_spread
 from ift.tune import space
@@ -360,8 +361,6 @@ def write_report(sweep_dir: str, *, metric: str | None = None, mode: str | None 
 
 def log_report(sweep_dir: str, paths: dict[str, Any]) -> str:
     """Log the report directory (and the best trial's metric) to the sweep's parent run."""
-    from ift import tracking
-    from ift.config import build_config
     sweep = storage.read_json(storage.join(sweep_dir, SWEEP_FILE))
     parent = sweep.get("parent_run_id") or ""
     if not parent:
@@ -399,8 +398,6 @@ def report_cmd(args) -> int:
         parent = log_report(args.dir, paths)
         # A sweep still running keeps its parent run open; a finished one is closed again.
         if parent and storage.exists(storage.join(args.dir, TRIALS_FILE)):
-            from ift import tracking
-
             tracking.end_run(parent, "FINISHED")
     print(storage.read_text(paths["markdown"]))
     print(f"wrote {paths['markdown']}, {paths['csv']} and {len(paths['plots'])} plots", flush=True)

@@ -26,10 +26,24 @@ import json
 import os
 from typing import Any
 
-from ift import storage
+import ray
+import ray.data
+import ray.tune
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ift import storage, tracking
 from ift.artifacts import RUN_FILE, RUNS_DIR, TRIAL_FILE
 from ift.config import ConfigError
+from ift.data.dataset import PrepareError, read_manifest
+from ift.data.pipeline import remix
+from ift.eval.during import last_metrics
 from ift.tune import space
+
+# ift.train.driver and ift.eval.run (torch, transformers, peft) are imported by the trial
+# and the eval task, which run in Ray workers: at the top they would take the sweep
+# driver's import of ift.tune.driver from 0.9 s to 5 s.
 
 DATA_DIR = "data"
 # Metrics a trial reports to Tune after its evaluation (eval.json name -> result key).
@@ -50,9 +64,6 @@ def _log(name: str, msg: str) -> None:
 
 def ensure_mixture(prepared: str, out: str, point: dict[str, Any]) -> dict[str, Any]:
     """The trial's re-mixed dataset at `out` (reused when complete and the same mixture)."""
-    from ift.data.dataset import PrepareError, read_manifest
-    from ift.data.pipeline import remix
-
     base = read_manifest(prepared)
     request = space.mixture_request(point)
     if base.get("kind") == "preference":  # pairs are trained on as prepared, not re-mixed
@@ -90,8 +101,6 @@ def placement_group_recorder(pg_file: str):
     state API, which a local cluster started without a dashboard does not serve, so the
     sweep driver frees the recorded group itself (driver.free_placement_groups).
     """
-    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-
     class PlacementGroupRecorder(WorkerGroupCallback):
         def after_worker_group_start(self, worker_group) -> None:
             state = getattr(worker_group, "_worker_group_state", None)
@@ -107,8 +116,6 @@ def placement_group_recorder(pg_file: str):
 def train_callbacks(run_dir: str) -> list:
     """Ray Train callbacks of a trial's run: worker reports go to Tune (the documented
     TuneReportCallback, so ASHA sees every eval loss) and the placement group is recorded."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     callbacks = [TuneReportCallback()]
     if not storage.is_remote(run_dir):
         os.makedirs(run_dir, exist_ok=True)
@@ -130,8 +137,6 @@ def child_run(cfg, run_dir: str, point: dict[str, Any], sweep: dict[str, Any],
     """The trial's MLflow run: a child of the sweep's parent run, tagged with the trial and
     its point before training starts (so a trial ASHA stops is labelled too), and named in
     the run's run.json, which training continues. A restarted trial keeps its run."""
-    from ift import tracking
-
     parent = sweep.get("parent_run_id") or ""
     if not cfg.tracking.enabled or not parent:
         return ""
@@ -166,9 +171,6 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     `base` is the sweep's resolved config (a dict with absolute paths) and `sweep` holds
     {name, dir, prepared, eval_data, parent_run_id, eval_after}.
     """
-    import ray.data
-    import ray.tune
-
     from ift.train import driver
 
     point = config["point"]
@@ -197,7 +199,6 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     summary = driver.train(cfg, callbacks=train_callbacks(run_dir),
                            parent_run_id=sweep.get("parent_run_id") or None)
     child = summary.get("mlflow_run_id") or child
-    from ift.eval.during import last_metrics
 
     summary.update(last_metrics(run_dir))  # heldout/* of the last step, for tune.metric
 
@@ -237,8 +238,6 @@ def eval_resources(cfg) -> dict[str, float]:
 def _evaluate_task(cfg, run_dir: str, data: str | None) -> dict[str, Any]:
     """The body of the evaluation task: `evaluate_run`, plus where it ran ("task": the
     task id, node id, process id and the resources Ray assigned it)."""
-    import ray
-
     from ift.eval.run import evaluate_run
 
     ctx = ray.get_runtime_context()
@@ -252,9 +251,6 @@ def eval_remote(cfg, run_dir: str, data: str | None) -> dict[str, Any]:
     trial's placement group: the trial process reserves no CPU or GPU, so generation run
     inside it would run on whatever the scheduler left it (the head's CPUs on a cluster).
     The result carries "task" (see _evaluate_task), which trial.json keeps as eval_task."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     task = ray.remote(_evaluate_task).options(
         **eval_resources(cfg), max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
