@@ -16,6 +16,9 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO
 
+from ift import storage
+from ift.serve.sampling import SamplingParams
+
 Messages = list[dict[str, str]]
 ReplyFn = Callable[[Messages], Iterator[str]]
 
@@ -81,9 +84,7 @@ def remote_reply(url: str, model: str, api_key: str, temperature: float,
 
 def local_reply(model_path: str, adapter: str, temperature: float, max_tokens: int,
                 template: str = "auto") -> ReplyFn:
-    from ift import storage
-    from ift.serve.engine import Engine
-    from ift.serve.sampling import SamplingParams
+    from ift.serve.engine import Engine  # torch, transformers, peft: --model-path only
 
     engine = Engine(model_path, template=template, batch_wait_timeout_s=0.0)
     name = None
