@@ -17,6 +17,12 @@ import os
 import sys
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ift.corpora.synthetic import quickstart_data_dir
+from ift.eval.generate import generate
+
 # General prompts for self-distillation: facts, arithmetic, definitions, short writing, each
 # with the answers a correct reply contains (empty: any reply is kept). A reply that misses
 # them is left out: the rows keep what the base model already gets right, not its mistakes.
@@ -82,11 +88,6 @@ def self_distill(model_dir: str, prompts=GENERAL_PROMPTS, *, max_new_tokens: int
     (prompt, accepted answers) pair, in prompt order. An answer cut by `max_new_tokens` is
     left out (training on it would teach the model to stop mid-sentence), and so is one
     that misses the accepted answers."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ift.eval.generate import generate
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     outs = generate(model, tokenizer, [chat_prompt_ids(tokenizer, p) for p, _ in prompts],
@@ -98,8 +99,6 @@ def self_distill(model_dir: str, prompts=GENERAL_PROMPTS, *, max_new_tokens: int
 
 
 def main(argv: list[str]) -> int:
-    from ift.corpora.synthetic import quickstart_data_dir
-
     if not argv:
         print("usage: python -m ift.corpora.distill MODEL_DIR [OUT]", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ The bundled samples (ift/sample_data/ie) are `write_corpus(dir, 12, 8, seed=0)`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -275,8 +276,6 @@ def write_corpus(out_dir: str, n_train: int = 400, n_heldout: int = 100,
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m ift.corpora.ie_synthetic")
     ap.add_argument("out")
     ap.add_argument("--train", type=int, default=400)

@@ -45,7 +45,11 @@ Everything here is pure and deterministic by seed.
 
 from __future__ import annotations
 
+import json
 import random
+
+from ift import storage
+from ift.corpora.synthetic import write_tsv_splits
 
 TASKS = ("add", "parity", "parity_indexed", "parity_cased", "parity_aligned")
 ANSWER_PHRASE = "So the answer is {answer}."
@@ -186,10 +190,6 @@ def write_alpaca_splits(out_dir: str, splits: dict[str, list[dict]],
                         with_rationale: bool = True) -> dict[str, str]:
     """Write <split>.json (Alpaca layout, `alpaca_rows`) per split under out_dir (local or
     s3://). Returns split -> path."""
-    import json
-
-    from ift import storage
-
     storage.makedirs(out_dir)
     paths = {}
     for split, rows in splits.items():
@@ -222,8 +222,6 @@ def write_scratchpad_corpus(out_dir: str, task: str, n_train: int, n_test: int, 
     TSV (train.tsv, test.tsv) or, with layout "alpaca", Alpaca JSON under one fixed prompt
     (train.json, test.json). Returns {train, test, n_train, n_test, task, size,
     with_rationale}."""
-    from ift.corpora.synthetic import write_tsv_splits
-
     train, test, size = task_splits(task, n_train, n_test, seed, size)
     if layout not in ("tsv", "alpaca"):
         raise ValueError(f"layout {layout!r}: tsv or alpaca")
