@@ -31,11 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
+
+import yaml
 
 from ift import storage
 from ift.artifacts import (
@@ -282,8 +285,6 @@ def run_record(run_dir: str) -> dict[str, Any] | None:
         return None
     base_model = None
     try:
-        import yaml
-
         cfg = yaml.safe_load(storage.read_text(storage.join(run_dir, CONFIG_FILE)))
         base_model = ((cfg or {}).get("model") or {}).get("name_or_path")
     except Exception:  # noqa: BLE001 - the config is optional here
@@ -589,8 +590,6 @@ def render(stages: list[dict[str, Any]], target: str = "") -> str:
 
 def lineage_cmd(args) -> int:
     """`ift lineage PATH_OR_MODEL_ID [--url URL] [--json]`."""
-    import sys
-
     key = None
     env = getattr(args, "api_key_env", None)
     if env:

@@ -15,9 +15,13 @@ import shutil
 import tempfile
 from typing import Any
 
-from ift import storage
+from peft import PeftConfig, PeftModel
+
+from ift import storage, tracking
 from ift.artifacts import ADAPTER_CONFIG, LINEAGE_FILE, read_prompt_format, write_prompt_format
+from ift.config import ModelConfig, load_config
 from ift.lineage import absolute, merged_record
+from ift.models import load_model, load_tokenizer
 from ift.serve.adapters import read_lineage
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -38,11 +42,6 @@ def merge(base: str, adapter: str, out: str, *, dtype: str = "auto",
     prompt format goes with it: its record, and its jinja as the tokenizer's chat_template,
     so plain transformers or any other server builds the prompt the model was trained on.
     """
-    from peft import PeftConfig, PeftModel
-
-    from ift.config import ModelConfig
-    from ift.models import load_model, load_tokenizer
-
     adapter_local = storage.local_copy(adapter)
     if not os.path.exists(os.path.join(adapter_local, ADAPTER_CONFIG)):
         raise FileNotFoundError(f"{adapter}: no adapter_config.json (not a PEFT adapter dir)")
@@ -84,8 +83,6 @@ def merge(base: str, adapter: str, out: str, *, dtype: str = "auto",
 
 def log_merge(cfg, out: str, lineage: dict[str, Any], *, log_model: bool = True) -> str:
     """An MLflow run for the merge, nested under the training run when it is known."""
-    from ift import tracking
-
     parent = lineage.get("training_run_id") or None
     tags = {"ift.kind": "merge", "ift.merged_model": out,
             "ift.base_model": lineage["merged_from"]["base"],
@@ -115,8 +112,6 @@ def log_merge(cfg, out: str, lineage: dict[str, Any], *, log_model: bool = True)
 
 def merge_cmd(args) -> int:
     """`ift merge --base B --adapter A --out DIR`."""
-    from ift.config import load_config
-
     cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", None) or [])
     lineage = merge(args.base, args.adapter, args.out, dtype=cfg.model.dtype,
                     trust_remote_code=cfg.model.trust_remote_code)

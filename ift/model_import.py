@@ -15,12 +15,16 @@ real-model tests share it).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ift import storage
 from ift.config import ConfigError
@@ -67,8 +71,6 @@ def cache_root() -> str:
 
 
 def _distribution_file(name: str) -> Source:
-    import importlib.metadata as md
-
     spec = SHORT_NAMES[name]
     try:
         dist = md.distribution(spec["package"])
@@ -121,8 +123,6 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
 
 def load_source(src: Source):
     """(model, tokenizer) as transformers loads them from the source (GGUF dequantized)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if src.kind == "gguf":
         folder, fname = os.path.split(src.path)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
@@ -136,9 +136,6 @@ def load_source(src: Source):
 def _plain_copy(model, dtype: str):
     """The same weights in a model built from the config alone: a GGUF-loaded model keeps a
     gguf quantization config and refuses save_pretrained; this one saves like any other."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     raw = model.config.to_dict()
     raw.pop("quantization_config", None)
     raw.pop("_name_or_path", None)
@@ -179,7 +176,6 @@ def import_model(source: str, out: str, dtype: str = "fp32") -> dict[str, Any]:
         raise ConfigError(f"--dtype {dtype!r} is not allowed (allowed: {', '.join(DTYPES)})")
     if storage.is_remote(out):
         raise ConfigError(f"model import: --out {out} must be a local directory")
-    import torch
 
     src = resolve_source(source)
     t0 = time.time()

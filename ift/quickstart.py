@@ -21,9 +21,20 @@ import time
 from typing import Any
 
 import yaml
+from ray import serve
 
-from ift import storage
-from ift.config import Config, build_config
+from ift import storage, tracking
+from ift.artifacts import FINAL_DIR
+from ift.config import Config, apply_override, build_config
+from ift.data.inspect import summary as data_summary
+from ift.data.pipeline import prepare
+from ift.eval.run import EVAL_FILE, SAMPLES_FILE, data_path, evaluate, evaluate_run
+from ift.merge import merge
+from ift.model_import import cached_import, read_record
+from ift.models import init_tiny
+from ift.raycluster import init_ray, quiet_logs
+from ift.serve.app import APP_NAME, start
+from ift.train.driver import run_dir_of, train
 
 # The embedded defaults (configs/quickstart.yaml and configs/quickstart-tiny.yaml are the
 # same text; a test keeps them equal). Paths are relative to storage.root, which the command
@@ -136,8 +147,6 @@ def quickstart_config(workdir: str, overrides: list[str] | None = None, *,
                       tiny: bool = False) -> Config:
     """The embedded config with paths under `workdir` (bundled data paths resolve in the
     config itself)."""
-    from ift.config import apply_override
-
     raw: dict[str, Any] = yaml.safe_load(QUICKSTART_TINY_YAML if tiny else QUICKSTART_YAML)
     raw["storage"]["root"] = workdir
     raw["model"]["name_or_path"] = os.path.join(workdir, "model")
@@ -164,10 +173,8 @@ def _model(cfg: Config, *, tiny: bool) -> str:
         if os.path.exists(os.path.join(model_dir, "ift_tiny.json")):
             print(f"[quickstart] reusing {model_dir}", flush=True)
             return model_dir
-        from ift.models import init_tiny
 
         return init_tiny(model_dir, arch="llama", hidden_size=64, layers=2, heads=4, seed=0)
-    from ift.model_import import cached_import, read_record
 
     imported = cached_import(MODEL)
     if os.path.realpath(model_dir) != os.path.realpath(imported):
@@ -185,8 +192,6 @@ def _model(cfg: Config, *, tiny: bool) -> str:
 
 def _evaluate(cfg: Config, model_dir: str, out: str, newer_than: str, **kw) -> dict[str, Any]:
     """`evaluate` on eval.data, reusing an eval.json written after `newer_than` changed."""
-    from ift.eval.run import EVAL_FILE, data_path, evaluate
-
     done = os.path.join(out, EVAL_FILE)
     if os.path.exists(done) and os.path.getmtime(done) >= os.path.getmtime(newer_than):
         print(f"[quickstart] reusing {done}", flush=True)
@@ -237,8 +242,6 @@ def general_hit_rate(samples: list[dict[str, Any]]) -> float | None:
 
 
 def _samples(eval_dir: str) -> list[dict[str, Any]]:
-    from ift.eval.run import SAMPLES_FILE
-
     text = storage.read_text(os.path.join(eval_dir, SAMPLES_FILE))
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -246,8 +249,6 @@ def _samples(eval_dir: str) -> list[dict[str, Any]]:
 def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None,
         keep_serving: bool = False, address: str | None = None,
         tiny: bool = False) -> dict[str, Any]:
-    from ift.raycluster import quiet_logs
-
     quiet_logs()
     workdir = os.path.abspath(workdir)
     if fresh and os.path.isdir(workdir):
@@ -271,17 +272,12 @@ def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None
     # Prepare the data (reused without starting Ray when up to date).
     t0 = _step(next(step), n, "prepare the bundled sample data (English, Chinese, CoT, "
                "multi-turn)" if tiny else "prepare the bundled identity data + general data")
-    from ift.data.inspect import summary as data_summary
-    from ift.data.pipeline import prepare
 
     manifest = prepare(cfg, address=address)
     print(data_summary(manifest), flush=True)
     summary["prepared"] = cfg.resolve(cfg.data.output)
     summary["data_hash"] = manifest["hash"]
     _done(t0)
-
-    from ift.artifacts import FINAL_DIR
-    from ift.train.driver import run_dir_of, train
 
     run_dir = run_dir_of(cfg)
     final = storage.join(run_dir, FINAL_DIR)
@@ -304,8 +300,6 @@ def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None
                "held-out split" if tiny else "the tuned model's answers and loss on the "
                "same held-out questions")
     if tiny:
-        from ift.eval.run import evaluate_run
-
         summary["eval"] = evaluate_run(cfg, run_dir)
     else:
         summary["eval"] = summary["after"] = _evaluate(
@@ -315,7 +309,6 @@ def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None
 
     # Merge.
     t0 = _step(next(step), n, "merge the adapter into the base model")
-    from ift.merge import merge
 
     merged = os.path.join(workdir, "merged")
     if storage.is_complete(merged) and os.path.getmtime(merged) >= os.path.getmtime(final):
@@ -328,8 +321,6 @@ def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None
     # Serve base, adapter and merged model.
     t0 = _step(next(step), n, "serve base + adapter + merged model (OpenAI-compatible, "
                "Ray Serve)")
-    from ift.raycluster import init_ray
-    from ift.serve.app import APP_NAME, start
 
     init_ray(address)
     stop = threading.Event()
@@ -364,7 +355,6 @@ def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None
         while not stop.wait(1.0):
             pass
         print("[quickstart] shutting down (in-flight requests finish first)", flush=True)
-    from ray import serve
 
     serve.delete(APP_NAME)
     serve.shutdown()
@@ -462,8 +452,6 @@ def summary_record(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_table(cfg: Config, s: dict[str, Any]) -> str:
-    from ift import tracking
-
     ev = (s.get("eval") or {}).get("metrics") or {}
 
     def num(v: Any) -> str:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+
+import ray
 
 # Variables the driver's environment passes on to every Ray worker (S3 endpoint and
 # credentials, MLflow, offline switches), so a job behaves the same on one laptop and on
@@ -33,8 +36,6 @@ QUIET_WARNINGS = (r".*is_gradient_checkpointing.*",)
 def quiet_logs() -> None:
     """Raise QUIET_LOGGERS to ERROR and QUIET_INFO to WARNING, and ignore QUIET_WARNINGS
     (also the worker process setup hook of every Ray worker ift starts)."""
-    import warnings
-
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # a user's own level wins
@@ -51,8 +52,6 @@ def runtime_env() -> dict:
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Join `address` (or RAY_ADDRESS) when given, else start a local cluster."""
-    import ray
-
     if ray.is_initialized():
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob as _glob
+import hashlib
 import json
 import os
 import shutil
@@ -319,7 +320,6 @@ def local_copy(path: str, cache_root: str | None = None) -> str:
     """A local directory holding `path`: itself when local, a cached download when s3://."""
     if not is_remote(path):
         return path
-    import hashlib
 
     root = cache_root or os.path.join(tempfile.gettempdir(), "ift-cache")
     # Keyed by the listing (keys, etags, sizes) too, so a rewritten prefix is fetched again.

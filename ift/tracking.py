@@ -34,8 +34,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ift import storage
+from ift import __version__, storage
 from ift.config import Config
+
+# mlflow (and matplotlib for the loss curve) are imported where a run is logged: tracking
+# is optional (tracking.enabled), and every stage imports this module.
 
 log = logging.getLogger(__name__)
 
@@ -414,8 +417,6 @@ def loss_curve_png(history: list[dict], path: str) -> str:
 def code_version() -> str:
     """The git commit of the checkout holding this package ("-dirty" when tracked files are
     modified), or the package version when it is not a git checkout."""
-    from ift import __version__
-
     pkg = os.path.dirname(os.path.abspath(__file__))
 
     def git(*args: str) -> str | None:
