@@ -136,7 +136,7 @@ def load_model_weights(ckpt_dir: str, model: nn.Module, method: str,
                        state: dict[str, Any] | None = None) -> None:
     """Load a checkpoint's weights into a freshly built (not yet wrapped) model."""
     if is_adapter(method):
-        from peft import set_peft_model_state_dict
+        from peft import set_peft_model_state_dict  # in the workers (see ift.train.methods)
 
         extra = (state or {}).get("adalora")
         if extra is not None:

@@ -26,6 +26,10 @@ from ift import storage
 from ift.config import Config, ConfigError, PeftConfig
 from ift.models import find_lora_targets
 
+# peft is imported where a method is built or an adapter loaded, in the Ray Train workers:
+# the driver imports this module for its checks, and peft (with bitsandbytes' kernel
+# warning) would add 1.8 s to its start.
+
 ADAPTER_METHODS = ("lora", "qlora", "dora", "adalora", "prefix", "p_tuning", "prompt_tuning")
 """Methods whose checkpoints hold only adapter weights (PEFT format)."""
 

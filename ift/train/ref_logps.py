@@ -113,7 +113,7 @@ def compute_and_store(cfg: Config, prepared: str, out: str, parts: dict[str, Any
                                revision=cfg.model.revision)
     model = load_model(cfg.model, device=device, dtype=dtype)
     if cfg.model.adapter:
-        from peft import PeftModel
+        from peft import PeftModel  # in the Ray task (see ift.train.methods)
 
         model = PeftModel.from_pretrained(model, storage.local_copy(cfg.model.adapter),
                                           is_trainable=False)
