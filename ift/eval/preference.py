@@ -20,25 +20,16 @@ from typing import Any
 
 from ift import storage
 from ift.config import Config
+from ift.data import dataset
 
 
 def held_out_pairs(cfg: Config, data: str, tokenizer, template: str | None
                    ) -> list[dict[str, Any]] | None:
     """Tokenized pairs of `data` when it holds preference pairs; None for conversations."""
-    from ift.eval import heldout
-
-    if heldout.is_prepared(data):
-        from ift.data.dataset import read_manifest, split_files
-
-        if read_manifest(data).get("kind") != "preference":
+    if dataset.is_prepared(data):
+        if dataset.read_manifest(data).get("kind") != "preference":
             return None
-        import pyarrow.parquet as pq
-
-        rows: list[dict[str, Any]] = []
-        for f in split_files(data, "val"):
-            fs, inner = storage.arrow_fs(f)
-            rows.extend(pq.read_table(inner, filesystem=fs).to_pylist())
-        return rows
+        return list(dataset.iter_split_rows(data, "val"))
     return _raw_pairs(cfg, data, tokenizer, template)
 
 

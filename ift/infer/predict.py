@@ -23,7 +23,9 @@ from typing import Any
 from ift import storage
 from ift.artifacts import MANIFEST_FILE
 from ift.config import Config, ConfigError, load_config
-from ift.eval.heldout import iter_prepared_rows, iter_raw_records, split_last_turn
+from ift.data.dataset import iter_samples
+from ift.data.ingest import iter_raw_records
+from ift.data.tokenize import split_last_turn
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ SUMMARY = "summary.json"
 
 def prepared_items(prepared: str, split: str, max_rows: int = 0) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
-    for sample in iter_prepared_rows(prepared, split, key="predict.data"):
+    for sample in iter_samples(prepared, split, key="predict.data"):
         prompt, ref = split_last_turn(sample["input_ids"], sample["labels"])
         items.append({"id": sample["id"], "prompt_ids": prompt, "reference_ids": ref,
                       "messages": ""})
