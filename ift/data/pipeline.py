@@ -1,5 +1,10 @@
 """`ift data prepare`: sources in, one clean, tokenized, sharded collection out, on Ray Data.
 
+The only module of the data package that uses Ray: it plans the reads, runs the tasks and
+moves files; what the tasks and the driver compute lives in Ray-free modules (ingest:
+ift.data.ingest, tokenize; the driver's dedupe, val cap and index: ift.data.settle; the
+draws, shuffle, packing and statistics of mixing: ift.data.mix).
+
 Two streaming passes; every row is read, parsed and tokenized once, and no token data
 passes through the driver or the object store:
 
@@ -7,21 +12,22 @@ passes through the driver or the object store:
            one): read -> convert -> validate -> placeholders -> language, hash -> render
            template -> tokenize and mask. The task writes its rows to its source's shards
            (`sources/source=NAME/split=train|val/`; val if its split hash scores it a val
-           candidate: record.split_hash, shared by the schema chunks of one IE text) and streams a few bytes per row read to the driver: key, hash,
-           length, language, and for dropped (no trainable token within max_seq_len) and
-           rejected rows the reason.
-   driver  (settle.IngestLedger) drops exact duplicates across sources (the first in config order wins), caps
-           val, writes `sources/_index.parquet` (the kept rows, their split and shard),
-           `rejects/` and `dropped/` (JSONL).
-2. mix     one task per shard holding drawn rows: draw each row by its source's weight or
-           count (val rows once) -> shuffle within the shard -> pack (optional) -> write
-           `train/` and `val/`; split statistics stream back.
+           candidate: record.split_hash, shared by the schema chunks of one IE text) and
+           streams a few bytes per row read to the driver: key, hash, length, language,
+           and for dropped (no trainable token within max_seq_len) and rejected rows the
+           reason.
+   driver  (settle.IngestLedger) drops exact duplicates across sources (the first in
+           config order wins), caps val, writes `sources/_index.parquet` (the kept rows,
+           their split and shard), `rejects/` and `dropped/` (JSONL).
+2. mix     one task per shard holding drawn rows (mix.draw_shard): draw each row by its
+           source's weight or count (val rows once) -> shuffle within the shard -> pack
+           (optional) -> write `train/` and `val/`; split statistics stream back.
 
-The `mix` pass is also what a sweep runs to re-mix sources without tokenizing again.
-Duplicates are tokenized before they are known to be duplicates; that costs what their
-share of the data costs, and it is what lets every row be read once. Each task writes its
-own files under names that depend only on the task, so a retried task overwrites what a
-failed try left.
+The `mix` pass is also what a sweep runs to re-mix sources without tokenizing again
+(`remix`). Duplicates are tokenized before they are known to be duplicates; that costs
+what their share of the data costs, and it is what lets every row be read once. Each task
+writes its own files under names that depend only on the task, so a retried task
+overwrites what a failed try left.
 """
 
 from __future__ import annotations
@@ -221,7 +227,7 @@ def _tokenize_batch(src: int, pending: list[tuple[int, dict, str, str]],
 _BROADCAST: dict[str, Any] = {}
 
 
-def _kept(ref_holder: list) -> tuple[np.ndarray, ...]:
+def _kept(ref_holder: list) -> mix.Draws:
     """The driver's draw arrays (sorted keys, counts, is_val), fetched once per worker."""
     import ray
 
@@ -246,70 +252,25 @@ def _tokenizer(name: str):
 
 def _mix_udf(batch: dict[str, np.ndarray], draws_ref: list, pack_len: int, seed: int,
              dest: dict) -> pa.Table:
-    """Pass 2: one per-source shard in; its rows drawn (train: each by its count, val: once),
-    shuffled, packed if asked, written to `train/` and `val/`; their statistics out."""
+    """Pass 2: one per-source shard in; its rows drawn (mix.draw_shard) and written to
+    `train/` and `val/`; their statistics out."""
     import pyarrow.parquet as pq
 
     path, source, item = str(batch["file"][0]), str(batch["source"][0]), int(batch["item"][0])
-    keys, counts, is_val = _kept(draws_ref)
     fs = dest["fs"]
     with fs.open_input_file(path) as f:
-        table = pq.read_table(f, columns=["key", "id", "input_ids", "labels", "num_tokens",
-                                          "num_trainable"])
-    k = table.column("key").to_numpy()
-    pos = np.clip(np.searchsorted(keys, k), 0, max(len(keys) - 1, 0))
-    found = (keys[pos] == k) if len(keys) else np.zeros(len(k), dtype=bool)
-    table = table.append_column("source", pa.array([source] * table.num_rows, pa.string()))
-    stats = []
-    for split, reps in (("train", np.where(found & ~is_val[pos], counts[pos], 0)),
-                        ("val", (found & is_val[pos]).astype(np.int64))):
-        take = np.repeat(np.arange(len(k)), reps)
-        if len(take) == 0:
-            continue
-        # Shuffled by a seed derived from the shard, so re-runs give the same order.
-        rng = np.random.default_rng([seed, item, 0 if split == "train" else 1])
-        rows = table.take(pa.array(take[rng.permutation(len(take))], pa.int64())).select(
-            ["id", "source", "input_ids", "labels", "num_tokens", "num_trainable"])
-        if pack_len:
-            rows = pa.concat_tables([_pack_table(rows.slice(o, 4096), pack_len)
-                                     for o in range(0, rows.num_rows, 4096)])
+        table = pq.read_table(f, columns=mix.SHARD_COLUMNS)
+    with _no_cyclic_gc():
+        drawn = mix.draw_shard(table, source, _kept(draws_ref), seed=seed, item=item,
+                               pack_len=pack_len)
+    for split, rows, _ in drawn:
         for n, o in enumerate(range(0, rows.num_rows, dest["shard_rows"])):
             part = rows.slice(o, dest["shard_rows"])
             folder = f"{dest['root']}/{split}"
             fs.create_dir(folder, recursive=True)
             with fs.open_output_stream(f"{folder}/part-{item:06d}-{n:03d}.parquet") as f:
                 pq.write_table(part, f)
-        stats.append({
-            "split": split, "rows": rows.num_rows,
-            "tokens": int(pc.sum(rows.column("num_tokens")).as_py() or 0),
-            "trainable": int(pc.sum(rows.column("num_trainable")).as_py() or 0),
-            "samples": int(pc.sum(rows.column("num_samples")).as_py() or 0) if pack_len
-            else rows.num_rows,
-        })
-    return pa.Table.from_pylist(stats, schema=pa.schema([
-        ("split", pa.string()), ("rows", pa.int64()), ("tokens", pa.int64()),
-        ("trainable", pa.int64()), ("samples", pa.int64())]))
-
-
-def _pack_table(table: pa.Table, pack_len: int) -> pa.Table:
-    from ift.data.pack import pack
-
-    with _no_cyclic_gc():
-        rows = table.to_pylist()
-        bins = pack(rows, pack_len)
-    ids = pa.list_(pa.int32())
-    first = [rows[b["members"][0]] for b in bins]
-    return pa.table({
-        "id": pa.array([r["id"] for r in first], pa.string()),
-        "source": pa.array([r["source"] for r in first], pa.string()),
-        "input_ids": pa.array([b["input_ids"] for b in bins], ids),
-        "labels": pa.array([b["labels"] for b in bins], ids),
-        "position_ids": pa.array([b["position_ids"] for b in bins], ids),
-        "seq_ids": pa.array([b["seq_ids"] for b in bins], ids),
-        "num_tokens": pa.array([b["num_tokens"] for b in bins], pa.int32()),
-        "num_trainable": pa.array([b["num_trainable"] for b in bins], pa.int32()),
-        "num_samples": pa.array([b["num_samples"] for b in bins], pa.int32()),
-    })
+    return pa.Table.from_pylist([d.stats for d in drawn], schema=mix.STATS_SCHEMA)
 
 
 def _configure_data_context() -> None:
@@ -634,36 +595,17 @@ def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | Non
     unknown = sorted(set(sources) - known)
     if unknown:
         raise ConfigError(f"unknown source(s) {unknown} in mixture; {prepared} has {sorted(known)}")
-    result: dict[str, Any] = {"rows_sampled": {}, "rows_val": {}}
-    draw_keys, draw_counts, draw_val, lengths = [], [], [], {"train": [], "val": []}
+    plans = {name: mix.draw_source(index, name, weight=weight, count=count, seed=seed)
+             for name, (weight, count) in sources.items()}
     items = []
-    for name, (weight, count) in sources.items():
-        t = index.filter(pc.field("source") == name)
-        k = t.column("key").to_numpy()  # the index is sorted by key
-        n_tok = t.column("num_tokens").to_numpy()
-        val = np.asarray(t.column("split").to_numpy(zero_copy_only=False)) == "val"
-        c = np.ones(len(k), dtype=np.int64)
-        c[~val] = mix.multiplicities(int((~val).sum()), weight=weight, count=count, seed=seed,
-                                     salt=name)
-        result["rows_sampled"][name] = int(c[~val].sum())
-        result["rows_val"][name] = int(val.sum())
-        draw_keys.append(k)
-        draw_counts.append(c)
-        draw_val.append(val)
-        lengths["train"].append(np.repeat(n_tok[~val], c[~val]))
-        lengths["val"].append(n_tok[val])
-        # The shards that hold drawn rows (val candidates past the val cap train).
-        shards = np.asarray(t.column("shard").to_numpy(zero_copy_only=False), dtype=object)
-        for shard in sorted(set(shards[c > 0])):
+    for name, plan in plans.items():
+        for shard in plan.shards:
             folder = storage.join(prepared, SOURCES_DIR, f"source={name}", f"split={shard}")
             items.extend({"file": storage.arrow_fs(f)[1], "source": name}
                          for f in sorted(storage.walk_files(folder)) if f.endswith(".parquet"))
     for i, item in enumerate(items):
         item["item"] = i
-    keys = np.concatenate(draw_keys) if draw_keys else np.zeros(0, np.int64)
-    order = np.argsort(keys, kind="stable")
-    draws_ref = ray.put((keys[order], np.concatenate(draw_counts or [np.zeros(0, np.int64)])[order],
-                         np.concatenate(draw_val or [np.zeros(0, bool)])[order]))
+    draws_ref = ray.put(mix.merge_draws(plans.values()))
 
     fs, out_root = storage.arrow_fs(out)
     totals = {split: {"rows": 0, "tokens": 0, "trainable": 0, "samples": 0}
@@ -678,17 +620,7 @@ def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | Non
             for r in b.to_pylist():
                 for k in ("rows", "tokens", "trainable", "samples"):
                     totals[r["split"]][k] += r[k]
-    result["splits"] = {}
-    for split in ("train", "val"):
-        lens = np.concatenate(lengths[split]) if lengths[split] else np.zeros(0, np.int64)
-        result["splits"][split] = _split_stats(totals[split], lens, max_seq_len)
-        if split == "train":
-            rows, tokens = totals["train"]["rows"], totals["train"]["tokens"]
-            result["padding_waste"] = {
-                "unpacked": _waste(lens, max_seq_len),
-                "packed": (1.0 - tokens / max(1, rows * max_seq_len)) if pack else None,
-            }
-    return result
+    return mix.mix_stats(plans, totals, max_seq_len, packed=pack)
 
 
 def remix(prepared: str, out: str, *, weights: dict[str, float | None] | None = None,
@@ -720,51 +652,11 @@ def remix(prepared: str, out: str, *, weights: dict[str, float | None] | None = 
         storage.rmtree(out)
     mixed = mix_sources(prepared, out, sources=chosen, seed=seed, pack=bool(base.get("packed")),
                         max_seq_len=int(base["max_seq_len"]), address=address)
-    mix_desc = {n: {"weight": w, "count": c} for n, (w, c) in chosen.items()}
-    digest = hashlib.sha256(json.dumps([base["hash"], mix_desc, seed], sort_keys=True)
-                            .encode()).hexdigest()
-    manifest = {
-        **base,
-        "hash": digest,
-        "parent": {"path": prepared, "hash": base["hash"]},
-        "mixture": mix_desc,
-        "seed": seed,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "splits": mixed["splits"],
-        "padding_waste": mixed["padding_waste"],
-        "sources": {
-            n: {**base["sources"][n], "weight": w, "count": c,
-                "rows_sampled": mixed["rows_sampled"].get(n, 0),
-                "rows_val": mixed["rows_val"].get(n, 0)}
-            for n, (w, c) in chosen.items()
-        },
-    }
+    manifest = mix.child_manifest(base, prepared, chosen, mixed, seed,
+                                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     storage.write_text(storage.join(out, MANIFEST_FILE), json.dumps(manifest, indent=2, ensure_ascii=False))
-    storage.mark_complete(out, digest)
+    storage.mark_complete(out, manifest["hash"])
     return manifest
-
-
-def _waste(lengths: np.ndarray, max_seq_len: int) -> float:
-    if len(lengths) == 0:
-        return 0.0
-    return float(1.0 - lengths.sum() / (len(lengths) * max_seq_len))
-
-
-def _split_stats(totals: dict, sample_lengths: np.ndarray, max_seq_len: int) -> dict:
-    lens = sample_lengths
-    return {
-        "rows": int(totals["rows"]),
-        "samples": int(len(lens)),
-        "tokens": int(totals["tokens"]),
-        "trainable_tokens": int(totals["trainable"]),
-        "length": {
-            "mean": float(lens.mean()) if len(lens) else 0.0,
-            "p50": float(np.percentile(lens, 50)) if len(lens) else 0.0,
-            "p95": float(np.percentile(lens, 95)) if len(lens) else 0.0,
-            "max": int(lens.max()) if len(lens) else 0,
-        },
-        "max_seq_len": max_seq_len,
-    }
 
 
 def prepare_cmd(args) -> int:
