@@ -1,0 +1,150 @@
+"""The prepared-dataset contract read without Ray: the manifest checks, the split shards
+and the kept-row index (its file, or the per-source folders of older datasets).
+
+The directories are written here by hand with pyarrow, as `ift data prepare` lays them out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ift import storage
+from ift.config import InputError
+from ift.data.dataset import (
+    INDEX_FILE,
+    SOURCES_DIR,
+    PrepareError,
+    load_index,
+    read_manifest,
+    source_names,
+    split_files,
+)
+
+MANIFEST = {"version": 2, "hash": "abc123", "tokenizer": {"name_or_path": "tok"},
+            "splits": {"train": {"rows": 2}}, "sources": {"a": {}}}
+
+
+def _prepared(tmp_path, manifest_text: str | None, complete: bool = True) -> str:
+    d = tmp_path / "prepared"
+    d.mkdir()
+    if manifest_text is not None:
+        (d / "manifest.json").write_text(manifest_text, encoding="utf-8")
+    if complete:
+        storage.mark_complete(str(d), "abc123")
+    return str(d)
+
+
+def test_read_manifest_returns_a_complete_datasets_manifest(tmp_path):
+    d = _prepared(tmp_path, json.dumps({**MANIFEST, "kind": "preference"}))
+    assert read_manifest(d) == {**MANIFEST, "kind": "preference"}
+
+
+def test_read_manifest_says_what_is_wrong_and_where(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(PrepareError) as e:
+        read_manifest(missing)
+    assert str(e.value) == f"prepared dataset {missing} does not exist; run `ift data prepare`"
+    assert isinstance(e.value, InputError)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PrepareError, match=r"has no manifest\.json: not a prepared dataset"):
+        read_manifest(str(empty))
+
+    partial = _prepared(tmp_path, json.dumps(MANIFEST), complete=False)
+    with pytest.raises(PrepareError) as e:
+        read_manifest(partial)
+    assert str(e.value).startswith(f"{partial} is partial (no _COMPLETE marker)")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{\"version\": 2,", "not valid JSON"),
+    (json.dumps({k: v for k, v in MANIFEST.items() if k != "tokenizer"}),
+     "missing key 'tokenizer'"),
+    (json.dumps({k: v for k, v in MANIFEST.items() if k != "sources"}),
+     "missing key 'sources'"),
+    # JSON that is not an object: a number, and a list that holds every key's name.
+    ("3", "expected a JSON object, found a number"),
+    (json.dumps(["version", "hash", "tokenizer", "splits", "sources"]),
+     "expected a JSON object, found a list"),
+])
+def test_a_broken_manifest_is_an_error_naming_the_file(tmp_path, text, message):
+    d = _prepared(tmp_path, text)
+    with pytest.raises(PrepareError) as e:
+        read_manifest(d)
+    assert str(e.value).startswith(os.path.join(d, "manifest.json") + ": ")
+    assert message in str(e.value)
+
+
+def _write(path, table: pa.Table) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path)
+
+
+def test_split_files_lists_the_parquet_shards_of_a_split_in_order(tmp_path):
+    d = tmp_path / "p"
+    t = pa.table({"key": pa.array([1], pa.int64())})
+    for rel in ("train/part-00001.parquet", "train/part-00000.parquet",
+                "train/more/part-00000.parquet", "val/part-00000.parquet"):
+        _write(str(d / rel), t)
+    (d / "train" / "notes.txt").write_text("not a shard")
+    assert split_files(str(d), "train") == [
+        str(d / "train" / "part-00000.parquet"), str(d / "train" / "part-00001.parquet"),
+        str(d / "train" / "more" / "part-00000.parquet")]
+    assert split_files(str(d), "val") == [str(d / "val" / "part-00000.parquet")]
+    assert split_files(str(d), "test") == []
+
+
+def _index(keys, sources, splits, tokens) -> pa.Table:
+    return pa.table({"key": pa.array(keys, pa.int64()), "source": sources, "split": splits,
+                     "shard": splits, "num_tokens": pa.array(tokens, pa.int32())})
+
+
+def test_load_index_reads_the_index_file(tmp_path):
+    d = tmp_path / "p"
+    want = _index([3, 7, 9], ["b", "a", "b"], ["train", "val", "dropped"], [10, 20, 30])
+    _write(str(d / SOURCES_DIR / INDEX_FILE), want)
+    assert load_index(str(d)).equals(want)
+    assert source_names(str(d)) == ["a", "b"]
+
+
+def _shard(keys, tokens) -> pa.Table:
+    return pa.table({"key": pa.array(keys, pa.int64()), "id": [f"r{k}" for k in keys],
+                     "num_tokens": pa.array(tokens, pa.int32())})
+
+
+def test_load_index_of_an_older_dataset_comes_from_its_source_folders_sorted_by_key(tmp_path):
+    d = tmp_path / "p"
+    src = d / SOURCES_DIR
+    _write(str(src / "source=beta" / "split=train" / "part-0.parquet"), _shard([40, 5], [4, 5]))
+    _write(str(src / "source=alpha" / "split=val" / "part-0.parquet"), _shard([12], [12]))
+    _write(str(src / "source=alpha" / "split=train" / "part-0.parquet"), _shard([1], [1]))
+    t = load_index(str(d))
+    assert t.column_names == ["key", "source", "split", "num_tokens", "shard"]
+    assert t.to_pylist() == [
+        {"key": 1, "source": "alpha", "split": "train", "num_tokens": 1, "shard": "train"},
+        {"key": 5, "source": "beta", "split": "train", "num_tokens": 5, "shard": "train"},
+        {"key": 12, "source": "alpha", "split": "val", "num_tokens": 12, "shard": "val"},
+        {"key": 40, "source": "beta", "split": "train", "num_tokens": 4, "shard": "train"},
+    ]
+    assert source_names(str(d)) == ["alpha", "beta"]
+
+
+def test_load_index_of_a_dataset_that_kept_nothing_is_empty(tmp_path):
+    t = load_index(str(tmp_path / "p"))
+    assert t.num_rows == 0
+    assert t.schema.field("key").type == pa.int64()
+    assert t.column_names == ["key", "source", "split", "num_tokens", "shard"]
+    assert source_names(str(tmp_path / "p")) == []
+
+
+def test_load_index_of_an_older_dataset_with_an_empty_sources_folder_is_empty(tmp_path):
+    (tmp_path / "p" / SOURCES_DIR).mkdir(parents=True)
+    t = load_index(str(tmp_path / "p"))
+    assert t.num_rows == 0
+    assert t.column_names == ["key", "source", "split", "num_tokens", "shard"]
