@@ -6,7 +6,7 @@ from __future__ import annotations
 from argparse import Namespace
 
 import pytest
-from train_support import build_prepared, make_tiny_model, read_rows
+from train_support import build_prepared, read_rows
 
 from ift.data.inspect import (
     GREEN,
@@ -113,10 +113,9 @@ def test_mark_trained_with_a_real_tokenizer_decodes_the_whole_sample(chatml_tok)
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inspect")
-    model = make_tiny_model(str(root / "model"))
-    return build_prepared(str(root / "prepared"), model, n_train=4, n_val=2, shards=1)
+def prepared(tmp_path_factory, tiny_model):
+    return build_prepared(str(tmp_path_factory.mktemp("inspect") / "prepared"), tiny_model,
+                          n_train=4, n_val=2, shards=1)
 
 
 def test_inspect_prints_the_summary_and_marked_samples(prepared, capsys):
