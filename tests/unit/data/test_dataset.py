@@ -1,5 +1,6 @@
 """The prepared-dataset contract read without Ray: the manifest checks, the split shards
-and the kept-row index (its file, or the per-source folders of older datasets).
+and their rows and samples, and the kept-row index (its file, or the per-source folders
+of older datasets).
 
 The directories are written here by hand with pyarrow, as `ift data prepare` lays them out.
 """
@@ -14,11 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from ift import storage
-from ift.config import InputError
+from ift.config import ConfigError, InputError
 from ift.data.dataset import (
     INDEX_FILE,
     SOURCES_DIR,
     PrepareError,
+    is_prepared,
+    iter_samples,
+    iter_split_rows,
     load_index,
     read_manifest,
     source_names,
@@ -148,3 +152,46 @@ def test_load_index_of_an_older_dataset_with_an_empty_sources_folder_is_empty(tm
     t = load_index(str(tmp_path / "p"))
     assert t.num_rows == 0
     assert t.column_names == ["key", "source", "split", "num_tokens", "shard"]
+
+
+PACKED = {"id": "bin0", "input_ids": [1, 2, 3, 4], "labels": [-100, 2, -100, 4],
+          "seq_ids": [0, 0, 1, 1], "num_tokens": 4}
+PLAIN = {"id": "r9", "input_ids": [5, 6], "labels": [-100, 6], "seq_ids": None,
+         "num_tokens": 2}
+
+
+def _with_val(tmp_path, name: str, val_rows: list[dict] | None) -> str:
+    d = str(tmp_path / name)
+    storage.write_text(os.path.join(d, "manifest.json"), json.dumps(MANIFEST))
+    storage.mark_complete(d)
+    if val_rows is not None:
+        _write(os.path.join(d, "val", "part-0.parquet"), pa.Table.from_pylist(val_rows))
+    return d
+
+
+def test_iter_split_rows_keeps_bins_whole_and_the_columns_asked_for(tmp_path):
+    d = _with_val(tmp_path, "p", [PACKED, PLAIN])
+    assert list(iter_split_rows(d, "val")) == [PACKED, PLAIN]
+    assert list(iter_split_rows(d, "val", ["seq_ids", "id", "not_a_column"])) == [
+        {"id": "bin0", "seq_ids": [0, 0, 1, 1]}, {"id": "r9", "seq_ids": None}]
+    assert list(iter_split_rows(d, "train")) == []
+    assert is_prepared(d) and not is_prepared(str(tmp_path))
+
+
+def test_iter_samples_unpacks_bins_and_names_the_key_on_errors(tmp_path):
+    d = _with_val(tmp_path, "p", [PACKED, PLAIN])
+    assert list(iter_samples(d)) == [{"id": "bin0", "input_ids": [1, 2], "labels": [-100, 2]},
+                                     {"id": "bin0#1", "input_ids": [3, 4], "labels": [-100, 4]},
+                                     {"id": "r9", "input_ids": [5, 6], "labels": [-100, 6]}]
+    no_val = _with_val(tmp_path, "q", None)
+    with pytest.raises(ConfigError) as e:
+        list(iter_samples(no_val, key="predict.data"))
+    assert str(e.value) == (f"predict.data={no_val}: the val split has no parquet files "
+                            "(prepare with data.val_ratio > 0, or point predict.data at raw "
+                            "files)")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "manifest.json").write_text("{}")
+    assert is_prepared(str(partial))  # a manifest, complete or not
+    with pytest.raises(ConfigError, match=rf"^eval\.data={partial}: {partial} is partial"):
+        list(iter_samples(str(partial)))

@@ -2,13 +2,17 @@
 
 The IE chunk keys and `keep_reasoning` are tested with the IE and format fixtures
 (test_ie.py, test_formats.py); here: row keys, the three kinds of reject (unreadable,
-unconvertible, invalid), the row options and placeholders with their language rule."""
+unconvertible, invalid), the row options and placeholders with their language rule; and
+raw files read whole, outside a prepare run (iter_raw_records), where a bad row is an error."""
 
 from __future__ import annotations
 
 import json
 
-from ift.data.ingest import RowOptions, clean_rows
+import pytest
+
+from ift.config import ConfigError
+from ift.data.ingest import RowOptions, clean_rows, iter_raw_records
 from ift.data.readers import plan_reads
 
 FILE_INDEX = 5
@@ -104,3 +108,37 @@ def test_placeholders_are_filled_before_validation_and_the_language_is_redetecte
     # Without values the placeholders stay and the language is that of the text as read.
     kept = _rows(tmp_path, lines[:1], "openai", _opts(), name="unfilled.jsonl")
     assert kept[0][2]["messages"][0]["content"] == "{{q}}" and kept[0][2]["lang"] == "en"
+
+
+def _jsonl(path, rows: list) -> str:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_iter_raw_records_reads_a_comma_list_in_order(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [_chat("1+1?", "2"), _chat("2+2?", "4")])
+    b = _jsonl(tmp_path / "b.jsonl", [_chat("3+3?", "6")])
+    got = list(iter_raw_records(f"{b}, ,{a}"))
+    assert [w for w, _ in got] == [f"{b}:1", f"{a}:1", f"{a}:2"]
+    assert [r["id"] for _, r in got] == ["b:1", "a:1", "a:2"]
+    assert [r["source"] for _, r in got] == ["b", "a", "a"]
+    assert got[1][1]["messages"][0]["content"] == "1+1?"
+
+
+def test_iter_raw_records_errors_name_the_key_file_and_line(tmp_path):
+    missing = str(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError) as e:
+        list(iter_raw_records(missing, key="predict.data"))
+    assert str(e.value) == f"predict.data={missing!r}: {missing} does not exist or matches no file"
+    with pytest.raises(ConfigError, match=r"matches no file"):
+        list(iter_raw_records(str(tmp_path / "*.parquet")))
+    bad = _jsonl(tmp_path / "bad.jsonl", [_chat("q", "a"), "{oops"])
+    with pytest.raises(ConfigError) as e:
+        list(iter_raw_records(bad))
+    assert str(e.value).startswith(f"eval.data: {bad}:2: cannot read row: malformed JSON")
+    odd = _jsonl(tmp_path / "odd.jsonl",
+                 [_chat("q", "a"), {"messages": [{"role": "robot", "content": "x"}]}])
+    with pytest.raises(ConfigError) as e:
+        list(iter_raw_records(odd))
+    assert str(e.value).startswith(f"eval.data: {odd}:2: cannot convert row: turn 1: "
+                                   "unknown speaker 'robot'")

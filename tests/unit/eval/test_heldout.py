@@ -1,26 +1,14 @@
-"""Held-out items for `ift eval`: from prepared rows and from raw files, and the errors that
-name the config key, file and line. (`split_last_turn` and `unpack` are tested in
-test_metrics.py.)"""
+"""Held-out items for `ift eval` from tokenized rows and from records: prompt, reference,
+gold answer and options. (Reading the rows and records: data/test_dataset.py and
+data/test_ingest.py; `split_last_turn` and `unpack`: test_metrics.py.)"""
 
 from __future__ import annotations
 
-import json
-import os
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from ift import storage
 from ift.config import ConfigError
 from ift.data.record import make_record
-from ift.eval.heldout import (
-    items_from_records,
-    items_from_rows,
-    iter_prepared_rows,
-    iter_raw_records,
-    loss_rows_from_records,
-)
+from ift.eval.heldout import items_from_records, items_from_rows, loss_rows_from_records
 from ift.eval.metrics import mc_correct
 
 RECORDS: list[dict] = []  # the conftest tokenizers train on ift's fallback texts only
@@ -55,79 +43,6 @@ def test_items_from_rows_without_trained_tokens_have_no_reference(chatml_tok):
                               chatml_tok)
     assert (item.id, item.reference, item.gold) == ("7", None, None)
     assert item.prompt_ids == ids
-
-
-def _write_prepared(d, val_rows: list[dict] | None) -> str:
-    storage.write_text(os.path.join(d, "manifest.json"), json.dumps(
-        {"version": 2, "hash": "h", "tokenizer": {}, "splits": {}, "sources": {}}))
-    storage.mark_complete(str(d))
-    if val_rows is not None:
-        os.makedirs(os.path.join(d, "val"), exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(val_rows), os.path.join(d, "val", "part-0.parquet"))
-    return str(d)
-
-
-def test_iter_prepared_rows_unpacks_bins_and_names_the_key_on_errors(tmp_path):
-    packed = {"id": "bin0", "input_ids": [1, 2, 3, 4], "labels": [-100, 2, -100, 4],
-              "seq_ids": [0, 0, 1, 1], "num_tokens": 4}
-    plain = {"id": "r9", "input_ids": [5, 6], "labels": [-100, 6], "seq_ids": None,
-             "num_tokens": 2}
-    d = _write_prepared(tmp_path / "p", [packed, plain])
-    rows = list(iter_prepared_rows(d))
-    assert rows == [{"id": "bin0", "input_ids": [1, 2], "labels": [-100, 2]},
-                    {"id": "bin0#1", "input_ids": [3, 4], "labels": [-100, 4]},
-                    {"id": "r9", "input_ids": [5, 6], "labels": [-100, 6]}]
-
-    no_val = _write_prepared(tmp_path / "q", None)
-    with pytest.raises(ConfigError) as e:
-        list(iter_prepared_rows(no_val, key="predict.data"))
-    assert str(e.value) == (f"predict.data={no_val}: the val split has no parquet files "
-                            "(prepare with data.val_ratio > 0, or point predict.data at raw "
-                            "files)")
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    (partial / "manifest.json").write_text("{}")
-    with pytest.raises(ConfigError, match=rf"^eval\.data={partial}: {partial} is partial"):
-        list(iter_prepared_rows(str(partial)))
-
-
-def _jsonl(path, rows: list) -> str:
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
-    return str(path)
-
-
-def _chat(*turns) -> dict:
-    return {"messages": [{"role": r, "content": c} for r, c in turns]}
-
-
-def test_iter_raw_records_reads_a_comma_list_in_order(tmp_path):
-    a = _jsonl(tmp_path / "a.jsonl", [_chat(("user", "1+1?"), ("assistant", "2")),
-                                      _chat(("user", "2+2?"), ("assistant", "4"))])
-    b = _jsonl(tmp_path / "b.jsonl", [_chat(("user", "3+3?"), ("assistant", "6"))])
-    got = list(iter_raw_records(f"{b}, ,{a}"))
-    assert [w for w, _ in got] == [f"{b}:1", f"{a}:1", f"{a}:2"]
-    assert [r["id"] for _, r in got] == ["b:1", "a:1", "a:2"]
-    assert [r["source"] for _, r in got] == ["b", "a", "a"]
-    assert got[1][1]["messages"][0]["content"] == "1+1?"
-
-
-def test_iter_raw_records_errors_name_the_key_file_and_line(tmp_path):
-    missing = str(tmp_path / "missing.jsonl")
-    with pytest.raises(ConfigError) as e:
-        list(iter_raw_records(missing, key="predict.data"))
-    assert str(e.value) == f"predict.data={missing!r}: {missing} does not exist or matches no file"
-    with pytest.raises(ConfigError, match=r"matches no file"):
-        list(iter_raw_records(str(tmp_path / "*.parquet")))
-    bad = _jsonl(tmp_path / "bad.jsonl", [_chat(("user", "q"), ("assistant", "a")), "{oops"])
-    with pytest.raises(ConfigError) as e:
-        list(iter_raw_records(bad))
-    assert str(e.value).startswith(f"eval.data: {bad}:2: cannot read row: malformed JSON")
-    odd = _jsonl(tmp_path / "odd.jsonl", [_chat(("user", "q"), ("assistant", "a")),
-                                          {"messages": [{"role": "robot", "content": "x"}]}])
-    with pytest.raises(ConfigError) as e:
-        list(iter_raw_records(odd))
-    assert str(e.value).startswith(f"eval.data: {odd}:2: cannot convert row: turn 1: "
-                                   "unknown speaker 'robot'")
 
 
 def test_items_from_records_render_the_history_and_pick_the_gold_answer(chatml_tok):
