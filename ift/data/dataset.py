@@ -58,6 +58,10 @@ def read_manifest(prepared: str) -> dict:
         manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise PrepareError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        found = {list: "a list", str: "a string", bool: "a boolean",
+                 type(None): "null"}.get(type(manifest), "a number")
+        raise PrepareError(f"{path}: expected a JSON object, found {found}")
     for key in ("version", "hash", "tokenizer", "splits", "sources"):
         if key not in manifest:
             raise PrepareError(f"{path}: missing key {key!r}")
@@ -117,9 +121,12 @@ def load_index(prepared: str) -> pa.Table:
     part = pads.partitioning(pa.schema([("source", pa.string()), ("split", pa.string())]),
                              flavor="hive")
     try:
-        t = pads.dataset(root, filesystem=fs, format="parquet", partitioning=part).to_table(
-            columns=["key", "source", "split", "num_tokens"])
+        ds = pads.dataset(root, filesystem=fs, format="parquet", partitioning=part)
+        # An empty folder has no columns to select: nothing kept, like no folder.
+        t = ds.to_table(columns=["key", "source", "split", "num_tokens"]) if ds.files else None
     except (FileNotFoundError, OSError):  # nothing kept
+        t = None
+    if t is None:
         t = pa.table({"key": pa.array([], pa.int64()), "source": pa.array([], pa.string()),
                       "split": pa.array([], pa.string()), "num_tokens": pa.array([], pa.int32())})
     t = t.append_column("shard", t.column("split"))

@@ -62,10 +62,13 @@ def items_from_rows(rows: list[dict[str, Any]], tokenizer) -> list[Item]:
         prompt, ref = split_last_turn(row["input_ids"], row["labels"])
         reference = tokenizer.decode(ref, skip_special_tokens=True) if ref else None
         prompt_text = tokenizer.decode(prompt, skip_special_tokens=False)
+        # Options from the text without special tokens: the last option of a ChatML turn
+        # would otherwise end in <|im_end|> and match no answer.
+        options = extract_options(tokenizer.decode(prompt, skip_special_tokens=True))
         items.append(Item(
             id=str(row["id"]), prompt_ids=prompt, reference=reference,
             gold=parse_final_answer(reference) if reference else None,
-            options=extract_options(prompt_text), prompt=prompt_text,
+            options=options, prompt=prompt_text,
         ))
     return items
 

@@ -42,7 +42,7 @@ def _raw_pairs(cfg: Config, data: str, tokenizer, template: str | None
     paths = [p for part in data.split(",") if part for p in storage.expand(part)]
     try:
         tasks, infos = plan_reads("heldout", 0, paths, "auto", 0, 0)
-    except ValueError:
+    except (ValueError, OSError):  # unreadable or missing: the conversation reader says why
         return None
     if not infos or any(i["format"] not in PAIR_FORMATS for i in infos):
         return None
