@@ -51,12 +51,14 @@ def prepared_items(prepared: str, split: str, max_rows: int = 0) -> list[dict[st
 
 
 def record_prompt(record: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
-    """(messages to answer, reference reply): the conversation up to its last assistant turn."""
+    """(messages to answer, reference reply): the conversation up to its last assistant turn,
+    which is the reference; a conversation that ends in a user turn is answered whole, with
+    no reference."""
     msgs = [dict(m) for m in record["messages"]]
     if record.get("system") and not any(m["role"] == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": record["system"]})
     last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-    if last is None:
+    if last is None or msgs[-1]["role"] == "user":
         return msgs, None
     return msgs[:last], msgs[last]["content"]
 

@@ -32,6 +32,11 @@ def test_record_prompt_answers_up_to_the_last_assistant_turn():
     assert record_prompt(own) == (own["messages"], None)
     assert record_prompt({"messages": [{"role": "user", "content": "q"}]}) == (
         [{"role": "user", "content": "q"}], None)
+    # A conversation that ends in a user turn asks for that turn's answer: all of it is the
+    # prompt, and there is no reference.
+    open_turn = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                 {"role": "user", "content": "q2"}]
+    assert record_prompt({"messages": open_turn}) == (open_turn, None)
 
 
 def _jsonl(path, rows) -> str:
