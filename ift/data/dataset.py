@@ -1,7 +1,8 @@
 """A prepared dataset on disk: its layout, its manifest and its readers (no Ray).
 
-`ift data prepare` (ift.data.pipeline) writes it; training, evaluation, sweeps and
-inspection read it through this module only.
+`ift data prepare` (ift.data.pipeline) writes it; evaluation, predict, reference
+log-probs and inspection read its rows through this module (`iter_split_rows`,
+`iter_samples`), training streams its split files (`split_files`) into Ray Data.
 
     PREPARED/
       manifest.json              counts, token statistics, rejects, hashes (read_manifest)
@@ -14,6 +15,8 @@ inspection read it through this module only.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,7 +25,8 @@ import pyarrow.parquet as pq
 
 from ift import storage
 from ift.artifacts import MANIFEST_FILE
-from ift.config import InputError
+from ift.config import ConfigError, InputError
+from ift.data.pack import unpack
 
 MANIFEST_VERSION = 2  # 2: sources/_index.parquet; shards may hold duplicates
 SOURCES_DIR = "sources"
@@ -55,15 +59,51 @@ def read_manifest(prepared: str) -> dict:
         manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise PrepareError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        found = {list: "a list", str: "a string", bool: "a boolean",
+                 type(None): "null"}.get(type(manifest), "a number")
+        raise PrepareError(f"{path}: expected a JSON object, found {found}")
     for key in ("version", "hash", "tokenizer", "splits", "sources"):
         if key not in manifest:
             raise PrepareError(f"{path}: missing key {key!r}")
     return manifest
 
 
+def is_prepared(path: str) -> bool:
+    """Whether `path` holds a prepared dataset (a manifest), complete or not."""
+    return storage.exists(storage.join(path, MANIFEST_FILE))
+
+
 def split_files(prepared: str, split: str) -> list[str]:
     """The parquet shards of a split, sorted."""
     return [f for f in storage.walk_files(storage.join(prepared, split)) if f.endswith(".parquet")]
+
+
+def iter_split_rows(prepared: str, split: str, columns: list[str] | None = None
+                    ) -> Iterator[dict[str, Any]]:
+    """The rows of a split as written (packed bins stay bins), in file order; `columns`
+    keeps those of the listed columns a shard has (all when None)."""
+    for f in split_files(prepared, split):
+        fs, inner = storage.arrow_fs(f)
+        table = pq.read_table(inner, filesystem=fs)
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.column_names])
+        yield from table.to_pylist()
+
+
+def iter_samples(prepared: str, split: str = "val", *,
+                 key: str = "eval.data") -> Iterator[dict[str, Any]]:
+    """Every tokenized sample of a split (id, input_ids, labels; packed bins unpacked), in
+    file order. Errors are ConfigErrors naming the config key that gave the directory."""
+    try:
+        read_manifest(prepared)
+    except PrepareError as e:
+        raise ConfigError(f"{key}={prepared}: {e}") from e
+    if not split_files(prepared, split):
+        raise ConfigError(f"{key}={prepared}: the {split} split has no parquet files "
+                          f"(prepare with data.val_ratio > 0, or point {key} at raw files)")
+    for row in iter_split_rows(prepared, split, ["id", "input_ids", "labels", "seq_ids"]):
+        yield from unpack(row)
 
 
 def load_index(prepared: str) -> pa.Table:
@@ -81,9 +121,12 @@ def load_index(prepared: str) -> pa.Table:
     part = pads.partitioning(pa.schema([("source", pa.string()), ("split", pa.string())]),
                              flavor="hive")
     try:
-        t = pads.dataset(root, filesystem=fs, format="parquet", partitioning=part).to_table(
-            columns=["key", "source", "split", "num_tokens"])
+        ds = pads.dataset(root, filesystem=fs, format="parquet", partitioning=part)
+        # An empty folder has no columns to select: nothing kept, like no folder.
+        t = ds.to_table(columns=["key", "source", "split", "num_tokens"]) if ds.files else None
     except (FileNotFoundError, OSError):  # nothing kept
+        t = None
+    if t is None:
         t = pa.table({"key": pa.array([], pa.int64()), "source": pa.array([], pa.string()),
                       "split": pa.array([], pa.string()), "num_tokens": pa.array([], pa.int32())})
     t = t.append_column("shard", t.column("split"))

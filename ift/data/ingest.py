@@ -3,17 +3,26 @@
 Pure and deterministic: convert by format (SFT layouts and IE records), drop reasoning on
 request, substitute placeholders, validate, detect the language. The Ray Data pipeline
 (ift.data.pipeline) calls `clean_rows` once per read task; tests call it directly.
+
+Raw files read outside a prepare run (held-out sets of `ift eval` and evaluation during
+training, `ift predict` inputs) go through `iter_raw_records`: the same readers and
+converters with the data seed, but a bad row is an error, not a reject, since such a set
+must be whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
+from typing import Any
 
+from ift import storage
+from ift.config import ConfigError
 from ift.data import ie, mix
 from ift.data.formats import convert
 from ift.data.quality import record_lang, substitute_placeholders, validate
-from ift.data.readers import iter_raw
+from ift.data.readers import detect_format, iter_raw, plan_reads
 from ift.data.record import ConvertError, drop_reasoning
 
 
@@ -75,3 +84,74 @@ def clean_rows(task, opts: RowOptions) -> Iterator[tuple[int, int, dict | None, 
             if opts.placeholders or not rec.get("lang"):  # substitution may change the script
                 rec["lang"] = record_lang(rec.get("system"), rec["messages"])
             yield key, line, rec, None, raw_text
+
+
+def iter_raw_records(data: str, *, seed: int = 42, key: str = "eval.data",
+                     sources: list | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("file:line", unified record) for each row of raw files (a file, glob, folder or
+    comma-separated list, in any format `ift data prepare` reads), in file order. A missing
+    file, or a row that cannot be read or converted, is an error naming the config key that
+    gave `data` and the file and line.
+
+    IE rows (ift.data.ie) are read with the schema and label options of the first of
+    `sources` (data.sources) in the same format, as training read them."""
+    files: list[str] = []
+    for part in (p.strip() for p in data.split(",")):
+        if not part:
+            continue
+        found = storage.expand(part)
+        missing = [f for f in found if not storage.exists(f)]
+        if not found or missing:
+            raise ConfigError(f"{key}={part!r}: {missing[0] if missing else part} "
+                              "does not exist or matches no file")
+        files.extend(found)
+    try:
+        tasks, _ = plan_reads("heldout", 0, files, "auto", 0, 0)
+    except ValueError as e:
+        raise ConfigError(f"{key}={data!r}: {e}") from e
+    for task in tasks:
+        stem = os.path.splitext(os.path.basename(task.file))[0]
+        for line, raw, err, _text in iter_raw(task):
+            where = f"{task.file}:{line}"
+            if raw is None:
+                raise ConfigError(f"{key}: {where}: cannot read row: {err}")
+            try:
+                if task.format in ie.FORMATS:
+                    recs = ie.to_records(task.format, raw, id=f"{stem}:{line}", source=stem,
+                                         seed=seed, **_ie_options(task.format, sources or []))
+                else:
+                    recs = [convert(task.format, raw, id=f"{stem}:{line}", source=stem,
+                                    seed=seed)]
+            except ConvertError as e:
+                raise ConfigError(f"{key}: {where}: cannot convert row: {e}") from e
+            for rec in recs:
+                yield where, rec
+
+
+def _format_of_source(src) -> str | None:
+    """A source's format, detected from its first file when it is "auto"."""
+    if src.format != "auto":
+        return src.format
+    files = storage.expand(src.path)
+    if not files or not storage.exists(files[0]):
+        return None
+    try:
+        head = storage.read_range(files[0], 0, min(storage.size(files[0]), 64 * 1024))
+        return detect_format(files[0], head)
+    except ValueError:
+        return None
+
+
+def _ie_options(fmt: str, sources: list) -> dict[str, Any]:
+    """schema and labels for ie.to_records from the first source of format `fmt`."""
+    for src in sources:
+        if _format_of_source(src) == fmt:
+            schema = None
+            if src.schema:
+                try:
+                    schema = ie.parse_schema(fmt, storage.read_text(src.schema), src.schema)
+                except (ValueError, OSError) as e:
+                    raise ConfigError(f"data.sources ({src.path}).schema: {e}") from e
+            return {"schema": schema,
+                    "labels": ie.LabelOptions(src.max_labels, src.schema_split)}
+    return {}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import numpy as np
-import pyarrow.dataset as pads
 
 from ift import storage
-from ift.data.dataset import PrepareError, read_manifest
+from ift.data.dataset import PrepareError, iter_split_rows, read_manifest
 from ift.models import load_tokenizer
 
 TRAIN_OPEN, TRAIN_CLOSE = "\u27e6", "\u27e7"  # ⟦ trained ⟧ when the terminal has no colour
@@ -77,10 +77,9 @@ def inspect_cmd(args) -> int:
     print(summary(manifest))
     tok_name = args.tokenizer or manifest["tokenizer"]["name_or_path"]
     tokenizer = load_tokenizer(storage.local_copy(tok_name))
-    fs, root = storage.arrow_fs(storage.join(args.dir, args.split))
-    table = pads.dataset(root, filesystem=fs, format="parquet").head(max(args.num_samples, 0))
+    rows = itertools.islice(iter_split_rows(args.dir, args.split), max(args.num_samples, 0))
     color = sys.stdout.isatty()
-    for i, row in enumerate(table.to_pylist()):
+    for i, row in enumerate(rows):
         ids, labels = row["input_ids"], row["labels"]
         trained = int(np.sum(np.array(labels) != -100))
         print(f"\n--- {args.split} sample {i}: id {row['id']}  source {row['source']}  "

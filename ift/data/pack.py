@@ -104,19 +104,26 @@ class _FirstFit:
         return b
 
 
-def unpack(bin_: dict[str, Any]) -> list[dict[str, list[int]]]:
-    """The samples of one packed bin, split by seq_ids: `[{input_ids, labels}, ...]`."""
-    out: list[dict[str, list[int]]] = []
-    current = None
-    for tok, lab, sid in zip(bin_["input_ids"], bin_["labels"], bin_["seq_ids"]):
-        if sid < 0:
-            continue
-        if sid != current:
-            out.append({"input_ids": [], "labels": []})
-            current = sid
-        out[-1]["input_ids"].append(tok)
-        out[-1]["labels"].append(lab)
-    return out
+def unpack(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The samples of a packed bin, split by seq_ids: `[{input_ids, labels}, ...]`, in
+    order. A row with an `id` gives it to its first sample and `id#k` to the k-th; a row
+    without `seq_ids` (unpacked) is its one sample."""
+    if row.get("seq_ids") is None:
+        runs = [{"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}]
+    else:
+        runs, current = [], None
+        for tok, lab, sid in zip(row["input_ids"], row["labels"], row["seq_ids"]):
+            if sid < 0:
+                continue
+            if sid != current:
+                runs.append({"input_ids": [], "labels": []})
+                current = sid
+            runs[-1]["input_ids"].append(tok)
+            runs[-1]["labels"].append(lab)
+    if "id" not in row:
+        return runs
+    return [{"id": str(row["id"]) if k == 0 else f"{row['id']}#{k}", **r}
+            for k, r in enumerate(runs)]
 
 
 def padding_waste(lengths: Sequence[int], max_seq_len: int,

@@ -1,5 +1,10 @@
 """`ift data prepare`: sources in, one clean, tokenized, sharded collection out, on Ray Data.
 
+The only module of the data package that uses Ray: it plans the reads, runs the tasks and
+moves files; what the tasks and the driver compute lives in Ray-free modules (ingest:
+ift.data.ingest, tokenize; the driver's dedupe, val cap and index: ift.data.settle; the
+draws, shuffle, packing and statistics of mixing: ift.data.mix).
+
 Two streaming passes; every row is read, parsed and tokenized once, and no token data
 passes through the driver or the object store:
 
@@ -7,21 +12,22 @@ passes through the driver or the object store:
            one): read -> convert -> validate -> placeholders -> language, hash -> render
            template -> tokenize and mask. The task writes its rows to its source's shards
            (`sources/source=NAME/split=train|val/`; val if its split hash scores it a val
-           candidate: record.split_hash, shared by the schema chunks of one IE text) and streams a few bytes per row read to the driver: key, hash,
-           length, language, and for dropped (no trainable token within max_seq_len) and
-           rejected rows the reason.
-   driver  drops exact duplicates across sources (the first in config order wins), caps
-           val, writes `sources/_index.parquet` (the kept rows, their split and shard),
-           `rejects/` and `dropped/` (JSONL).
-2. mix     one task per shard holding drawn rows: draw each row by its source's weight or
-           count (val rows once) -> shuffle within the shard -> pack (optional) -> write
-           `train/` and `val/`; split statistics stream back.
+           candidate: record.split_hash, shared by the schema chunks of one IE text) and
+           streams a few bytes per row read to the driver: key, hash, length, language,
+           and for dropped (no trainable token within max_seq_len) and rejected rows the
+           reason.
+   driver  (settle.IngestLedger) drops exact duplicates across sources (the first in
+           config order wins), caps val, writes `sources/_index.parquet` (the kept rows,
+           their split and shard), `rejects/` and `dropped/` (JSONL).
+2. mix     one task per shard holding drawn rows (mix.draw_shard): draw each row by its
+           source's weight or count (val rows once) -> shuffle within the shard -> pack
+           (optional) -> write `train/` and `val/`; split statistics stream back.
 
-The `mix` pass is also what a sweep runs to re-mix sources without tokenizing again.
-Duplicates are tokenized before they are known to be duplicates; that costs what their
-share of the data costs, and it is what lets every row be read once. Each task writes its
-own files under names that depend only on the task, so a retried task overwrites what a
-failed try left.
+The `mix` pass is also what a sweep runs to re-mix sources without tokenizing again
+(`remix`). Duplicates are tokenized before they are known to be duplicates; that costs
+what their share of the data costs, and it is what lets every row be read once. Each task
+writes its own files under names that depend only on the task, so a retried task
+overwrites what a failed try left.
 """
 
 from __future__ import annotations
@@ -31,12 +37,8 @@ import dataclasses
 import gc
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -49,9 +51,7 @@ from ift.artifacts import MANIFEST_FILE
 from ift.config import PAIR_FORMATS, Config, ConfigError, SourceConfig
 from ift.data import mix
 from ift.data.dataset import (
-    INDEX_FILE,
     MANIFEST_VERSION,
-    PARTITIONS,
     SHARD_SCHEMA,
     SOURCES_DIR,
     PrepareError,
@@ -59,18 +59,10 @@ from ift.data.dataset import (
     read_manifest,
     source_names,
 )
-from ift.data.ingest import CHUNK_SHIFT, RowOptions, clean_rows
+from ift.data.ingest import RowOptions, clean_rows
 from ift.data.inspect import summary
 from ift.data.record import conversation_hash, split_hash
-
-TRAIN, VAL, DROPPED, REJECTED = range(4)
-# One row per row read, back to the driver: enough to dedupe, split, count and report.
-META_SCHEMA = pa.schema([
-    ("key", pa.int64()), ("src", pa.int32()), ("split", pa.int8()), ("hash", pa.string()),
-    ("group", pa.string()), ("lang", pa.string()), ("num_tokens", pa.int32()), ("id", pa.string()),
-    ("reason", pa.string()), ("raw", pa.string()),
-])
-
+from ift.data.settle import DROPPED, META_SCHEMA, REJECTED, TRAIN, VAL, IngestLedger
 
 # ---------------------------------------------------------------------------------------
 # Ray Data UDFs (module-level so they pickle by reference)
@@ -235,7 +227,7 @@ def _tokenize_batch(src: int, pending: list[tuple[int, dict, str, str]],
 _BROADCAST: dict[str, Any] = {}
 
 
-def _kept(ref_holder: list) -> tuple[np.ndarray, ...]:
+def _kept(ref_holder: list) -> mix.Draws:
     """The driver's draw arrays (sorted keys, counts, is_val), fetched once per worker."""
     import ray
 
@@ -260,70 +252,25 @@ def _tokenizer(name: str):
 
 def _mix_udf(batch: dict[str, np.ndarray], draws_ref: list, pack_len: int, seed: int,
              dest: dict) -> pa.Table:
-    """Pass 2: one per-source shard in; its rows drawn (train: each by its count, val: once),
-    shuffled, packed if asked, written to `train/` and `val/`; their statistics out."""
+    """Pass 2: one per-source shard in; its rows drawn (mix.draw_shard) and written to
+    `train/` and `val/`; their statistics out."""
     import pyarrow.parquet as pq
 
     path, source, item = str(batch["file"][0]), str(batch["source"][0]), int(batch["item"][0])
-    keys, counts, is_val = _kept(draws_ref)
     fs = dest["fs"]
     with fs.open_input_file(path) as f:
-        table = pq.read_table(f, columns=["key", "id", "input_ids", "labels", "num_tokens",
-                                          "num_trainable"])
-    k = table.column("key").to_numpy()
-    pos = np.clip(np.searchsorted(keys, k), 0, max(len(keys) - 1, 0))
-    found = (keys[pos] == k) if len(keys) else np.zeros(len(k), dtype=bool)
-    table = table.append_column("source", pa.array([source] * table.num_rows, pa.string()))
-    stats = []
-    for split, reps in (("train", np.where(found & ~is_val[pos], counts[pos], 0)),
-                        ("val", (found & is_val[pos]).astype(np.int64))):
-        take = np.repeat(np.arange(len(k)), reps)
-        if len(take) == 0:
-            continue
-        # Shuffled by a seed derived from the shard, so re-runs give the same order.
-        rng = np.random.default_rng([seed, item, 0 if split == "train" else 1])
-        rows = table.take(pa.array(take[rng.permutation(len(take))], pa.int64())).select(
-            ["id", "source", "input_ids", "labels", "num_tokens", "num_trainable"])
-        if pack_len:
-            rows = pa.concat_tables([_pack_table(rows.slice(o, 4096), pack_len)
-                                     for o in range(0, rows.num_rows, 4096)])
+        table = pq.read_table(f, columns=mix.SHARD_COLUMNS)
+    with _no_cyclic_gc():
+        drawn = mix.draw_shard(table, source, _kept(draws_ref), seed=seed, item=item,
+                               pack_len=pack_len)
+    for split, rows, _ in drawn:
         for n, o in enumerate(range(0, rows.num_rows, dest["shard_rows"])):
             part = rows.slice(o, dest["shard_rows"])
             folder = f"{dest['root']}/{split}"
             fs.create_dir(folder, recursive=True)
             with fs.open_output_stream(f"{folder}/part-{item:06d}-{n:03d}.parquet") as f:
                 pq.write_table(part, f)
-        stats.append({
-            "split": split, "rows": rows.num_rows,
-            "tokens": int(pc.sum(rows.column("num_tokens")).as_py() or 0),
-            "trainable": int(pc.sum(rows.column("num_trainable")).as_py() or 0),
-            "samples": int(pc.sum(rows.column("num_samples")).as_py() or 0) if pack_len
-            else rows.num_rows,
-        })
-    return pa.Table.from_pylist(stats, schema=pa.schema([
-        ("split", pa.string()), ("rows", pa.int64()), ("tokens", pa.int64()),
-        ("trainable", pa.int64()), ("samples", pa.int64())]))
-
-
-def _pack_table(table: pa.Table, pack_len: int) -> pa.Table:
-    from ift.data.pack import pack
-
-    with _no_cyclic_gc():
-        rows = table.to_pylist()
-        bins = pack(rows, pack_len)
-    ids = pa.list_(pa.int32())
-    first = [rows[b["members"][0]] for b in bins]
-    return pa.table({
-        "id": pa.array([r["id"] for r in first], pa.string()),
-        "source": pa.array([r["source"] for r in first], pa.string()),
-        "input_ids": pa.array([b["input_ids"] for b in bins], ids),
-        "labels": pa.array([b["labels"] for b in bins], ids),
-        "position_ids": pa.array([b["position_ids"] for b in bins], ids),
-        "seq_ids": pa.array([b["seq_ids"] for b in bins], ids),
-        "num_tokens": pa.array([b["num_tokens"] for b in bins], pa.int32()),
-        "num_trainable": pa.array([b["num_trainable"] for b in bins], pa.int32()),
-        "num_samples": pa.array([b["num_samples"] for b in bins], pa.int32()),
-    })
+    return pa.Table.from_pylist([d.stats for d in drawn], schema=mix.STATS_SCHEMA)
 
 
 def _configure_data_context() -> None:
@@ -557,14 +504,11 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
     ingest = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _ingest_udf, batch_size=1, batch_format="numpy", **remote,
         fn_kwargs={"tok": tok, "dest": {"fs": fs, "root": root, "shard_rows": d.shard_rows}})
-    rows = _Rows(sources, files)
-    try:
+    with IngestLedger([s.name for s in sources], files) as ledger:
         for b in ingest.iter_batches(batch_format="pyarrow", batch_size=None):
-            rows.add(b)
+            ledger.add(b)
         # Driver: duplicates, the val cap, rejects and dropped rows, the index of kept rows.
-        stats, langs, reject_files = rows.settle(out, d)
-    finally:
-        rows.close()
+        stats, langs, reject_files = ledger.settle(out, d)
     total = sum(s["rows_read"] for s in stats.values())
     kept = sum(s["rows_kept"] for s in stats.values())
     _log(f"read {total} rows: {kept} kept, "
@@ -631,141 +575,6 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
     return manifest
 
 
-class _Rows:
-    """The driver's view of the ingest: a few bytes per row read (key, source, split code,
-    content hash, split group, length, language code), and the rejected and dropped rows spooled to
-    local JSONL as they stream in."""
-
-    def __init__(self, sources: list[SourceConfig], files: list[dict]) -> None:
-        self.names = [s.name for s in sources]
-        self.files = files
-        self.parts: dict[str, list[np.ndarray]] = defaultdict(list)
-        self.langs: list[str] = []  # language code -> name
-        self.tmp = tempfile.mkdtemp(prefix="ift-prepare-")
-        self.spools: dict[tuple[str, str], Any] = {}
-
-    def add(self, b: pa.Table) -> None:
-        split = b.column("split").to_numpy()
-        valid = split != REJECTED
-        lang = b.column("lang").filter(pa.array(valid))
-        self.langs.extend(x for x in pc.unique(lang).to_pylist() if x not in self.langs)
-        codes = pc.index_in(lang, value_set=pa.array(self.langs, pa.string())).to_numpy(
-            zero_copy_only=False)
-        self.parts["key"].append(b.column("key").to_numpy()[valid])
-        self.parts["src"].append(b.column("src").to_numpy()[valid].astype(np.int16))
-        self.parts["split"].append(split[valid])
-        self.parts["hash"].append(_fixed_bytes(b.column("hash").filter(pa.array(valid)), 32))
-        self.parts["group"].append(_fixed_bytes(b.column("group").filter(pa.array(valid)), 32))
-        self.parts["num_tokens"].append(b.column("num_tokens").to_numpy()[valid])
-        self.parts["lang"].append(np.asarray(codes, dtype=np.int16))
-        self.parts["rejected_src"].append(b.column("src").to_numpy()[~valid].astype(np.int16))
-        side = b.filter(pa.array(split >= DROPPED))
-        for r in side.to_pylist():
-            part = "dropped" if r["split"] == DROPPED else "rejected"
-            name = self.names[r["src"]]
-            fh = self.spools.get((part, name))
-            if fh is None:
-                fh = self.spools[part, name] = open(
-                    os.path.join(self.tmp, f"{part}-{len(self.spools)}.jsonl"), "w+",
-                    encoding="utf-8")
-            f = self.files[mix.key_file(r["key"])]
-            entry = {"key": r["key"], "source": name, "file": f["path"],
-                     ("line" if f.get("line_based") else "index"):
-                         r["key"] & mix.LINE_MASK & ((1 << CHUNK_SHIFT) - 1)}
-            if part == "dropped":
-                entry["id"] = r["id"]
-            entry["reason"] = r["reason"]
-            if part == "rejected":
-                entry["raw"] = r["raw"]
-            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-
-    def _cat(self, name: str, dtype) -> np.ndarray:
-        parts = self.parts.get(name) or []
-        return np.concatenate(parts) if parts else np.zeros(0, dtype)
-
-    def settle(self, out: str, d) -> tuple[dict, dict, dict]:
-        """Counts and languages per source; duplicates dropped across sources (the first in
-        config order wins); val capped; the kept rows' index, rejects/ and dropped/ written."""
-        keys, src = self._cat("key", np.int64), self._cat("src", np.int16)
-        split, hashes = self._cat("split", np.int8), self._cat("hash", "S32")
-        groups = self._cat("group", "S32")
-        num_tokens, lang = self._cat("num_tokens", np.int32), self._cat("lang", np.int16)
-        rejected_src = self._cat("rejected_src", np.int16)
-        self.parts.clear()
-        keep = mix.dedupe_first(hashes, keys) if d.dedupe else np.ones(len(keys), dtype=bool)
-        dropped = split == DROPPED
-        final_val = np.zeros(len(keys), dtype=bool)
-        stats: dict[str, dict[str, int]] = {}
-        langs: dict[str, dict[str, int]] = {}
-        for si, name in enumerate(self.names):
-            m = src == si
-            n_rej = int((rejected_src == si).sum())
-            n_chunks = int((m & ((keys & mix.LINE_MASK) >> CHUNK_SHIFT > 0)).sum())
-            stats[name] = {
-                "rows_read": int(m.sum()) + n_rej - n_chunks,
-                "rows_rejected": n_rej,
-                "rows_duplicate": int((m & ~keep).sum()),
-                "rows_kept": int((m & keep).sum()),
-                "rows_dropped": int((m & keep & dropped).sum()),
-                "rows_schema_chunks": n_chunks,
-            }
-            codes, counts = np.unique(lang[m], return_counts=True)
-            langs[name] = {self.langs[c]: int(n) for c, n in zip(codes, counts)}
-            cand = np.nonzero(m & keep & (split == VAL))[0]
-            scores = mix.split_scores([g.decode() for g in groups[cand]], d.seed)
-            final_val[cand] = mix.assign_val(scores, d.val_ratio, d.val_max_rows)
-
-        rows = np.nonzero(keep & ~dropped)[0]
-        rows = rows[np.argsort(keys[rows], kind="stable")]
-        _write_index(out, pa.table({
-            "key": pa.array(keys[rows]),
-            "source": pc.take(pa.array(self.names, pa.string()), pa.array(src[rows])),
-            "split": pa.array(np.where(final_val[rows], "val", "train")),
-            "shard": pc.take(pa.array(PARTITIONS, pa.string()), pa.array(split[rows])),
-            "num_tokens": pa.array(num_tokens[rows]),
-        }))
-        kept_dropped = np.sort(keys[keep & dropped])
-        written: dict[str, list[str]] = {"rejected": [], "dropped": []}
-        for (part, name), fh in sorted(self.spools.items()):
-            fh.seek(0)
-            entries = sorted((json.loads(line) for line in fh), key=lambda e: e["key"])
-            if part == "dropped":  # a dropped duplicate is counted as a duplicate, not here
-                entries = [e for e in entries if _contains(kept_dropped, e["key"])]
-            for e in entries:
-                del e["key"]
-            if entries:
-                folder = "rejects" if part == "rejected" else "dropped"
-                storage.write_bytes(storage.join(out, folder, f"{name}.jsonl"), "".join(
-                    json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8"))
-                written[part].append(name)
-        return stats, langs, written
-
-    def close(self) -> None:
-        for fh in self.spools.values():
-            fh.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _contains(sorted_keys: np.ndarray, key: int) -> bool:
-    i = np.searchsorted(sorted_keys, key)
-    return bool(i < len(sorted_keys) and sorted_keys[i] == key)
-
-
-def _fixed_bytes(column: pa.ChunkedArray, width: int) -> np.ndarray:
-    """Fixed-width strings as a numpy bytes array, without a Python object per row."""
-    if len(column) == 0:
-        return np.zeros(0, dtype=f"S{width}")
-    a = pc.cast(column, pa.binary(width)).combine_chunks()
-    return np.frombuffer(a.buffers()[1], f"S{width}", count=len(a), offset=a.offset * width)
-
-
-def _write_index(prepared: str, index: pa.Table) -> None:
-    import pyarrow.parquet as pq
-
-    fs, root = storage.arrow_fs(storage.join(prepared, SOURCES_DIR, INDEX_FILE))
-    pq.write_table(index, root, filesystem=fs)
-
-
 def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | None, int | None]],
                 seed: int, pack: bool, max_seq_len: int, shard_rows: int = 20000,
                 init: bool = True, address: str | None = None) -> dict:
@@ -786,36 +595,17 @@ def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | Non
     unknown = sorted(set(sources) - known)
     if unknown:
         raise ConfigError(f"unknown source(s) {unknown} in mixture; {prepared} has {sorted(known)}")
-    result: dict[str, Any] = {"rows_sampled": {}, "rows_val": {}}
-    draw_keys, draw_counts, draw_val, lengths = [], [], [], {"train": [], "val": []}
+    plans = {name: mix.draw_source(index, name, weight=weight, count=count, seed=seed)
+             for name, (weight, count) in sources.items()}
     items = []
-    for name, (weight, count) in sources.items():
-        t = index.filter(pc.field("source") == name)
-        k = t.column("key").to_numpy()  # the index is sorted by key
-        n_tok = t.column("num_tokens").to_numpy()
-        val = np.asarray(t.column("split").to_numpy(zero_copy_only=False)) == "val"
-        c = np.ones(len(k), dtype=np.int64)
-        c[~val] = mix.multiplicities(int((~val).sum()), weight=weight, count=count, seed=seed,
-                                     salt=name)
-        result["rows_sampled"][name] = int(c[~val].sum())
-        result["rows_val"][name] = int(val.sum())
-        draw_keys.append(k)
-        draw_counts.append(c)
-        draw_val.append(val)
-        lengths["train"].append(np.repeat(n_tok[~val], c[~val]))
-        lengths["val"].append(n_tok[val])
-        # The shards that hold drawn rows (val candidates past the val cap train).
-        shards = np.asarray(t.column("shard").to_numpy(zero_copy_only=False), dtype=object)
-        for shard in sorted(set(shards[c > 0])):
+    for name, plan in plans.items():
+        for shard in plan.shards:
             folder = storage.join(prepared, SOURCES_DIR, f"source={name}", f"split={shard}")
             items.extend({"file": storage.arrow_fs(f)[1], "source": name}
                          for f in sorted(storage.walk_files(folder)) if f.endswith(".parquet"))
     for i, item in enumerate(items):
         item["item"] = i
-    keys = np.concatenate(draw_keys) if draw_keys else np.zeros(0, np.int64)
-    order = np.argsort(keys, kind="stable")
-    draws_ref = ray.put((keys[order], np.concatenate(draw_counts or [np.zeros(0, np.int64)])[order],
-                         np.concatenate(draw_val or [np.zeros(0, bool)])[order]))
+    draws_ref = ray.put(mix.merge_draws(plans.values()))
 
     fs, out_root = storage.arrow_fs(out)
     totals = {split: {"rows": 0, "tokens": 0, "trainable": 0, "samples": 0}
@@ -830,17 +620,7 @@ def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | Non
             for r in b.to_pylist():
                 for k in ("rows", "tokens", "trainable", "samples"):
                     totals[r["split"]][k] += r[k]
-    result["splits"] = {}
-    for split in ("train", "val"):
-        lens = np.concatenate(lengths[split]) if lengths[split] else np.zeros(0, np.int64)
-        result["splits"][split] = _split_stats(totals[split], lens, max_seq_len)
-        if split == "train":
-            rows, tokens = totals["train"]["rows"], totals["train"]["tokens"]
-            result["padding_waste"] = {
-                "unpacked": _waste(lens, max_seq_len),
-                "packed": (1.0 - tokens / max(1, rows * max_seq_len)) if pack else None,
-            }
-    return result
+    return mix.mix_stats(plans, totals, max_seq_len, packed=pack)
 
 
 def remix(prepared: str, out: str, *, weights: dict[str, float | None] | None = None,
@@ -872,51 +652,11 @@ def remix(prepared: str, out: str, *, weights: dict[str, float | None] | None = 
         storage.rmtree(out)
     mixed = mix_sources(prepared, out, sources=chosen, seed=seed, pack=bool(base.get("packed")),
                         max_seq_len=int(base["max_seq_len"]), address=address)
-    mix_desc = {n: {"weight": w, "count": c} for n, (w, c) in chosen.items()}
-    digest = hashlib.sha256(json.dumps([base["hash"], mix_desc, seed], sort_keys=True)
-                            .encode()).hexdigest()
-    manifest = {
-        **base,
-        "hash": digest,
-        "parent": {"path": prepared, "hash": base["hash"]},
-        "mixture": mix_desc,
-        "seed": seed,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "splits": mixed["splits"],
-        "padding_waste": mixed["padding_waste"],
-        "sources": {
-            n: {**base["sources"][n], "weight": w, "count": c,
-                "rows_sampled": mixed["rows_sampled"].get(n, 0),
-                "rows_val": mixed["rows_val"].get(n, 0)}
-            for n, (w, c) in chosen.items()
-        },
-    }
+    manifest = mix.child_manifest(base, prepared, chosen, mixed, seed,
+                                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     storage.write_text(storage.join(out, MANIFEST_FILE), json.dumps(manifest, indent=2, ensure_ascii=False))
-    storage.mark_complete(out, digest)
+    storage.mark_complete(out, manifest["hash"])
     return manifest
-
-
-def _waste(lengths: np.ndarray, max_seq_len: int) -> float:
-    if len(lengths) == 0:
-        return 0.0
-    return float(1.0 - lengths.sum() / (len(lengths) * max_seq_len))
-
-
-def _split_stats(totals: dict, sample_lengths: np.ndarray, max_seq_len: int) -> dict:
-    lens = sample_lengths
-    return {
-        "rows": int(totals["rows"]),
-        "samples": int(len(lens)),
-        "tokens": int(totals["tokens"]),
-        "trainable_tokens": int(totals["trainable"]),
-        "length": {
-            "mean": float(lens.mean()) if len(lens) else 0.0,
-            "p50": float(np.percentile(lens, 50)) if len(lens) else 0.0,
-            "p95": float(np.percentile(lens, 95)) if len(lens) else 0.0,
-            "max": int(lens.max()) if len(lens) else 0,
-        },
-        "max_seq_len": max_seq_len,
-    }
 
 
 def prepare_cmd(args) -> int:

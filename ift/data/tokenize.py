@@ -331,3 +331,18 @@ def _truncate_left(ids: list[int], labels: list[int], exchange: list[int],
 
 def _drop(rec: dict[str, Any], reason: str) -> dict[str, Any]:
     return {"id": rec.get("id", ""), "source": rec.get("source", ""), "reason": reason}
+
+
+def split_last_turn(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """(prompt, reference) ids of a tokenized row: the reference is the last run of trained
+    tokens (the last assistant turn with its end marker), the prompt everything before it.
+    A row without trained tokens is all prompt."""
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    if end == 0:
+        return list(input_ids), []
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return list(input_ids[:start]), list(input_ids[start:end])

@@ -31,6 +31,7 @@ from typing import Any
 from ift import storage
 from ift.artifacts import PromptFormat
 from ift.config import Config, ConfigError
+from ift.data import dataset, ingest
 from ift.eval import heldout, metrics
 
 # ift.eval.run, and with it torch, transformers and peft, is imported where a probe runs:
@@ -143,9 +144,9 @@ def load_items(cfg: Config, data: str, tokenizer, prompt_format: PromptFormat
     """The first max_samples held-out items of `data`, read as `ift eval` reads them; raw
     records are rendered in `prompt_format`."""
     n = cfg.eval.during_training.max_samples
-    if heldout.is_prepared(data):
+    if dataset.is_prepared(data):
         rows = []
-        for row in heldout.iter_prepared_rows(data, "val",
+        for row in dataset.iter_samples(data, "val",
                                               key="eval.during_training.data"):
             rows.append(row)
             if len(rows) >= n:
@@ -153,7 +154,7 @@ def load_items(cfg: Config, data: str, tokenizer, prompt_format: PromptFormat
         items = heldout.items_from_rows(rows, tokenizer)
     else:
         records = []
-        for _where, rec in heldout.iter_raw_records(data, seed=cfg.data.seed,
+        for _where, rec in ingest.iter_raw_records(data, seed=cfg.data.seed,
                                                     key="eval.during_training.data",
                                                     sources=cfg.data.sources):
             records.append(rec)

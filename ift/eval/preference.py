@@ -18,31 +18,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 
 from ift import storage
 from ift.config import Config
-from ift.data.dataset import read_manifest, split_files
+from ift.data import dataset
 from ift.data.preference import PAIR_FORMATS, convert_pair, tokenize_pairs
 from ift.data.readers import iter_raw, plan_reads
 from ift.data.record import ConvertError
-from ift.eval import heldout
 from ift.train.preference import collate_pairs, sequence_logps
 
 
 def held_out_pairs(cfg: Config, data: str, tokenizer, template: str | None
                    ) -> list[dict[str, Any]] | None:
     """Tokenized pairs of `data` when it holds preference pairs; None for conversations."""
-    if heldout.is_prepared(data):
-        if read_manifest(data).get("kind") != "preference":
+    if dataset.is_prepared(data):
+        if dataset.read_manifest(data).get("kind") != "preference":
             return None
-
-        rows: list[dict[str, Any]] = []
-        for f in split_files(data, "val"):
-            fs, inner = storage.arrow_fs(f)
-            rows.extend(pq.read_table(inner, filesystem=fs).to_pylist())
-        return rows
+        return list(dataset.iter_split_rows(data, "val"))
     return _raw_pairs(cfg, data, tokenizer, template)
 
 
@@ -51,7 +44,7 @@ def _raw_pairs(cfg: Config, data: str, tokenizer, template: str | None
     paths = [p for part in data.split(",") if part for p in storage.expand(part)]
     try:
         tasks, infos = plan_reads("heldout", 0, paths, "auto", 0, 0)
-    except ValueError:
+    except (ValueError, OSError):  # unreadable or missing: the conversation reader says why
         return None
     if not infos or any(i["format"] not in PAIR_FORMATS for i in infos):
         return None

@@ -32,6 +32,7 @@ import yaml
 from ift import storage
 from ift.artifacts import ADAPTER_CONFIG, FINAL_DIR, RUN_FILE, PromptFormat
 from ift.config import Config, ConfigError, build_config, load_config
+from ift.data import dataset
 from ift.eval import benchmarks, heldout, metrics
 from ift.eval import preference as pref_eval
 from ift.eval.generate import context_limit, generate
@@ -108,11 +109,11 @@ def _device() -> str:
 def token_loss(model, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
                device: str = "cpu") -> tuple[float | None, int]:
     """(mean next-token loss over trained tokens, trained tokens) of tokenized rows: the
-    training loop's batches (`collate`) and loss sum (`token_loss_sum`), shortest first."""
+    training loop's batches (`collate`) and loss (`ift.train.loss`), shortest first."""
     import torch
 
     from ift.train.collate import collate
-    from ift.train.loop import token_loss_sum
+    from ift.train.loss import token_loss_sum
 
     total, count = 0.0, 0
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))
@@ -137,7 +138,7 @@ def _manifest_format(prepared: str | None, tokenizer):
     `prepared` is not a prepared dir or names no template)."""
     from ift.data.templates import prompt_format
 
-    if prepared and heldout.is_prepared(prepared):
+    if prepared and dataset.is_prepared(prepared):
         from ift.data.dataset import read_manifest
 
         name = read_manifest(prepared).get("template")
@@ -210,14 +211,14 @@ def heldout_set(cfg: Config, data: str, tokenizer, *, prepared: str | None, mode
     e = cfg.eval
     fmt = _prompt_format(cfg, model_dir, prepared, tokenizer)
     pairs = pref_eval.held_out_pairs(
-        cfg, data, tokenizer, None if heldout.is_prepared(data) else fmt.template)
+        cfg, data, tokenizer, None if dataset.is_prepared(data) else fmt.template)
     if pairs is not None:  # preference pairs: loss and generation on the chosen side
-        if heldout.is_prepared(data):
+        if dataset.is_prepared(data):
             _check_tokenizer(data, tokenizer, model_dir)
         rows = pairs
         items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
         source: dict[str, Any] = {"kind": "preference"}
-    elif heldout.is_prepared(data):
+    elif dataset.is_prepared(data):
         _check_tokenizer(data, tokenizer, model_dir)
         rows = heldout.prepared_rows(data, "val")[: e.max_loss_rows or None]
         items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
@@ -589,7 +590,7 @@ def _prepared_of(cfg: Config) -> str | None:
     if not path:
         return None
     path = cfg.resolve(path)
-    return path if heldout.is_prepared(path) else None
+    return path if dataset.is_prepared(path) else None
 
 
 def _slug(path: str) -> str:

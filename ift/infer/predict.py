@@ -25,7 +25,9 @@ import ray
 from ift import storage
 from ift.artifacts import MANIFEST_FILE
 from ift.config import Config, ConfigError, load_config
-from ift.eval.heldout import iter_prepared_rows, iter_raw_records, split_last_turn
+from ift.data.dataset import iter_samples
+from ift.data.ingest import iter_raw_records
+from ift.data.tokenize import split_last_turn
 from ift.raycluster import init_ray
 from ift.serve.sampling import SamplingParams
 
@@ -43,7 +45,7 @@ SUMMARY = "summary.json"
 
 def prepared_items(prepared: str, split: str, max_rows: int = 0) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
-    for sample in iter_prepared_rows(prepared, split, key="predict.data"):
+    for sample in iter_samples(prepared, split, key="predict.data"):
         prompt, ref = split_last_turn(sample["input_ids"], sample["labels"])
         items.append({"id": sample["id"], "prompt_ids": prompt, "reference_ids": ref,
                       "messages": ""})
@@ -53,12 +55,14 @@ def prepared_items(prepared: str, split: str, max_rows: int = 0) -> list[dict[st
 
 
 def record_prompt(record: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
-    """(messages to answer, reference reply): the conversation up to its last assistant turn."""
+    """(messages to answer, reference reply): the conversation up to its last assistant turn,
+    which is the reference; a conversation that ends in a user turn is answered whole, with
+    no reference."""
     msgs = [dict(m) for m in record["messages"]]
     if record.get("system") and not any(m["role"] == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": record["system"]})
     last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-    if last is None:
+    if last is None or msgs[-1]["role"] == "user":
         return msgs, None
     return msgs[:last], msgs[last]["content"]
 

@@ -23,7 +23,7 @@ called at evaluations, checkpoints and at most every train.report_interval_s oth
 because each report waits for Ray's controller to collect the previous one.
 
 Loss. The loss of a step is the mean over every trainable token of the global batch:
-each micro-batch's summed token loss is divided by the global count of trainable tokens
+each micro-batch's summed token loss (ift.train.loss, which evaluation uses too) is divided by the global count of trainable tokens
 (all-reduced before the forward passes), times num_workers because DDP averages gradients.
 So gradients do not depend on how tokens are spread over micro-batches and workers.
 """
@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ift import storage
@@ -48,11 +47,11 @@ from ift.config import ConfigError, TrainConfig
 from ift.eval import during
 from ift.train import fsdp, methods
 from ift.train.collate import (
-    IGNORE_INDEX,
     input_tokens,
     model_inputs,
     trainable_tokens,
 )
+from ift.train.loss import next_token_loss, token_loss_sum
 from ift.train.preference import PAIR_COLUMNS, add_sums, means
 from ift.train.ref_logps import REF_COLUMNS
 
@@ -308,7 +307,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                     loss, sums = env.objective.loss(model, inputs)
                     add_sums(pref_sums, sums)
                 else:
-                    loss = model(**inputs, num_items_in_batch=denom, use_cache=False).loss
+                    labels = inputs.pop("labels")
+                    logits = model(**inputs, use_cache=False).logits
+                    loss = next_token_loss(logits, labels)[0] / denom
+                    del logits
             if env.scaler is not None:
                 env.scaler.scale(loss).backward()
             else:
@@ -353,18 +355,6 @@ def _clip(model: nn.Module, optimizer: torch.optim.Optimizer, env: StepEnv) -> f
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, limit)
     return float(norm)
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """(summed next-token cross entropy, trainable tokens) of one batch. Logits may carry
-    extra leading positions (virtual tokens of prompt methods): the last T are used."""
-    t = labels.shape[1]
-    logits = logits[:, -t:, :].float()
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return float(loss), int((shift_labels != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ import torch
 from ift import storage
 from ift.artifacts import REF_LOGPS_DIR, REF_LOGPS_DONE
 from ift.config import Config
-from ift.data.dataset import split_files
+from ift.data.dataset import iter_split_rows
 from ift.models import load_model, load_tokenizer
 from ift.train.collate import model_inputs
 
@@ -94,12 +94,8 @@ def reference_logps(model, rows: Sequence[dict[str, Any]], pad_id: int, batch_si
 
 
 def _read_split(prepared: str, split: str) -> list[dict[str, Any]]:
-    cols = ["id", "input_ids", "labels", "rejected_input_ids", "rejected_labels"]
-    rows: list[dict[str, Any]] = []
-    for f in split_files(prepared, split):
-        fs, inner = storage.arrow_fs(f)
-        rows.extend(pq.read_table(inner, columns=cols, filesystem=fs).to_pylist())
-    return rows
+    return list(iter_split_rows(prepared, split, ["id", "input_ids", "labels",
+                                                  "rejected_input_ids", "rejected_labels"]))
 
 
 def compute_and_store(cfg: Config, prepared: str, out: str, parts: dict[str, Any],

@@ -36,10 +36,9 @@ def test_final_model_tells_an_adapter_from_a_full_model(tmp_path):
 
 def test_constants_have_one_owner():
     from ift.data import pack, tokenize
-    from ift.eval import heldout
     from ift.models import SAMPLE_DATA_DIR as MODELS_SAMPLE
-    from ift.train import collate
+    from ift.train import collate, loss
 
     assert IGNORE_INDEX == -100
-    assert tokenize.IGNORE_INDEX is pack.IGNORE_INDEX is heldout.IGNORE_INDEX is collate.IGNORE_INDEX
+    assert tokenize.IGNORE_INDEX is pack.IGNORE_INDEX is loss.IGNORE_INDEX is collate.IGNORE_INDEX
     assert MODELS_SAMPLE == SAMPLE_DATA_DIR and SAMPLE_DATA_DIR.endswith("ift/sample_data")

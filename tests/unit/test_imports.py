@@ -31,7 +31,8 @@ def test_no_stage_imports_the_corpus_generators():
 
 
 def test_the_training_loop_and_dataset_readers_load_without_ray():
-    loaded = _loaded(("ift.train.loop", "ift.data.dataset", "ift.data.mix", "ift.eval.metrics"))
+    loaded = _loaded(("ift.train.loop", "ift.data.dataset", "ift.data.mix", "ift.data.settle",
+                      "ift.eval.metrics"))
     assert "ift.train.loop" in loaded
     assert not {m for m in loaded if m == "ray" or m.startswith("ray.")}
 

@@ -7,8 +7,9 @@ import math
 import pytest
 
 from ift.data.cot_templates import ANSWER_PHRASES, answer_phrase
+from ift.data.pack import unpack
+from ift.data.tokenize import split_last_turn
 from ift.eval import metrics
-from ift.eval.heldout import split_last_turn, unpack
 
 
 @pytest.mark.parametrize("phrase", ANSWER_PHRASES)

@@ -1,0 +1,193 @@
+"""The driver's view of the ingest (no Ray): a few bytes per row read, collected as the
+ingest tasks stream them in; then duplicates dropped across sources (the first in config
+order wins), val capped per source, and the index of kept rows, `rejects/` and `dropped/`
+written.
+
+The ingest tasks (ift.data.pipeline) send one META_SCHEMA row per row read, its `split` one
+of the codes below; `IngestLedger` takes them batch by batch and settles them once all are in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ift import storage
+from ift.config import DataConfig
+from ift.data import mix
+from ift.data.dataset import INDEX_FILE, PARTITIONS, SOURCES_DIR
+from ift.data.ingest import CHUNK_SHIFT
+
+TRAIN, VAL, DROPPED, REJECTED = range(4)
+"""What the ingest says of a row read (indices into dataset.PARTITIONS)."""
+# One row per row read, back to the driver: enough to dedupe, split, count and report.
+META_SCHEMA = pa.schema([
+    ("key", pa.int64()), ("src", pa.int32()), ("split", pa.int8()), ("hash", pa.string()),
+    ("group", pa.string()), ("lang", pa.string()), ("num_tokens", pa.int32()), ("id", pa.string()),
+    ("reason", pa.string()), ("raw", pa.string()),
+])
+
+
+class Settled(NamedTuple):
+    """What settling the ingest found (`IngestLedger.settle`)."""
+
+    stats: dict[str, dict[str, int]]
+    """Per source: rows_read, rows_rejected, rows_duplicate, rows_kept, rows_dropped,
+    rows_schema_chunks."""
+    langs: dict[str, dict[str, int]]
+    """Per source: language code -> rows."""
+    written: dict[str, list[str]]
+    """"rejected" and "dropped": the sources with a file under rejects/ and dropped/."""
+
+
+class IngestLedger:
+    """A few bytes per row read (key, source, split code, content hash, split group,
+    length, language code), and the rejected and dropped rows spooled to local JSONL as
+    they stream in. `names` are the sources in config order (META_SCHEMA `src` indexes
+    them); `files` the planned files by global file index (path, line_based)."""
+
+    def __init__(self, names: list[str], files: list[dict]) -> None:
+        self.names = list(names)
+        self.files = files
+        self.parts: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.langs: list[str] = []  # language code -> name
+        self.tmp = tempfile.mkdtemp(prefix="ift-prepare-")
+        self.spools: dict[tuple[str, str], Any] = {}
+
+    def __enter__(self) -> IngestLedger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add(self, b: pa.Table) -> None:
+        """Take one batch of META_SCHEMA rows."""
+        split = b.column("split").to_numpy()
+        valid = split != REJECTED
+        lang = b.column("lang").filter(pa.array(valid))
+        self.langs.extend(x for x in pc.unique(lang).to_pylist() if x not in self.langs)
+        codes = pc.index_in(lang, value_set=pa.array(self.langs, pa.string())).to_numpy(
+            zero_copy_only=False)
+        self.parts["key"].append(b.column("key").to_numpy()[valid])
+        self.parts["src"].append(b.column("src").to_numpy()[valid].astype(np.int16))
+        self.parts["split"].append(split[valid])
+        self.parts["hash"].append(_fixed_bytes(b.column("hash").filter(pa.array(valid)), 32))
+        self.parts["group"].append(_fixed_bytes(b.column("group").filter(pa.array(valid)), 32))
+        self.parts["num_tokens"].append(b.column("num_tokens").to_numpy()[valid])
+        self.parts["lang"].append(np.asarray(codes, dtype=np.int16))
+        self.parts["rejected_src"].append(b.column("src").to_numpy()[~valid].astype(np.int16))
+        side = b.filter(pa.array(split >= DROPPED))
+        for r in side.to_pylist():
+            part = "dropped" if r["split"] == DROPPED else "rejected"
+            name = self.names[r["src"]]
+            fh = self.spools.get((part, name))
+            if fh is None:
+                fh = self.spools[part, name] = open(
+                    os.path.join(self.tmp, f"{part}-{len(self.spools)}.jsonl"), "w+",
+                    encoding="utf-8")
+            f = self.files[mix.key_file(r["key"])]
+            entry = {"key": r["key"], "source": name, "file": f["path"],
+                     ("line" if f.get("line_based") else "index"):
+                         r["key"] & mix.LINE_MASK & ((1 << CHUNK_SHIFT) - 1)}
+            if part == "dropped":
+                entry["id"] = r["id"]
+            entry["reason"] = r["reason"]
+            if part == "rejected":
+                entry["raw"] = r["raw"]
+            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def _cat(self, name: str, dtype) -> np.ndarray:
+        parts = self.parts.get(name) or []
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    def settle(self, out: str, d: DataConfig) -> Settled:
+        """Counts and languages per source; duplicates dropped across sources (the first in
+        config order wins, when d.dedupe); val capped (d.val_ratio, d.val_max_rows); the
+        kept rows' index (`sources/_index.parquet`), rejects/ and dropped/ written under
+        `out`."""
+        keys, src = self._cat("key", np.int64), self._cat("src", np.int16)
+        split, hashes = self._cat("split", np.int8), self._cat("hash", "S32")
+        groups = self._cat("group", "S32")
+        num_tokens, lang = self._cat("num_tokens", np.int32), self._cat("lang", np.int16)
+        rejected_src = self._cat("rejected_src", np.int16)
+        self.parts.clear()
+        keep = mix.dedupe_first(hashes, keys) if d.dedupe else np.ones(len(keys), dtype=bool)
+        dropped = split == DROPPED
+        final_val = np.zeros(len(keys), dtype=bool)
+        stats: dict[str, dict[str, int]] = {}
+        langs: dict[str, dict[str, int]] = {}
+        for si, name in enumerate(self.names):
+            m = src == si
+            n_rej = int((rejected_src == si).sum())
+            n_chunks = int((m & ((keys & mix.LINE_MASK) >> CHUNK_SHIFT > 0)).sum())
+            stats[name] = {
+                "rows_read": int(m.sum()) + n_rej - n_chunks,
+                "rows_rejected": n_rej,
+                "rows_duplicate": int((m & ~keep).sum()),
+                "rows_kept": int((m & keep).sum()),
+                "rows_dropped": int((m & keep & dropped).sum()),
+                "rows_schema_chunks": n_chunks,
+            }
+            codes, counts = np.unique(lang[m], return_counts=True)
+            langs[name] = {self.langs[c]: int(n) for c, n in zip(codes, counts)}
+            cand = np.nonzero(m & keep & (split == VAL))[0]
+            scores = mix.split_scores([g.decode() for g in groups[cand]], d.seed)
+            final_val[cand] = mix.assign_val(scores, d.val_ratio, d.val_max_rows)
+
+        rows = np.nonzero(keep & ~dropped)[0]
+        rows = rows[np.argsort(keys[rows], kind="stable")]
+        _write_index(out, pa.table({
+            "key": pa.array(keys[rows]),
+            "source": pc.take(pa.array(self.names, pa.string()), pa.array(src[rows])),
+            "split": pa.array(np.where(final_val[rows], "val", "train")),
+            "shard": pc.take(pa.array(PARTITIONS, pa.string()), pa.array(split[rows])),
+            "num_tokens": pa.array(num_tokens[rows]),
+        }))
+        kept_dropped = np.sort(keys[keep & dropped])
+        written: dict[str, list[str]] = {"rejected": [], "dropped": []}
+        for (part, name), fh in sorted(self.spools.items()):
+            fh.seek(0)
+            entries = sorted((json.loads(line) for line in fh), key=lambda e: e["key"])
+            if part == "dropped":  # a dropped duplicate is counted as a duplicate, not here
+                entries = [e for e in entries if _contains(kept_dropped, e["key"])]
+            for e in entries:
+                del e["key"]
+            if entries:
+                folder = "rejects" if part == "rejected" else "dropped"
+                storage.write_bytes(storage.join(out, folder, f"{name}.jsonl"), "".join(
+                    json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8"))
+                written[part].append(name)
+        return Settled(stats, langs, written)
+
+    def close(self) -> None:
+        """Close and remove the local spools."""
+        for fh in self.spools.values():
+            fh.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _contains(sorted_keys: np.ndarray, key: int) -> bool:
+    i = np.searchsorted(sorted_keys, key)
+    return bool(i < len(sorted_keys) and sorted_keys[i] == key)
+
+
+def _fixed_bytes(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """Fixed-width strings as a numpy bytes array, without a Python object per row."""
+    if len(column) == 0:
+        return np.zeros(0, dtype=f"S{width}")
+    a = pc.cast(column, pa.binary(width)).combine_chunks()
+    return np.frombuffer(a.buffers()[1], f"S{width}", count=len(a), offset=a.offset * width)
+
+
+def _write_index(prepared: str, index: pa.Table) -> None:
+    fs, root = storage.arrow_fs(storage.join(prepared, SOURCES_DIR, INDEX_FILE))
+    pq.write_table(index, root, filesystem=fs)

@@ -1,0 +1,144 @@
+"""Ingest: one read task's raw rows -> (key, line, record or reject reason, raw text).
+
+The IE chunk keys and `keep_reasoning` are tested with the IE and format fixtures
+(test_ie.py, test_formats.py); here: row keys, the three kinds of reject (unreadable,
+unconvertible, invalid), the row options and placeholders with their language rule; and
+raw files read whole, outside a prepare run (iter_raw_records), where a bad row is an error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ift.config import ConfigError
+from ift.data.ingest import RowOptions, clean_rows, iter_raw_records
+from ift.data.readers import plan_reads
+
+FILE_INDEX = 5
+
+
+def _opts(**kw) -> RowOptions:
+    base = {"seed": 0, "placeholders": {}, "columns": {}, "task": "", "system": None}
+    return RowOptions(**{**base, **kw})
+
+
+def _rows(tmp_path, lines: list[str], fmt: str, opts: RowOptions, name: str = "rows.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tasks, _ = plan_reads("src", 0, [str(path)], fmt, 0, FILE_INDEX)
+    assert len(tasks) == 1
+    return list(clean_rows(tasks[0], opts))
+
+
+def _chat(user: str, assistant: str | None = None, **extra) -> str:
+    msgs = [{"role": "user", "content": user}]
+    if assistant is not None:
+        msgs.append({"role": "assistant", "content": assistant})
+    return json.dumps({"messages": msgs, **extra}, ensure_ascii=False)
+
+
+def test_every_row_gets_its_file_and_line_key_and_each_reject_its_reason(tmp_path):
+    lines = [
+        _chat("Hello there", "Hi"),                  # 1: kept
+        "",                                          # 2: blank, not a row
+        "{not json",                                 # 3: unreadable
+        "[1, 2]",                                    # 4: not an object
+        json.dumps({"messages": "hello"}),           # 5: cannot convert
+        _chat("only a question"),                    # 6: converts, fails validation
+        _chat("Second", "Fine"),                     # 7: kept
+    ]
+    out = _rows(tmp_path, lines, "openai", _opts())
+    assert [line for _k, line, *_ in out] == [1, 3, 4, 5, 6, 7]
+    assert [key for key, *_ in out] == [(FILE_INDEX << 36) | n for n in (1, 3, 4, 5, 6, 7)]
+    by_line = {line: (rec, reason, raw) for _k, line, rec, reason, raw in out}
+    for n in (1, 7):
+        rec, reason, raw = by_line[n]
+        assert reason is None and raw == lines[n - 1]
+        assert rec["id"] == f"src-{FILE_INDEX}-{n}" and rec["source"] == "src"
+    assert by_line[1][0]["messages"] == [{"role": "user", "content": "Hello there"},
+                                         {"role": "assistant", "content": "Hi"}]
+    assert by_line[1][0]["lang"] == "en" and by_line[1][0]["task"] == "chat"
+    rec, reason, raw = by_line[3]
+    assert rec is None and raw == "{not json"
+    assert reason.startswith("malformed JSON: ") and reason.endswith("at column 2")
+    assert by_line[4][:2] == (None, "JSONL line is a list, not an object")
+    assert by_line[5][:2] == (None, "field 'messages' is a string, expected a list of turns")
+    assert by_line[6][:2] == (None, "conversation ends with a user turn (expected assistant)")
+    assert by_line[6][2] == lines[5]  # the raw text travels with the reject
+
+
+def test_columns_task_and_default_system_reach_the_record(tmp_path):
+    lines = [json.dumps({"question": "Capital of France?", "answer": "Paris"}),
+             json.dumps({"question": "Capital of Spain?", "answer": "Madrid",
+                         "system": "Answer in one word."})]
+    opts = _opts(columns={"instruction": "question", "output": "answer"}, task="qa",
+                 system="You are terse.")
+    out = _rows(tmp_path, lines, "alpaca", opts)
+    recs = [rec for _k, _n, rec, reason, _raw in out]
+    assert [r["messages"] for r in recs] == [
+        [{"role": "user", "content": "Capital of France?"},
+         {"role": "assistant", "content": "Paris"}],
+        [{"role": "user", "content": "Capital of Spain?"},
+         {"role": "assistant", "content": "Madrid"}]]
+    assert [r["task"] for r in recs] == ["qa", "qa"]
+    # The option is a default: a row's own system prompt wins.
+    assert [r["system"] for r in recs] == ["You are terse.", "Answer in one word."]
+    # Without the mapping the rows have no instruction; a mapped column that is absent
+    # is named with its field.
+    plain = _rows(tmp_path, lines, "alpaca", _opts(), name="plain.jsonl")
+    assert [reason for _k, _n, _rec, reason, _r in plain] == ["missing field 'instruction'"] * 2
+    gap = _rows(tmp_path, [json.dumps({"answer": "x"})], "alpaca", opts, name="gap.jsonl")
+    assert gap[0][3] == "missing field 'instruction' (column 'question')"
+
+
+def test_placeholders_are_filled_before_validation_and_the_language_is_redetected(tmp_path):
+    lines = [_chat("{{q}}", "{{a}}", system="Bot {{name}}"),
+             _chat("Ask {{q}}", "{{blank}}")]
+    values = {"q": "今天天气怎么样", "a": "今天天气很好", "name": "小明", "blank": "  "}
+    out = _rows(tmp_path, lines, "openai", _opts(placeholders=values))
+    (_k1, _n1, rec, reason, raw), (_k2, _n2, bad, bad_reason, _r2) = out
+    assert reason is None
+    assert rec["system"] == "Bot 小明"
+    assert [m["content"] for m in rec["messages"]] == ["今天天气怎么样", "今天天气很好"]
+    assert rec["lang"] == "zh"  # the row as written is ASCII ("en"); as filled, Chinese
+    assert "{{q}}" in raw  # the reject/raw text stays as read
+    # A placeholder filled with blanks empties the turn: rejected like any empty turn.
+    assert bad is None and bad_reason == "turn 2 (assistant): empty content"
+    # Without values the placeholders stay and the language is that of the text as read.
+    kept = _rows(tmp_path, lines[:1], "openai", _opts(), name="unfilled.jsonl")
+    assert kept[0][2]["messages"][0]["content"] == "{{q}}" and kept[0][2]["lang"] == "en"
+
+
+def _jsonl(path, rows: list) -> str:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_iter_raw_records_reads_a_comma_list_in_order(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [_chat("1+1?", "2"), _chat("2+2?", "4")])
+    b = _jsonl(tmp_path / "b.jsonl", [_chat("3+3?", "6")])
+    got = list(iter_raw_records(f"{b}, ,{a}"))
+    assert [w for w, _ in got] == [f"{b}:1", f"{a}:1", f"{a}:2"]
+    assert [r["id"] for _, r in got] == ["b:1", "a:1", "a:2"]
+    assert [r["source"] for _, r in got] == ["b", "a", "a"]
+    assert got[1][1]["messages"][0]["content"] == "1+1?"
+
+
+def test_iter_raw_records_errors_name_the_key_file_and_line(tmp_path):
+    missing = str(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError) as e:
+        list(iter_raw_records(missing, key="predict.data"))
+    assert str(e.value) == f"predict.data={missing!r}: {missing} does not exist or matches no file"
+    with pytest.raises(ConfigError, match=r"matches no file"):
+        list(iter_raw_records(str(tmp_path / "*.parquet")))
+    bad = _jsonl(tmp_path / "bad.jsonl", [_chat("q", "a"), "{oops"])
+    with pytest.raises(ConfigError) as e:
+        list(iter_raw_records(bad))
+    assert str(e.value).startswith(f"eval.data: {bad}:2: cannot read row: malformed JSON")
+    odd = _jsonl(tmp_path / "odd.jsonl",
+                 [_chat("q", "a"), {"messages": [{"role": "robot", "content": "x"}]}])
+    with pytest.raises(ConfigError) as e:
+        list(iter_raw_records(odd))
+    assert str(e.value).startswith(f"eval.data: {odd}:2: cannot convert row: turn 1: "
+                                   "unknown speaker 'robot'")

@@ -1,0 +1,80 @@
+"""Which held-out data `ift eval` scores as preference pairs, and the pair rows it reads.
+(pair_metrics is tested on a LoRA model in train/test_preference.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ift import storage
+from ift.config import load_config
+from ift.eval.preference import held_out_pairs
+
+RECORDS: list[dict] = []  # the conftest tokenizers train on ift's fallback texts only
+CFG = load_config(None, [])
+
+
+def _prepared(d, kind: str | None) -> str:
+    manifest = {"version": 2, "hash": "h", "tokenizer": {}, "splits": {}, "sources": {}}
+    if kind:
+        manifest["kind"] = kind
+    storage.write_text(os.path.join(d, "manifest.json"), json.dumps(manifest))
+    storage.mark_complete(str(d))
+    os.makedirs(os.path.join(d, "val"))
+    rows = [{"id": "p1", "input_ids": [1, 2, 3], "labels": [-100, 2, 3],
+             "rejected_input_ids": [1, 2, 4], "rejected_labels": [-100, 2, 4]}]
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(d, "val", "part-0.parquet"))
+    return str(d)
+
+
+def test_a_prepared_dataset_gives_its_val_pairs_only_when_it_holds_pairs(tmp_path, chatml_tok):
+    pairs = _prepared(tmp_path / "pairs", "preference")
+    assert held_out_pairs(CFG, pairs, chatml_tok, None) == [
+        {"id": "p1", "input_ids": [1, 2, 3], "labels": [-100, 2, 3],
+         "rejected_input_ids": [1, 2, 4], "rejected_labels": [-100, 2, 4]}]
+    assert held_out_pairs(CFG, _prepared(tmp_path / "sft", None), chatml_tok, None) is None
+
+
+def _jsonl(path, rows) -> str:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def _trained(tok, ids, labels) -> str:
+    return tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
+
+
+def test_raw_pair_files_are_tokenized_with_the_template_and_bad_rows_skipped(tmp_path,
+                                                                             chatml_tok):
+    f = _jsonl(tmp_path / "pairs.jsonl", [
+        {"instruction": "Name a color.", "chosen": "Blue.", "rejected": "Seven."},
+        "{broken",
+        {"instruction": "Name a color.", "chosen": "Red.", "rejected": "Red."},  # same replies
+        {"instruction": "Name a number.", "chosen": "Seven.", "rejected": "Blue."},
+    ])
+    rows = held_out_pairs(CFG, f, chatml_tok, "chatml")
+    assert [r["id"] for r in rows] == [f"{f}:1", f"{f}:4"]
+    first = rows[0]
+    assert _trained(chatml_tok, first["input_ids"], first["labels"]) == "Blue.<|im_end|>"
+    assert _trained(chatml_tok, first["rejected_input_ids"],
+                    first["rejected_labels"]) == "Seven.<|im_end|>"
+    n = first["prompt_tokens"]
+    assert first["input_ids"][:n] == first["rejected_input_ids"][:n]
+    assert chatml_tok.decode(first["input_ids"][:n]) == (
+        "<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_anything_but_pair_files_is_not_pairs(tmp_path, chatml_tok):
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [
+        {"instruction": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}])
+    assert held_out_pairs(CFG, chat, chatml_tok, "chatml") is None
+    assert held_out_pairs(CFG, f"{pairs},{chat}", chatml_tok, "chatml") is None  # mixed
+    assert held_out_pairs(CFG, str(tmp_path / "*.parquet"), chatml_tok, "chatml") is None
+    # A path that does not exist is not pairs either: the conversation reader then names
+    # it in its error (eval.data=...: ... does not exist), instead of a traceback here.
+    assert held_out_pairs(CFG, str(tmp_path / "missing.jsonl"), chatml_tok, "chatml") is None
