@@ -36,8 +36,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ift import storage, tracking
 from ift.artifacts import RUN_FILE, RUNS_DIR, TRIAL_FILE
 from ift.config import ConfigError
+from ift.data import pipeline
 from ift.data.dataset import PrepareError, read_manifest
-from ift.data.pipeline import remix
 from ift.eval.during import last_metrics
 from ift.tune import space
 
@@ -80,9 +80,9 @@ def ensure_mixture(prepared: str, out: str, point: dict[str, Any]) -> dict[str, 
         if (old.get("parent", {}).get("hash") == base["hash"] and old.get("seed") == point["seed"]
                 and old.get("mixture") == kept):
             return old
-    return remix(prepared, out, weights=request["weights"],
-                 include_tags=request["include_tags"], exclude_tags=request["exclude_tags"],
-                 seed=point["seed"])
+    return pipeline.remix(prepared, out, weights=request["weights"],
+                          include_tags=request["include_tags"],
+                          exclude_tags=request["exclude_tags"], seed=point["seed"])
 
 
 # ---------------------------------------------------------------------------------------
