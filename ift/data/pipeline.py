@@ -45,11 +45,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
 
 from ift import storage
 from ift.artifacts import MANIFEST_FILE
-from ift.config import PAIR_FORMATS, Config, ConfigError, SourceConfig
-from ift.data import mix
+from ift.config import PAIR_FORMATS, Config, ConfigError, SourceConfig, load_config
+from ift.data import ie, mix
 from ift.data.dataset import (
     MANIFEST_VERSION,
     SHARD_SCHEMA,
@@ -61,8 +63,13 @@ from ift.data.dataset import (
 )
 from ift.data.ingest import RowOptions, clean_rows
 from ift.data.inspect import summary
+from ift.data.readers import ReadTask, plan_reads
 from ift.data.record import conversation_hash, split_hash
 from ift.data.settle import DROPPED, META_SCHEMA, REJECTED, TRAIN, VAL, IngestLedger
+from ift.data.templates import resolve_template
+from ift.data.tokenize import tokenize_arrays
+from ift.models import load_tokenizer, tokenizer_identity
+from ift.raycluster import init_ray
 
 # ---------------------------------------------------------------------------------------
 # Ray Data UDFs (module-level so they pickle by reference)
@@ -70,8 +77,6 @@ from ift.data.settle import DROPPED, META_SCHEMA, REJECTED, TRAIN, VAL, IngestLe
 
 
 def _task_of(batch: dict[str, np.ndarray]):
-    from ift.data.readers import ReadTask
-
     fields = {f.name: batch[f.name][0] for f in dataclasses.fields(ReadTask)}
     return ReadTask(**{k: v.item() if hasattr(v, "item") else v for k, v in fields.items()})
 
@@ -121,8 +126,6 @@ class _ShardWriter:
         self.open: dict[str, list] = {}  # split -> [writer, stream, rows, file number]
 
     def write(self, split: str, table: pa.Table) -> None:
-        import pyarrow.parquet as pq
-
         while table.num_rows:
             w = self.open.get(split)
             if w is not None and w[2] >= self.cap:
@@ -174,8 +177,6 @@ def _tokenize_batch(src: int, pending: list[tuple[int, dict, str, str]],
                     shards: _ShardWriter) -> pa.Table:
     """Tokenize a batch of clean records, write them to the train/val shards, and return
     the batch's META_SCHEMA rows (kept, dropped and rejected)."""
-    from ift.data.tokenize import tokenize_arrays
-
     recs = [r for _, r, _, _ in pending]
     arrays, dropped = tokenize_arrays(
         recs, tokenizer, template=tok["template"], max_seq_len=tok["max_seq_len"],
@@ -229,8 +230,6 @@ _BROADCAST: dict[str, Any] = {}
 
 def _kept(ref_holder: list) -> mix.Draws:
     """The driver's draw arrays (sorted keys, counts, is_val), fetched once per worker."""
-    import ray
-
     ref = ref_holder[0]
     name = ref.hex()
     if name not in _BROADCAST:
@@ -244,8 +243,6 @@ _TOKENIZERS: dict[str, Any] = {}
 
 def _tokenizer(name: str):
     if name not in _TOKENIZERS:
-        from ift.models import load_tokenizer
-
         _TOKENIZERS[name] = load_tokenizer(storage.local_copy(name))
     return _TOKENIZERS[name]
 
@@ -254,8 +251,6 @@ def _mix_udf(batch: dict[str, np.ndarray], draws_ref: list, pack_len: int, seed:
              dest: dict) -> pa.Table:
     """Pass 2: one per-source shard in; its rows drawn (mix.draw_shard) and written to
     `train/` and `val/`; their statistics out."""
-    import pyarrow.parquet as pq
-
     path, source, item = str(batch["file"][0]), str(batch["source"][0]), int(batch["item"][0])
     fs = dest["fs"]
     with fs.open_input_file(path) as f:
@@ -274,8 +269,6 @@ def _mix_udf(batch: dict[str, np.ndarray], draws_ref: list, pack_len: int, seed:
 
 
 def _configure_data_context() -> None:
-    import ray
-
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same shards, row for row
     # Per-operator reservations hold back half the cluster for other operators; with one
@@ -308,8 +301,6 @@ def resolve_sources(sources: list[SourceConfig]) -> list[SourceConfig]:
 
 def load_source_schema(si: int, src: SourceConfig, files: list[dict]) -> dict | None:
     """The parsed schema of an IE source (None without one); errors name the source."""
-    from ift.data import ie
-
     if not src.schema:
         return None
     fmts = sorted({f["format"] for f in files if f["source"] == src.name})
@@ -403,10 +394,6 @@ def plan_inputs(cfg: Config) -> Inputs:
     """What a preparation reads: files, formats, byte ranges, content hashes, IE schemas
     and its kind. PrepareError when a source names no file or holds the other data kind
     (preference pairs in an sft preparation, or the reverse)."""
-    from ift.data.readers import plan_reads
-    from ift.data.templates import resolve_template
-    from ift.models import load_tokenizer, tokenizer_identity
-
     d = cfg.data
     if not d.sources:
         raise ConfigError("data.sources is empty: list at least one source with a path")
@@ -463,13 +450,11 @@ def reuse_or_clear(out: str, digest: str, fresh: bool) -> dict | None:
 def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> dict:
     """Run the whole preparation; returns the manifest. Re-running with unchanged inputs and
     config reuses a complete output; `fresh` rebuilds it."""
-    from ift.raycluster import init_ray
-
     d = cfg.data
     t0 = time.time()
     planned = plan_inputs(cfg)
     if planned.kind == "preference":
-        from ift.data.prepare_pairs import prepare_pairs
+        from ift.data.prepare_pairs import prepare_pairs  # cycle: it imports this module
 
         return prepare_pairs(cfg, planned, fresh=fresh, address=address)
     out, tok_name, template, identity, sources, tasks, files, digest, schemas, _ = planned
@@ -480,8 +465,6 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
          f"in {time.time() - t0:.1f}s")
 
     init_ray(address)
-    import ray
-
     _configure_data_context()
     items = [
         {**dataclasses.asdict(t), "task_index": i, "options": json.dumps(dataclasses.asdict(RowOptions(
@@ -583,11 +566,7 @@ def mix_sources(prepared: str, out: str, *, sources: dict[str, tuple[float | Non
 
     Used by `prepare` and by sweeps, which pass their own weights and a subset of sources.
     """
-    import ray
-
     if init:
-        from ift.raycluster import init_ray
-
         init_ray(address)
     _configure_data_context()
     index = load_index(prepared)
@@ -660,8 +639,6 @@ def remix(prepared: str, out: str, *, weights: dict[str, float | None] | None = 
 
 
 def prepare_cmd(args) -> int:
-    from ift.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     try:
         manifest = prepare(cfg, fresh=getattr(args, "fresh", False), address=args.address)

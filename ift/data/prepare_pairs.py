@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
 
 from ift import storage
 from ift.artifacts import MANIFEST_FILE
@@ -42,7 +44,10 @@ from ift.data.pipeline import (
     plan_inputs,
     reuse_or_clear,
 )
-from ift.data.preference import length_stats
+from ift.data.preference import convert_pair, length_stats, pair_hash, tokenize_pairs
+from ift.data.readers import iter_raw
+from ift.data.record import ConvertError
+from ift.raycluster import init_ray
 
 KIND = "preference"
 _IDS = pa.list_(pa.int32())
@@ -64,9 +69,6 @@ _ROW_SCHEMA = pa.schema([
 
 def _pairs_udf(batch: dict[str, np.ndarray], tok: dict) -> Iterator[pa.Table]:
     """One read task in; one _ROW_SCHEMA row per raw row out (kept, dropped or rejected)."""
-    from ift.data.preference import convert_pair, pair_hash, tokenize_pairs
-    from ift.data.readers import iter_raw
-
     task = _task_of(batch)
     opts = json.loads(batch["options"][0])
     tokenizer = _tokenizer(tok["name"])
@@ -91,8 +93,6 @@ def _pairs_udf(batch: dict[str, np.ndarray], tok: dict) -> Iterator[pa.Table]:
     for line, raw, error, raw_text in iter_raw(task):
         key = int(mix.make_key(task.file_index, line))
         if error is None:
-            from ift.data.record import ConvertError
-
             try:
                 pair = convert_pair(task.format, raw, id=f"{task.source}-{task.file_index}-{line}",
                                     source=task.source, task=opts["task"],
@@ -120,8 +120,6 @@ def prepare_pairs(cfg: Config, planned: Inputs | None = None, *, fresh: bool = F
     """Prepare a preference dataset (planned by `plan_inputs` unless given); returns the
     manifest. Re-running with unchanged inputs and config reuses a complete output;
     `fresh` rebuilds it."""
-    from ift.raycluster import init_ray
-
     planned = planned or plan_inputs(cfg)
     out, tok_name, template, identity, sources, tasks, files, digest, _, _ = planned
     old = reuse_or_clear(out, digest, fresh)
@@ -130,8 +128,6 @@ def prepare_pairs(cfg: Config, planned: Inputs | None = None, *, fresh: bool = F
     d = cfg.data
 
     init_ray(address)
-    import ray
-
     _configure_data_context()
     items = [{**dataclasses.asdict(t), "task_index": i, "options": json.dumps(
         {"task": sources[t.source_index].task, "system": sources[t.source_index].system})}
@@ -290,8 +286,6 @@ def _waste(rows: list[dict], max_seq_len: int) -> float:
 
 
 def _write_shards(out: str, split: str, rows: list[dict], shard_rows: int) -> None:
-    import pyarrow.parquet as pq
-
     folder = storage.join(out, split)
     storage.makedirs(folder)
     fs, root = storage.arrow_fs(folder)

@@ -22,20 +22,35 @@ run's MLflow run (a training run or a Tune trial's child run), else to a new run
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import torch
 import yaml
+from peft import PeftModel
 
-from ift import storage
-from ift.artifacts import ADAPTER_CONFIG, FINAL_DIR, RUN_FILE, PromptFormat
-from ift.config import Config, ConfigError, build_config, load_config
+from ift import storage, tracking
+from ift.artifacts import (
+    ADAPTER_CONFIG,
+    FINAL_DIR,
+    RUN_FILE,
+    PromptFormat,
+    bundled_path,
+    read_prompt_format,
+)
+from ift.config import Config, ConfigError, apply_override, build_config, load_config
 from ift.data import dataset
-from ift.eval import benchmarks, heldout, metrics
+from ift.data.quality import substitute_placeholders
+from ift.data.templates import choose_prompt_format, prompt_format, resolve_template
+from ift.eval import benchmarks, heldout, ie, metrics
 from ift.eval import preference as pref_eval
 from ift.eval.generate import context_limit, generate
+from ift.models import load_model, load_tokenizer, tokenizer_identity
+from ift.train.collate import collate
+from ift.train.loss import token_loss_sum
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -65,14 +80,10 @@ def load_for_eval(model_dir: str, cfg: Config, device: str = "cpu"):
     An adapter loads on `cfg.model.name_or_path`, else on the base named in its
     adapter_config.json. The tokenizer is the one saved beside the weights, else the base's.
     """
-    from ift.models import load_model, load_tokenizer
-
     local = storage.local_copy(model_dir)
     if not storage.exists(local):
         raise ConfigError(f"model {model_dir} does not exist")
     if is_adapter(local):
-        from peft import PeftModel
-
         with open(os.path.join(local, ADAPTER_CONFIG), encoding="utf-8") as f:
             adapter_cfg = json.load(f)
         base = cfg.model.name_or_path or adapter_cfg.get("base_model_name_or_path") or ""
@@ -96,8 +107,6 @@ def load_for_eval(model_dir: str, cfg: Config, device: str = "cpu"):
 
 
 def _device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -110,11 +119,6 @@ def token_loss(model, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
                device: str = "cpu") -> tuple[float | None, int]:
     """(mean next-token loss over trained tokens, trained tokens) of tokenized rows: the
     training loop's batches (`collate`) and loss (`ift.train.loss`), shortest first."""
-    import torch
-
-    from ift.train.collate import collate
-    from ift.train.loss import token_loss_sum
-
     total, count = 0.0, 0
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))
     with torch.no_grad():
@@ -136,12 +140,8 @@ def token_loss(model, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
 def _manifest_format(prepared: str | None, tokenizer):
     """The prompt format of the template a prepared dataset was rendered with (None when
     `prepared` is not a prepared dir or names no template)."""
-    from ift.data.templates import prompt_format
-
     if prepared and dataset.is_prepared(prepared):
-        from ift.data.dataset import read_manifest
-
-        name = read_manifest(prepared).get("template")
+        name = dataset.read_manifest(prepared).get("template")
         if name:
             return prompt_format(name, tokenizer)
     return None
@@ -150,8 +150,6 @@ def _manifest_format(prepared: str | None, tokenizer):
 def training_prompt_format(cfg: Config, prepared: str | None, tokenizer):
     """The prompt format of the model being trained (what the run records beside its
     models): the prepared manifest's template, else data.template, for this tokenizer."""
-    from ift.data.templates import prompt_format
-
     return _manifest_format(prepared, tokenizer) or prompt_format(cfg.data.template or "auto",
                                                                   tokenizer)
 
@@ -160,11 +158,6 @@ def _prompt_format(cfg: Config, model_dir: str, prepared: str | None, tokenizer)
     """The prompt format the model was trained with: recorded beside it, else the prepared
     manifest's template, else the config's (for this tokenizer). A data.template that
     differs from the record overrides it, with a warning."""
-    import logging
-
-    from ift.artifacts import read_prompt_format
-    from ift.data.templates import choose_prompt_format
-
     recorded = read_prompt_format(model_dir) or _manifest_format(prepared, tokenizer)
     return choose_prompt_format(recorded, cfg.data.template, tokenizer, model_dir,
                                 logging.getLogger("ift.eval"))
@@ -172,10 +165,7 @@ def _prompt_format(cfg: Config, model_dir: str, prepared: str | None, tokenizer)
 
 def _check_tokenizer(prepared: str, tokenizer, model_dir: str) -> None:
     """Token ids of a prepared set only mean something to the tokenizer that made them."""
-    from ift.data.dataset import read_manifest
-    from ift.models import tokenizer_identity
-
-    theirs = read_manifest(prepared).get("tokenizer") or {}
+    theirs = dataset.read_manifest(prepared).get("tokenizer") or {}
     ours = tokenizer_identity(tokenizer)
     if theirs.get("sha256") and theirs["sha256"] != ours["sha256"]:
         raise ConfigError(
@@ -226,8 +216,6 @@ def heldout_set(cfg: Config, data: str, tokenizer, *, prepared: str | None, mode
     else:
         records = heldout.raw_records(data, seed=cfg.data.seed, sources=cfg.data.sources)
         if cfg.data.placeholders:  # filled as `ift data prepare` fills the training rows
-            from ift.data.quality import substitute_placeholders
-
             records = [substitute_placeholders(r, cfg.data.placeholders) for r in records]
         template = fmt.template
         items = heldout.items_from_records(records[: e.max_samples], tokenizer, template)
@@ -245,8 +233,6 @@ def heldout_set(cfg: Config, data: str, tokenizer, *, prepared: str | None, mode
 def encode_benchmarks(cfg: Config, tokenizer, names: list[str] | None = None
                       ) -> dict[str, benchmarks.EncodedBenchmark]:
     """eval.benchmarks (or the named ones) read and tokenized for `tokenizer`."""
-    from ift.data.templates import resolve_template
-
     chosen = cfg.eval.benchmarks if names is None else {
         n: cfg.eval.benchmarks[n] for n in names}
     template = resolve_template(cfg.data.template, tokenizer) \
@@ -355,8 +341,6 @@ def evaluate(cfg: Config, *, model_dir: str, data: str | None, output: str,
     result["mlflow_run_id"] = run_id
     storage.write_text(eval_path, json.dumps(result, indent=2, ensure_ascii=False))
     if run_id:
-        from ift import tracking
-
         tracking.log_artifact(run_id, eval_path, "eval")
     _log(summary_text(result))
     return result
@@ -366,8 +350,6 @@ def ie_scores(items: list, samples: list[dict[str, Any]]
                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """IE metrics of the held-out rows that are IE records (ift.eval.ie): flat metrics and
     the per-type rows (written beside eval.json as IE_REPORT .md and .csv)."""
-    from ift.eval import ie
-
     scored = [(it.ie["task"], s["output"], it.ie.get("gold") or [])
               for it, s in zip(items, samples) if it.ie]
     if not scored:
@@ -386,8 +368,6 @@ def write_outputs(output: str, scored: dict[str, Any]) -> list[str]:
     storage.makedirs(output)
     paths = []
     if scored.get("ie_rows"):
-        from ift.eval import ie
-
         md = storage.join(output, IE_REPORT + ".md")
         csv_path = storage.join(output, IE_REPORT + ".csv")
         storage.write_text(md, "# IE scores per type\n\n" + ie.table_markdown(scored["ie_rows"]))
@@ -411,8 +391,6 @@ def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> str:
 
 def _log_mlflow(cfg: Config, result: dict[str, Any], run_id: str | None, step: int | None,
                 run_name: str, parent_run_id: str | None, artifacts: list[str]) -> str:
-    from ift import tracking
-
     if not cfg.tracking.enabled:
         return ""
     new = not run_id
@@ -470,8 +448,6 @@ def data_path(cfg: Config, path: str) -> str:
     """A held-out path as configured: each comma-separated part is taken as given when it
     exists there (source files, like data.sources paths), else under storage.root (a
     prepared directory, like data.output)."""
-    from ift.artifacts import bundled_path
-
     parts = []
     for part in (bundled_path(p.strip()) for p in path.split(",")):
         if not part:
@@ -535,8 +511,6 @@ def eval_cmd(args) -> int:
         info, raw = read_run(run_dir)
         if raw is None:
             raise ConfigError(f"{run_dir} has no config.yaml; pass -c CONFIG")
-        from ift.config import apply_override
-
         for item in overrides:
             apply_override(raw, item)
         cfg = build_config(raw)
@@ -555,7 +529,7 @@ def eval_cmd(args) -> int:
         cfg.eval.benchmarks = {n: cfg.eval.benchmarks[n] for n in bench_names}
 
     if models:
-        from ift.eval.compare import compare
+        from ift.eval.compare import compare  # cycle: compare imports this module
 
         data = data or (data_path(cfg, cfg.eval.data) if cfg.eval.data else None) \
             or info.get("prepared") or (_prepared_of(cfg) if not cfg.eval.benchmarks else None)

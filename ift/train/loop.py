@@ -40,7 +40,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from ift import storage
 from ift.config import ConfigError, TrainConfig
@@ -214,19 +220,13 @@ def make_optimizer(model: nn.Module, train: TrainConfig,
         {"params": no_decay, "weight_decay": 0.0},
     ) if g["params"]]
     if train.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional: only the 8-bit optimizer needs it
 
         return bnb.optim.AdamW8bit(groups, lr=train.lr)
     return torch.optim.AdamW(groups, lr=train.lr)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, plan: Plan):
-    from transformers import (
-        get_constant_schedule_with_warmup,
-        get_cosine_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
-
     if train.scheduler == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
     if train.scheduler == "linear":
@@ -263,8 +263,6 @@ class StepEnv:
 def all_reduce(values: list[float], world_size: int, device: torch.device) -> list[float]:
     if world_size <= 1:
         return values
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
