@@ -24,12 +24,15 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor
     the sum keeps its graph for a backward pass. Computed in float32 whatever the logits'
     dtype."""
     t = labels.shape[1]
-    logits = logits[:, -t:, :].float()
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
-                            reduction="sum")
-    return total, (shift_labels != IGNORE_INDEX).sum()
+    if logits.shape[1] != t:
+        logits = logits[:, -t:, :]
+    logits = logits.float()
+    # The labels move left by one (the last position predicts nothing), not the logits:
+    # slicing [B, T, V] logits would copy them, at every step.
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(logits.device)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted,
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (shifted != IGNORE_INDEX).sum()
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
