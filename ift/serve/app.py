@@ -45,7 +45,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ift import storage
-from ift.config import Config, ConfigError, load_config
+from ift.config import Config, ConfigError, ServeConfig, load_config
 from ift.models import check_model_path
 from ift.raycluster import init_ray
 from ift.serve import openapi, vllm
@@ -122,13 +122,13 @@ def engine_kwargs(cfg: Config) -> dict[str, Any]:
     }
 
 
-def api_key_digest(cfg: Config) -> str:
+def api_key_digest(serve: ServeConfig) -> str:
     """sha256 of the bearer key named by serve.api_key_env ('' when auth is off).
 
     Only the digest travels to the ingress, so the key itself never appears in the Serve
     config or the dashboard.
     """
-    env = cfg.serve.api_key_env
+    env = serve.api_key_env
     if not env:
         return ""
     key = os.environ.get(env, "")
@@ -586,8 +586,7 @@ def _index_html() -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _scaling(cfg: Config) -> dict[str, Any]:
-    s = cfg.serve
+def _scaling(s: ServeConfig) -> dict[str, Any]:
     # Replicas admit generation requests themselves (admission.py), so an overload is a
     # 503 with a JSON body; Serve's own cap only leaves room for those and the light routes.
     if s.max_queued_requests < 0:
@@ -633,18 +632,18 @@ def build_app(cfg: Config):
               "max_queued_requests": s.max_queued_requests}
     merged = {
         mid: serve.deployment(ModelServer).options(
-            name=_deployment_name("merged", mid), **_scaling(cfg)).bind(
+            name=_deployment_name("merged", mid), **_scaling(cfg.serve)).bind(
                 path, eng, limits, s.max_adapters_per_replica)
         for mid, path in cat["merged"].items()
     }
     settings = {"max_tokens_limit": s.max_tokens_limit, "request_timeout_s": s.request_timeout_s,
-                "api_key_sha256": api_key_digest(cfg),
+                "api_key_sha256": api_key_digest(cfg.serve),
                 "show_model_paths": s.show_model_paths,
                 # One fixed replica holds every adapter it is asked for; with more, adapter
                 # requests go where the adapter already is.
                 "route_adapters": bool(s.autoscaling) or s.num_replicas > 1}
     ingress = serve.deployment(serve.ingress(fastapi_app())(Ingress))
-    return ingress.options(name=_deployment_name("llm", s.base_model_id), **_scaling(cfg)).bind(
+    return ingress.options(name=_deployment_name("llm", s.base_model_id), **_scaling(cfg.serve)).bind(
         cat["base_path"], eng, cat, limits, s.max_adapters_per_replica, merged, settings)
 
 

@@ -175,7 +175,7 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
             )
     if method == "adalora":
         methods.check_adalora_schedule(methods.AdaLoraOptions.of(cfg.peft), plan.total_steps)
-    methods.check_quantizable(model_config, cfg, cfg.train.use_gpu)
+    methods.check_quantizable(model_config, cfg.peft, cfg.train.use_gpu)
     fsdp.check(cfg)
     if cfg.train.eval_every and not plan.num_val_rows:
         print(f"[ift train] note: {prepared} has no val rows; evaluation is skipped", flush=True)

@@ -57,17 +57,17 @@ def accepts_packed(method: str) -> bool:
 # ---------------------------------------------------------------------------------------
 
 
-def quantization(cfg: Config) -> dict[str, Any] | None:
+def quantization(peft: PeftConfig) -> dict[str, Any] | None:
     """What `ift.models.load_model(quantization=...)` needs for this method: qlora loads the
     frozen base in 4-bit NF4 with double quantization (the QLoRA recipe) or 8-bit."""
-    if cfg.peft.method != "qlora":
+    if peft.method != "qlora":
         return None
-    return {"bits": cfg.peft.bits, "quant_type": "nf4", "double_quant": True}
+    return {"bits": peft.bits, "quant_type": "nf4", "double_quant": True}
 
 
-def check_quantizable(model_config: Any, cfg: Config, use_gpu: bool) -> None:
+def check_quantizable(model_config: Any, peft: PeftConfig, use_gpu: bool) -> None:
     """4-bit on CPU (bitsandbytes' CPU kernels) needs input dims divisible by the block size."""
-    if cfg.peft.method != "qlora" or cfg.peft.bits != 4 or use_gpu:
+    if peft.method != "qlora" or peft.bits != 4 or use_gpu:
         return
     dims = {
         name: getattr(model_config, name, None)
@@ -209,7 +209,7 @@ def qlora(model: nn.Module, o: LoraOptions, b: Build) -> nn.Module:
     ):
         raise ConfigError(
             "peft.method=qlora: the base model was not loaded quantized; load it with "
-            "ift.models.load_model(..., quantization=methods.quantization(cfg))"
+            "ift.models.load_model(..., quantization=methods.quantization(cfg.peft))"
         )
     # Casts norms to fp32 and makes inputs require grad; checkpointing is handled here too
     # because the order (before LoRA wraps the layers) matters.

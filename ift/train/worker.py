@@ -149,13 +149,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(train.seed)  # identical adapter init on every rank
     # The dtype the worker's device calls for, wherever the weights are loaded first.
     model = load_model(cfg.model, device=fsdp.load_device(cfg, device, rank, world),
-                       quantization=methods.quantization(cfg),
+                       quantization=methods.quantization(cfg.peft),
                        dtype=resolve_dtype(load_dtype(cfg), str(device)))
     model = (methods.from_adapter(model, cfg) if cfg.model.adapter
              else methods.build(model, cfg, plan.total_steps))
     trainable, total = methods.parameter_counts(model)
     objective = preference.objective_for(cfg, model, plan, lambda: load_model(
-        cfg.model, device=str(device), quantization=methods.quantization(cfg),
+        cfg.model, device=str(device), quantization=methods.quantization(cfg.peft),
         dtype=load_dtype(cfg)))
 
     state: dict[str, Any] | None = None

@@ -32,29 +32,29 @@ def test_scaling_and_resources_come_from_the_config():
 
     cfg = build_config({"serve": {"num_replicas": 3, "cpus_per_replica": 2, "gpus_per_replica": 1,
                                   "max_ongoing_requests": 7, "max_queued_requests": 9}})
-    opts = _scaling(cfg)
+    opts = _scaling(cfg.serve)
     assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
     assert opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0}
     # The replica admits 7 + 9 generation requests itself (a JSON 503 past that); Serve's
     # cap leaves room for those and the light routes, and never queues at the proxy.
     assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (
         7 + 9 + LIGHT_REQUESTS, -1)
-    unbounded = _scaling(build_config({"serve": {"max_queued_requests": -1}}))
+    unbounded = _scaling(build_config({"serve": {"max_queued_requests": -1}}).serve)
     assert unbounded["max_ongoing_requests"] == UNBOUNDED_ONGOING
-    auto = _scaling(build_config({"serve": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}}))
+    auto = _scaling(build_config({"serve": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}}).serve)
     assert auto["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in auto
 
 
 def test_api_key_digest_reads_the_named_variable(monkeypatch):
     from ift.serve.app import api_key_digest
 
-    assert api_key_digest(build_config({})) == ""
+    assert api_key_digest(build_config({}).serve) == ""
     cfg = build_config({"serve": {"api_key_env": "IFT_UNIT_KEY"}})
     monkeypatch.delenv("IFT_UNIT_KEY", raising=False)
     with pytest.raises(ConfigError, match="IFT_UNIT_KEY"):
-        api_key_digest(cfg)
+        api_key_digest(cfg.serve)
     monkeypatch.setenv("IFT_UNIT_KEY", "k1")
-    assert api_key_digest(cfg) == hashlib.sha256(b"k1").hexdigest()
+    assert api_key_digest(cfg.serve) == hashlib.sha256(b"k1").hexdigest()
 
 
 @pytest.mark.parametrize("override,key", [

@@ -49,7 +49,7 @@ def _train(cfg, model_dir):
     """(model, eval loss before, eval loss after, per-step losses)."""
     batches = _batches(model_dir)
     plan = make_plan(8, 0, cfg.train)
-    model = load_model(cfg.model, device="cpu", quantization=methods.quantization(cfg),
+    model = load_model(cfg.model, device="cpu", quantization=methods.quantization(cfg.peft),
                        dtype=load_dtype(cfg))
     torch.manual_seed(0)
     model = methods.build(model, cfg, plan.total_steps)
@@ -122,8 +122,8 @@ def test_qlora_4bit_on_cpu_needs_block_multiple_sizes(model32):
 
     cfg = _cfg(model32, "qlora", 1e-2)
     with pytest.raises(ConfigError, match="multiple of 64"):
-        methods.check_quantizable(AutoConfig.from_pretrained(model32), cfg, use_gpu=False)
-    methods.check_quantizable(AutoConfig.from_pretrained(model32), cfg, use_gpu=True)
+        methods.check_quantizable(AutoConfig.from_pretrained(model32), cfg.peft, use_gpu=False)
+    methods.check_quantizable(AutoConfig.from_pretrained(model32), cfg.peft, use_gpu=True)
 
 
 def test_freeze_trains_only_the_last_layers_and_final_norm(model32):
