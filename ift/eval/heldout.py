@@ -23,7 +23,6 @@ from typing import Any
 
 from ift.config import ConfigError
 from ift.data.cot_templates import parse_final_answer
-from ift.data.dataset import iter_samples
 from ift.data.ingest import iter_raw_records
 from ift.data.templates import render_prompt
 from ift.data.tokenize import split_last_turn, tokenize_records
@@ -49,11 +48,6 @@ class Item:
     """IE rows: {task, gold, labels, ...} from the record's meta (ift.data.ie)."""
     task: str = ""
     """The record's task (raw files), which picks extra metrics (metrics.TASK_METRICS)."""
-
-
-def prepared_rows(prepared: str, split: str = "val") -> list[dict[str, Any]]:
-    """Every (unpacked) tokenized row of a prepared split, in file order."""
-    return list(iter_samples(prepared, split))
 
 
 def items_from_rows(rows: list[dict[str, Any]], tokenizer) -> list[Item]:

@@ -210,7 +210,7 @@ def heldout_set(cfg: Config, data: str, tokenizer, *, prepared: str | None, mode
         source: dict[str, Any] = {"kind": "preference"}
     elif dataset.is_prepared(data):
         _check_tokenizer(data, tokenizer, model_dir)
-        rows = heldout.prepared_rows(data, "val")[: e.max_loss_rows or None]
+        rows = list(dataset.iter_samples(data, "val"))[: e.max_loss_rows or None]
         items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
         source = {"kind": "prepared", "split": "val"}
     else:
