@@ -72,7 +72,7 @@ def arm_main(a: argparse.Namespace) -> None:
                              "peft.r=16", "peft.dropout=0", "model.dtype=fp32"])
     meter = PeakRSS().start()
     torch.manual_seed(0)
-    model = methods.build(load_model(cfg.model, device="cpu", dtype="fp32"), cfg, a.steps)
+    model = methods.build(load_model(cfg.model, device="cpu", dtype="fp32"), cfg.peft, a.steps)
     vocab = model.config.vocab_size
     rows = make_pairs(a.steps * a.batch, a.prompt_len, a.reply_len, vocab)
     precompute_s = 0.0

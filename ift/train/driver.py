@@ -47,7 +47,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ift import lineage, storage, tracking
 from ift.artifacts import CONFIG_FILE, FINAL_DIR, RUN_FILE
-from ift.config import Config, ConfigError, load_config
+from ift.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    PeftConfig,
+    TrainConfig,
+    load_config,
+)
 from ift.data.dataset import PrepareError, read_manifest, split_files
 from ift.data.templates import prompt_format
 from ift.eval.during import check_config
@@ -95,14 +102,14 @@ def read_prepared(path: str) -> dict[str, Any]:
     return manifest
 
 
-def _model_config(cfg: Config):
-    path = cfg.model.name_or_path
+def _model_config(model: ModelConfig):
+    path = model.name_or_path
     if not path:
         raise ConfigError("model.name_or_path is required")
     local = storage.local_copy(path) if storage.is_remote(path) else path
     try:
-        return AutoConfig.from_pretrained(local, trust_remote_code=cfg.model.trust_remote_code,
-                                          revision=cfg.model.revision)
+        return AutoConfig.from_pretrained(local, trust_remote_code=model.trust_remote_code,
+                                          revision=model.revision)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name_or_path={path}: cannot read its config ({e})") from e
 
@@ -136,7 +143,7 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
             "with this model's tokenizer"
         )
 
-    model_config = _model_config(cfg)
+    model_config = _model_config(cfg.model)
     limit = max_positions(model_config)
     seq_len = int(manifest["max_seq_len"])
     if limit is not None and seq_len > limit:
@@ -163,7 +170,7 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
         meta = AutoModelForCausalLM.from_config(model_config,
                                                 trust_remote_code=cfg.model.trust_remote_code)
     if packed:
-        _probe_packed(meta, cfg)
+        _probe_packed(meta, cfg.model)
     if method in methods.LORA_METHODS:
         find_lora_targets(meta, cfg.peft.target_modules)
     if method == "freeze":
@@ -176,7 +183,7 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
     if method == "adalora":
         methods.check_adalora_schedule(methods.AdaLoraOptions.of(cfg.peft), plan.total_steps)
     methods.check_quantizable(model_config, cfg.peft, cfg.train.use_gpu)
-    fsdp.check(cfg)
+    fsdp.check(cfg.peft, cfg.train)
     if cfg.train.eval_every and not plan.num_val_rows:
         print(f"[ift train] note: {prepared} has no val rows; evaluation is skipped", flush=True)
     if cfg.eval.during_training.max_samples:
@@ -184,11 +191,11 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
     return plan
 
 
-def _probe_packed(meta_model, cfg: Config) -> None:
+def _probe_packed(meta_model, model: ModelConfig) -> None:
     """Packed rows need a model whose attention takes a 4D mask (most current ones do;
     ALiBi models such as BLOOM build their biases from a 2D mask and cannot). A forward
     pass on the weightless model checks it without computing anything."""
-    impl = cfg.model.attn_implementation or ""
+    impl = model.attn_implementation or ""
     if impl.startswith("flash"):
         return  # flash kernels split packed samples by position ids, no mask involved
     seq = torch.tensor([[0, 0, 1, 1]])
@@ -201,7 +208,7 @@ def _probe_packed(meta_model, cfg: Config) -> None:
         meta_model(**inputs, use_cache=False)
     except Exception as e:  # noqa: BLE001 - any failure means the model cannot take it
         raise ConfigError(
-            f"{cfg.model.name_or_path} ({type(meta_model).__name__}) cannot train on packed "
+            f"{model.name_or_path} ({type(meta_model).__name__}) cannot train on packed "
             f"data: its attention does not take the 4D block mask that keeps packed samples "
             f"apart ({type(e).__name__}: {e}); prepare with data.pack=false"
         ) from e
@@ -286,8 +293,7 @@ def _storage(output: str) -> tuple[str, Any]:
     return os.path.abspath(output), None
 
 
-def _check_resources(cfg: Config) -> None:
-    t = cfg.train
+def _check_resources(t: TrainConfig) -> None:
     have = ray.cluster_resources()
     need_cpu = t.num_workers * t.cpus_per_worker
     if need_cpu > have.get("CPU", 0):
@@ -312,7 +318,7 @@ def resume_point(cfg: Config, plan: Plan, run_dir: str) -> tuple[int, str] | Non
         return None
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(found[1], STATE_FILE))),
                        map_location="cpu", weights_only=True)
-    check_resumable(state, plan, cfg, found[1])
+    check_resumable(state, plan, cfg.peft, cfg.train, found[1])
     return found
 
 
@@ -381,7 +387,7 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         return done
     init_ray(address)
     multinode.check_shared_storage(
-        cfg, multinode.alive_nodes(), prepared=prepared, output=output,
+        cfg.storage, cfg.model.name_or_path, multinode.alive_nodes(), prepared=prepared, output=output,
         tracking_uri=tracking.resolve_uri(cfg) if cfg.tracking.enabled else "")
     storage.makedirs(run_dir)
     run_file = storage.join(run_dir, RUN_FILE)
@@ -437,11 +443,12 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         print(f"[ift train] resuming {cfg.train.run_name} from step {resume[0]} ({resume[1]})",
               flush=True)
     init_ray(address)
-    _check_resources(cfg)
+    _check_resources(cfg.train)
     storage_path, filesystem = _storage(output)
     t = cfg.train
     if t.objective == "dpo" and t.precompute_ref_logps:
-        plan.ref_logps = precompute(cfg, prepared, plan.data_hash, load_dtype(cfg))
+        plan.ref_logps = precompute(cfg.model, t, prepared, plan.data_hash,
+                                    load_dtype(cfg.model, cfg.peft))
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
@@ -526,22 +533,22 @@ def _finish(cfg: Config, run_dir: str, run_id: str, plan: Plan, seconds: float,
             if storage.exists(path):
                 tracking.log_artifact(run_id, path)
         tracking.end_run(run_id, status="FINISHED")
-    summary = run_summary(cfg, run_dir, plan, history, run_id, seconds,
+    summary = run_summary(cfg.train, cfg.peft, run_dir, plan, history, run_id, seconds,
                           getattr(getattr(result, "checkpoint", None), "path", None))
     print(summary_text(summary), flush=True)
     return summary
 
 
-def run_summary(cfg: Config, run_dir: str, plan: Plan, history: list[dict[str, Any]],
+def run_summary(train: TrainConfig, peft: PeftConfig, run_dir: str, plan: Plan, history: list[dict[str, Any]],
                 run_id: str, seconds: float, checkpoint: str | None) -> dict[str, Any]:
     """What `train` returns, from the run's metrics history."""
     last = history[-1] if history else {}
     evals = [r for r in history if r.get("eval_loss") is not None]
     return {
-        "run_name": cfg.train.run_name,
+        "run_name": train.run_name,
         "run_dir": run_dir,
         "final": storage.join(run_dir, FINAL_DIR),
-        "method": cfg.peft.method,
+        "method": peft.method,
         "steps": int(last.get("step", 0)),
         "total_steps": plan.total_steps,
         "global_batch_size": plan.global_batch_size,
@@ -565,7 +572,7 @@ def finished_run(cfg: Config, plan: Plan, run_dir: str,
     if info.get("status") != "FINISHED" or not storage.is_complete(
             storage.join(run_dir, FINAL_DIR)):
         return None
-    return run_summary(cfg, run_dir, plan, read_metrics(run_dir),
+    return run_summary(cfg.train, cfg.peft, run_dir, plan, read_metrics(run_dir),
                        info.get("mlflow_run_id") or "", 0.0, resume[1])
 
 

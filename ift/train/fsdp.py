@@ -49,30 +49,30 @@ from torch.distributed.fsdp.wrap import (
     transformer_auto_wrap_policy,
 )
 
-from ift.config import Config, ConfigError, TrainConfig
+from ift.config import ConfigError, PeftConfig, TrainConfig
 from ift.train.methods import PROMPT_METHODS, unwrap
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def check(cfg: Config) -> None:
+def check(peft: PeftConfig, train: TrainConfig) -> None:
     """Combinations FSDP cannot train, as a ConfigError naming the keys."""
-    t = cfg.train
+    t = train
     if t.strategy != "fsdp":
         return
-    if cfg.peft.method == "qlora":
+    if peft.method == "qlora":
         raise ConfigError(
             "peft.method=qlora with train.strategy=fsdp: bitsandbytes' packed 4/8-bit weights "
             "cannot be sharded by this trainer; use train.strategy=ddp for qlora, or "
             "peft.method=lora with fsdp"
         )
-    if cfg.peft.method in PROMPT_METHODS:
+    if peft.method in PROMPT_METHODS:
         raise ConfigError(
-            f"peft.method={cfg.peft.method} with train.strategy=fsdp: PEFT saves a prompt "
+            f"peft.method={peft.method} with train.strategy=fsdp: PEFT saves a prompt "
             "table from the module itself, which FSDP holds sharded; use train.strategy=ddp "
             "(the table is small) or lora"
         )
-    if cfg.peft.method == "adalora":
+    if peft.method == "adalora":
         raise ConfigError(
             "peft.method=adalora with train.strategy=fsdp: AdaLoRA's rank allocator reads "
             "whole adapter matrices, which FSDP shards; use train.strategy=ddp or lora"
@@ -203,14 +203,15 @@ def wrap(model: nn.Module, train: TrainConfig, device: torch.device, *, adapter:
     return FullyShardedDataParallel(model, **kwargs)
 
 
-def load_device(cfg: Config, device: torch.device, rank: int, world: int) -> str:
+def load_device(train: TrainConfig, device: torch.device, rank: int, world: int, *,
+                adapter: str = "") -> str:
     """Where a worker loads the weights before wrapping. Under FSDP with several workers:
     CPU on rank 0 (FSDP shards them onto the GPUs) and the meta device on the other ranks,
-    which receive rank 0's values; a run that starts from an adapter (model.adapter) reads
-    it on every rank, on CPU. The worker's device otherwise."""
-    if cfg.train.strategy != "fsdp":
+    which receive rank 0's values; a run that starts from an adapter (`adapter`, the
+    config's model.adapter) reads it on every rank, on CPU. The worker's device otherwise."""
+    if train.strategy != "fsdp":
         return str(device)
-    if world > 1 and rank != 0 and not cfg.model.adapter:
+    if world > 1 and rank != 0 and not adapter:
         return "meta"
     return "cpu"
 

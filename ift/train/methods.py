@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
 from ift import storage
-from ift.config import Config, ConfigError, PeftConfig
+from ift.config import ConfigError, PeftConfig
 from ift.models import find_lora_targets
 
 # peft is imported where a method is built or an adapter loaded, in the Ray Train workers:
@@ -365,30 +365,35 @@ METHODS: dict[str, tuple[Callable[[PeftConfig], Any], Callable[..., nn.Module]]]
 config's `peft.method` choices, which `PeftConfig` checks when a config is made."""
 
 
-def build(model: nn.Module, cfg: Config, total_steps: int) -> nn.Module:
-    """Apply cfg.peft.method to a loaded base model: the builder gets only its method's
-    options."""
-    options, builder = METHODS[cfg.peft.method]
-    if cfg.train.gradient_checkpointing and cfg.peft.method != "qlora":
+def build(model: nn.Module, peft: PeftConfig, total_steps: int, *, tokenizer: str = "",
+          trust_remote_code: bool = False, gradient_checkpointing: bool = False) -> nn.Module:
+    """Apply peft.method to a loaded base model: the builder gets only its method's options.
+
+    total_steps: optimizer steps of the run (adalora's schedule). tokenizer: the base
+    model's path (prompt_tuning's text init). gradient_checkpointing: train.gradient_
+    checkpointing (qlora prepares its quantized model for it)."""
+    options, builder = METHODS[peft.method]
+    if gradient_checkpointing and peft.method != "qlora":
         enable_gradient_checkpointing(model)
-    return builder(model, options(cfg.peft),
-                   Build(total_steps, cfg.model.name_or_path, cfg.model.trust_remote_code,
-                         cfg.train.gradient_checkpointing))
+    return builder(model, options(peft),
+                   Build(total_steps, tokenizer, trust_remote_code, gradient_checkpointing))
 
 
-def from_adapter(model: nn.Module, cfg: Config) -> nn.Module:
-    """The base model with the existing adapter at cfg.model.adapter on it, trainable (a
-    new run continuing that adapter). For train.objective=dpo the same adapter is loaded a
-    second time, frozen, as the reference (ift.train.preference.REFERENCE_ADAPTER)."""
+def from_adapter(model: nn.Module, adapter: str, *, gradient_checkpointing: bool = False,
+                 reference: bool = False) -> nn.Module:
+    """The base model with the existing adapter at `adapter` (model.adapter) on it,
+    trainable: a new run continuing that adapter. With `reference` (train.objective=dpo
+    without precomputed reference log-probs) the same adapter is loaded a second time,
+    frozen, as the reference (ift.train.preference.REFERENCE_ADAPTER)."""
     from peft import PeftModel
 
     from ift.train.preference import REFERENCE_ADAPTER  # cycle: preference imports methods
 
-    path = storage.local_copy(cfg.model.adapter)
-    if cfg.train.gradient_checkpointing:
+    path = storage.local_copy(adapter)
+    if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)
-    if cfg.train.objective == "dpo" and not cfg.train.precompute_ref_logps:
+    if reference:
         peft_model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
     return peft_model
 

@@ -17,7 +17,7 @@ import os
 import ray
 
 from ift import storage
-from ift.config import Config, ConfigError
+from ift.config import ConfigError, StorageConfig
 
 
 def _shared(path: str, shared_prefixes: list[str]) -> bool:
@@ -31,15 +31,15 @@ def _shared(path: str, shared_prefixes: list[str]) -> bool:
     return False
 
 
-def unshared_paths(cfg: Config, *, prepared: str, output: str,
+def unshared_paths(storage_cfg: StorageConfig, model: str, *, prepared: str, output: str,
                    tracking_uri: str = "") -> list[str]:
-    """'key=value (why)' for every path a multi-node run could not share."""
-    shared = list(cfg.storage.shared_paths)
+    """'key=value (why)' for every path a multi-node run could not share; `model` is
+    model.name_or_path."""
+    shared = list(storage_cfg.shared_paths)
     problems = []
     for key, path in (("train.data", prepared), ("train.output", output)):
         if not _shared(path, shared):
             problems.append(f"{key}={path} (a local path)")
-    model = cfg.model.name_or_path
     if model and not storage.is_remote(model) and os.path.exists(model) \
             and not _shared(model, shared):
         problems.append(f"model.name_or_path={model} (a local directory)")
@@ -51,12 +51,13 @@ def unshared_paths(cfg: Config, *, prepared: str, output: str,
     return problems
 
 
-def check_shared_storage(cfg: Config, num_nodes: int, *, prepared: str, output: str,
+def check_shared_storage(storage_cfg: StorageConfig, model: str, num_nodes: int, *,
+                         prepared: str, output: str,
                          tracking_uri: str = "") -> None:
     """A ConfigError naming every local path, when the cluster has more than one node."""
     if num_nodes <= 1:
         return
-    problems = unshared_paths(cfg, prepared=prepared, output=output,
+    problems = unshared_paths(storage_cfg, model, prepared=prepared, output=output,
                               tracking_uri=tracking_uri)
     if problems:
         raise ConfigError(

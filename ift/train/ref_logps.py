@@ -32,7 +32,7 @@ import torch
 
 from ift import storage
 from ift.artifacts import REF_LOGPS_DIR, REF_LOGPS_DONE
-from ift.config import Config
+from ift.config import ModelConfig, TrainConfig
 from ift.data.dataset import iter_split_rows
 from ift.models import load_model, load_tokenizer
 from ift.train.collate import model_inputs
@@ -59,11 +59,11 @@ def _dir_identity(path: str) -> dict[str, Any]:
     return out
 
 
-def cache_key(cfg: Config, data_hash: str, dtype: str) -> tuple[str, dict[str, Any]]:
+def cache_key(model: ModelConfig, data_hash: str, dtype: str) -> tuple[str, dict[str, Any]]:
     """(key, what it is made of): dataset hash, base model, load dtype, reference adapter."""
-    parts = {"data_hash": data_hash, "base_model": _dir_identity(cfg.model.name_or_path),
+    parts = {"data_hash": data_hash, "base_model": _dir_identity(model.name_or_path),
              "dtype": dtype,
-             "reference_adapter": _dir_identity(cfg.model.adapter) if cfg.model.adapter else None}
+             "reference_adapter": _dir_identity(model.adapter) if model.adapter else None}
     blob = json.dumps(parts, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16], parts
 
@@ -98,20 +98,21 @@ def _read_split(prepared: str, split: str) -> list[dict[str, Any]]:
                                                   "rejected_input_ids", "rejected_labels"]))
 
 
-def compute_and_store(cfg: Config, prepared: str, out: str, parts: dict[str, Any],
-                      dtype: str, batch_size: int = 8) -> dict[str, Any]:
+def compute_and_store(model_cfg: ModelConfig, train: TrainConfig, prepared: str, out: str,
+                      parts: dict[str, Any], dtype: str, batch_size: int = 8
+                      ) -> dict[str, Any]:
     """Load the reference model, score every pair of both splits, write `out`."""
     t0 = time.time()
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(cfg.model.name_or_path,
-                               trust_remote_code=cfg.model.trust_remote_code,
-                               revision=cfg.model.revision)
-    model = load_model(cfg.model, device=device, dtype=dtype)
-    if cfg.model.adapter:
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    device = "cuda" if train.use_gpu and torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(model_cfg.name_or_path,
+                               trust_remote_code=model_cfg.trust_remote_code,
+                               revision=model_cfg.revision)
+    model = load_model(model_cfg, device=device, dtype=dtype)
+    if model_cfg.adapter:
         from peft import PeftModel  # in the Ray task (see ift.train.methods)
 
-        model = PeftModel.from_pretrained(model, storage.local_copy(cfg.model.adapter),
+        model = PeftModel.from_pretrained(model, storage.local_copy(model_cfg.adapter),
                                           is_trainable=False)
     counts = {}
     for split in SPLITS:
@@ -132,19 +133,20 @@ def compute_and_store(cfg: Config, prepared: str, out: str, parts: dict[str, Any
     return record
 
 
-def precompute(cfg: Config, prepared: str, data_hash: str, dtype: str) -> str:
+def precompute(model: ModelConfig, train: TrainConfig, prepared: str, data_hash: str,
+               dtype: str) -> str:
     """The cache dir of this run's reference log-probs, computed in one Ray task first
     when absent. Prints what it did."""
-    key, parts = cache_key(cfg, data_hash, dtype)
+    key, parts = cache_key(model, data_hash, dtype)
     out = cache_dir(prepared, key)
     if storage.exists(storage.join(out, REF_LOGPS_DONE)):
         print(f"[ift train] reference log-probs: reusing {out}", flush=True)
         return out
     import ray  # ift.train.loop imports this module and loads without Ray
 
-    task = ray.remote(num_cpus=max(1, int(cfg.train.cpus_per_worker)),
-                      num_gpus=1 if cfg.train.use_gpu else 0)(compute_and_store)
-    record = ray.get(task.remote(cfg, prepared, out, parts, dtype))
+    task = ray.remote(num_cpus=max(1, int(train.cpus_per_worker)),
+                      num_gpus=1 if train.use_gpu else 0)(compute_and_store)
+    record = ray.get(task.remote(model, train, prepared, out, parts, dtype))
     print(f"[ift train] reference log-probs of {record['pairs']} pairs computed in "
           f"{record['seconds']}s -> {out}", flush=True)
     return out

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ift import storage, tracking
-from ift.config import Config, ConfigError, TrainConfig, build_config
+from ift.config import ConfigError, ModelConfig, PeftConfig, TrainConfig, build_config
 from ift.eval import during
 from ift.models import load_model, load_tokenizer, resolve_dtype
 from ift.train import checkpoint, fsdp, methods, preference
@@ -54,12 +54,12 @@ from ift.train.loop import (
 # ---------------------------------------------------------------------------------------
 
 
-def load_dtype(cfg: Config) -> str:
+def load_dtype(model: ModelConfig, peft: PeftConfig) -> str:
     """Weights dtype: full and freeze keep fp32 master weights unless a dtype is forced
     (AdamW updates in bf16 lose most of their precision); autocast does the fast math."""
-    if cfg.model.dtype == "auto" and cfg.peft.method in ("full", "freeze"):
+    if model.dtype == "auto" and peft.method in ("full", "freeze"):
         return "fp32"
-    return cfg.model.dtype
+    return model.dtype
 
 
 def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -148,15 +148,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                revision=cfg.model.revision)
     torch.manual_seed(train.seed)  # identical adapter init on every rank
     # The dtype the worker's device calls for, wherever the weights are loaded first.
-    model = load_model(cfg.model, device=fsdp.load_device(cfg, device, rank, world),
+    model = load_model(cfg.model, device=fsdp.load_device(train, device, rank, world,
+                                                          adapter=cfg.model.adapter),
                        quantization=methods.quantization(cfg.peft),
-                       dtype=resolve_dtype(load_dtype(cfg), str(device)))
-    model = (methods.from_adapter(model, cfg) if cfg.model.adapter
-             else methods.build(model, cfg, plan.total_steps))
+                       dtype=resolve_dtype(load_dtype(cfg.model, cfg.peft), str(device)))
+    if cfg.model.adapter:
+        model = methods.from_adapter(
+            model, cfg.model.adapter, gradient_checkpointing=train.gradient_checkpointing,
+            reference=train.objective == "dpo" and not train.precompute_ref_logps)
+    else:
+        model = methods.build(model, cfg.peft, plan.total_steps,
+                              tokenizer=cfg.model.name_or_path,
+                              trust_remote_code=cfg.model.trust_remote_code,
+                              gradient_checkpointing=train.gradient_checkpointing)
     trainable, total = methods.parameter_counts(model)
     objective = preference.objective_for(cfg, model, plan, lambda: load_model(
         cfg.model, device=str(device), quantization=methods.quantization(cfg.peft),
-        dtype=load_dtype(cfg)))
+        dtype=load_dtype(cfg.model, cfg.peft)))
 
     state: dict[str, Any] | None = None
     opt_state = sched_state = None
@@ -164,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if found is not None:
         with checkpoint.local_dir(found[1]) as d:
             state = checkpoint.load_state(d)
-            check_resumable(state, plan, cfg, found[1])
+            check_resumable(state, plan, cfg.peft, train, found[1])
             if not fsdp.on_meta(model):  # a meta rank receives rank 0's weights at wrap
                 checkpoint.load_model_weights(d, model, cfg.peft.method, state)
             opt_state, sched_state = checkpoint.load_optimizer_states(d)
@@ -217,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def eval_batches() -> list[dict[str, torch.Tensor]]:
         nonlocal val_batches
         if val_batches is None:
-            val_batches = _val_batches(cfg, plan, rank, world, pad_id, make_batch)
+            val_batches = _val_batches(train, plan, rank, world, pad_id, make_batch)
         return val_batches
 
     probe = during.Probe.create(cfg, tokenizer, rank)  # eval.during_training (None: off)
@@ -280,7 +288,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     _log(rank, progress_line(step, plan.total_steps, metrics,
                                              time.time() - start, steps_done))
             if want_ckpt:
-                _report_checkpoint(model, optimizer, scheduler, cfg, plan, step, rank, world,
+                _report_checkpoint(model, optimizer, scheduler, train, cfg.peft, plan, step,
+                                   rank, world,
                                    metrics, metrics_log, run_dir, tokenizer, final,
                                    lineage=config.get("lineage"),
                                    prompt_format=config.get("prompt_format"))
@@ -334,17 +343,20 @@ def _find_resume_point(run_dir: str, rank: int, world: int) -> tuple[int, str] |
     return found
 
 
-def check_resumable(state: dict[str, Any], plan: Plan, cfg: Config, where: str) -> None:
-    if state.get("method") != cfg.peft.method:
+def check_resumable(state: dict[str, Any], plan: Plan, peft: PeftConfig, train: TrainConfig,
+                    where: str) -> None:
+    """A ConfigError when a checkpoint's method, objective, global batch or data differ
+    from this run's."""
+    if state.get("method") != peft.method:
         raise ConfigError(
             f"cannot resume: checkpoint {where} was trained with peft.method="
-            f"{state.get('method')}, this run asks for {cfg.peft.method}; use another "
+            f"{state.get('method')}, this run asks for {peft.method}; use another "
             "train.run_name"
         )
-    if state.get("objective", cfg.train.objective) != cfg.train.objective:
+    if state.get("objective", train.objective) != train.objective:
         raise ConfigError(
             f"cannot resume: checkpoint {where} was trained with train.objective="
-            f"{state['objective']}, this run asks for {cfg.train.objective}; use "
+            f"{state['objective']}, this run asks for {train.objective}; use "
             "another train.run_name"
         )
     if state.get("global_batch_size") != plan.global_batch_size:
@@ -361,14 +373,15 @@ def check_resumable(state: dict[str, Any], plan: Plan, cfg: Config, where: str) 
         )
 
 
-def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, step: int,
+def _report_checkpoint(model, optimizer, scheduler, train: TrainConfig, peft: PeftConfig,
+                       plan: Plan, step: int,
                        rank: int, world: int, metrics: dict[str, Any],
                        metrics_log: MetricsLog | None, run_dir: str, tokenizer,
                        final: bool, lineage: dict[str, Any] | None = None,
                        prompt_format: dict[str, Any] | None = None) -> None:
-    strategy = cfg.train.strategy
+    strategy = train.strategy
     # Collectives first (every rank): FSDP gathers, and rank 0 collects RNG states.
-    model_state = checkpoint.full_state_dict(model, strategy, cfg.peft.method)
+    model_state = checkpoint.full_state_dict(model, strategy, peft.method)
     opt_state = checkpoint.optimizer_state(model, optimizer, strategy)
     rngs = [checkpoint.rng_state()]
     if world > 1:
@@ -386,24 +399,24 @@ def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, ste
         "global_batch_size": plan.global_batch_size,
         "world_size": world,
         "total_steps": plan.total_steps,
-        "seed": cfg.train.seed,
-        "method": cfg.peft.method,
-        "objective": cfg.train.objective,
+        "seed": train.seed,
+        "method": peft.method,
+        "objective": train.objective,
         "data_hash": plan.data_hash,
         "rng": rngs,
     }
-    if cfg.peft.method == "adalora":
+    if peft.method == "adalora":
         state["adalora"] = checkpoint.adalora_state(model)
     name = f"checkpoint_{step:07d}"
     if rank == 0:
         if metrics_log is not None:
             metrics_log.flush()
         if final:
-            checkpoint.save_final(run_dir, model=model, method=cfg.peft.method,
+            checkpoint.save_final(run_dir, model=model, method=peft.method,
                                   tokenizer=tokenizer, model_state=model_state,
                                   lineage=lineage, prompt_format=prompt_format)
         with tempfile.TemporaryDirectory(prefix="ift-ckpt-") as tmp:
-            checkpoint.save(tmp, model=model, method=cfg.peft.method, state=state,
+            checkpoint.save(tmp, model=model, method=peft.method, state=state,
                             optimizer_state=opt_state, scheduler_state=scheduler.state_dict(),
                             model_state=model_state, prompt_format=prompt_format)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -412,7 +425,7 @@ def _report_checkpoint(model, optimizer, scheduler, cfg: Config, plan: Plan, ste
         ray.train.report(metrics, checkpoint_dir_name=name)
 
 
-def _val_batches(cfg: Config, plan: Plan, rank: int, world: int, pad_id: int,
+def _val_batches(train: TrainConfig, plan: Plan, rank: int, world: int, pad_id: int,
                  make_batch=collate) -> list[dict[str, torch.Tensor]]:
     """This rank's share of the evaluation rows, collated.
 
@@ -422,13 +435,13 @@ def _val_batches(cfg: Config, plan: Plan, rank: int, world: int, pad_id: int,
     """
     shard = ray.train.get_dataset_shard("val")
     micro = plan.micro_batch_size
-    limit = min(plan.num_val_rows, cfg.train.eval_max_batches * micro)
+    limit = min(plan.num_val_rows, train.eval_max_batches * micro)
     rows, _ = collect_rows(shard.iter_batches(batch_size=1024, batch_format="numpy"),
                            None, limit=limit)
     mine = [rows[i] for i in sorted(rows) if i % world == rank]
     batches = [make_batch(chunk, pad_id, packed=plan.packed)
                for chunk in _batches_of(mine, micro)]
-    if cfg.train.strategy == "fsdp":
+    if train.strategy == "fsdp":
         n_batches = math.ceil(math.ceil(limit / world) / micro)
         while len(batches) < n_batches:
             filler = dict(make_batch([next(iter(rows.values()))], pad_id, packed=plan.packed))

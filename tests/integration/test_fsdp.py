@@ -39,7 +39,7 @@ def _cfg(model_dir, *extra):
 def _build(cfg, seed=0):
     torch.manual_seed(seed)
     model = load_model(cfg.model, device="cpu")
-    return methods.build(model, cfg, 4)
+    return methods.build(model, cfg.peft, 4)
 
 
 def _batch():
@@ -132,17 +132,19 @@ def test_fsdp_loads_on_cpu_and_refuses_what_it_cannot_shard(model_dir):
     GPU) and the preflight refusals of finding 4."""
     cfg = _cfg(model_dir)
     gpu = torch.device("cuda", 0)
-    assert fsdp.load_device(cfg, gpu, rank=0, world=2) == "cpu"
-    assert fsdp.load_device(cfg, gpu, rank=1, world=2) == "meta"
-    assert fsdp.load_device(cfg, gpu, rank=0, world=1) == "cpu"
+    assert fsdp.load_device(cfg.train, gpu, rank=0, world=2) == "cpu"
+    assert fsdp.load_device(cfg.train, gpu, rank=1, world=2) == "meta"
+    assert fsdp.load_device(cfg.train, gpu, rank=0, world=1) == "cpu"
     ddp = load_config(None, [f"model.name_or_path={model_dir}"])
-    assert fsdp.load_device(ddp, gpu, rank=1, world=2) == "cuda:0"
+    assert fsdp.load_device(ddp.train, gpu, rank=1, world=2) == "cuda:0"
     from ift.config import ConfigError
 
     with pytest.raises(ConfigError, match="peft.method=qlora with train.strategy=fsdp"):
-        fsdp.check(_cfg(model_dir, "peft.method=qlora"))
+        qlora = _cfg(model_dir, "peft.method=qlora")
+        fsdp.check(qlora.peft, qlora.train)
     with pytest.raises(ConfigError, match="adamw_8bit with train.strategy=fsdp"):
-        fsdp.check(_cfg(model_dir, "train.optimizer=adamw_8bit", "train.use_gpu=true"))
+        eight_bit = _cfg(model_dir, "train.optimizer=adamw_8bit", "train.use_gpu=true")
+        fsdp.check(eight_bit.peft, eight_bit.train)
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
     assert isinstance(fsdp.grad_scaler("fsdp", torch.float16), ShardedGradScaler)
@@ -167,9 +169,9 @@ def _meta_load_rank(rank, world, model_dir):
     for method in METHODS_ON_META:
         cfg = _cfg(model_dir, f"peft.method={method}")
         torch.manual_seed(rank)  # differing seeds: equal adapters must come from rank 0
-        model = load_model(cfg.model, device=fsdp.load_device(cfg, torch.device("cpu"),
+        model = load_model(cfg.model, device=fsdp.load_device(cfg.train, torch.device("cpu"),
                                                               rank, world))
-        model = methods.build(model, cfg, 4)
+        model = methods.build(model, cfg.peft, 4)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
                            if not p.is_meta)
         base = methods.unwrap(model)
@@ -200,7 +202,7 @@ def test_meta_ranks_receive_rank0_weights(tied_model_dir, tmp_path):
         results = [r[method] for r in by_rank]
         cfg = _cfg(tied_model_dir, f"peft.method={method}")
         torch.manual_seed(0)
-        reference = methods.build(load_model(cfg.model, device="cpu"), cfg, 4)
+        reference = methods.build(load_model(cfg.model, device="cpu"), cfg.peft, 4)
         expected = {n: p.detach() for n, p in reference.named_parameters()}
         adapter_bytes = sum(p.numel() * p.element_size() for p in reference.parameters()
                             if p.requires_grad)

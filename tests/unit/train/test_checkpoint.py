@@ -24,7 +24,7 @@ def _build(model_dir, method, *extra, seed=0):
     cfg = load_config(None, [f"model.name_or_path={model_dir}", f"peft.method={method}",
                              "peft.dropout=0.0", "train.max_steps=8", *extra])
     torch.manual_seed(seed)
-    model = methods.build(load_model(cfg.model, device="cpu"), cfg, 8)
+    model = methods.build(load_model(cfg.model, device="cpu"), cfg.peft, 8)
     return cfg, model
 
 

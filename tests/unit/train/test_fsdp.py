@@ -33,17 +33,19 @@ def _model(arch: str = "llama", device: str = "cpu"):
 def test_check_refuses_methods_fsdp_cannot_shard(method, message):
     cfg = load_config(None, ["train.strategy=fsdp", f"peft.method={method}"])
     with pytest.raises(ConfigError) as e:
-        fsdp.check(cfg)
+        fsdp.check(cfg.peft, cfg.train)
     assert str(e.value).startswith(message)
-    fsdp.check(load_config(None, ["train.strategy=ddp", f"peft.method={method}"]))
-    fsdp.check(load_config(None, ["train.strategy=fsdp", "peft.method=lora"]))
+    for ok in (["train.strategy=ddp", f"peft.method={method}"],
+               ["train.strategy=fsdp", "peft.method=lora"]):
+        fine = load_config(None, ok)
+        fsdp.check(fine.peft, fine.train)
 
 
 def test_load_device_reads_a_starting_adapter_on_every_rank(tmp_path):
-    cfg = load_config(None, ["train.strategy=fsdp", f"model.adapter={tmp_path}"])
-    assert fsdp.load_device(cfg, torch.device("cpu"), rank=1, world=2) == "cpu"
-    assert fsdp.load_device(load_config(None, ["train.strategy=fsdp"]), torch.device("cpu"),
-                            rank=1, world=2) == "meta"
+    train = load_config(None, ["train.strategy=fsdp"]).train
+    assert fsdp.load_device(train, torch.device("cpu"), rank=1, world=2,
+                            adapter=str(tmp_path)) == "cpu"
+    assert fsdp.load_device(train, torch.device("cpu"), rank=1, world=2) == "meta"
 
 
 def test_grad_scaler_only_for_fp16():

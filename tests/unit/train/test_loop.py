@@ -122,7 +122,7 @@ def _lora(model_dir, lr=1e-2):
                              "peft.target_modules=[q_proj,v_proj]", f"train.lr={lr}",
                              "train.max_steps=4", "train.warmup_ratio=0"])
     torch.manual_seed(0)
-    model = methods.build(load_model(cfg.model, device="cpu"), cfg, 4)
+    model = methods.build(load_model(cfg.model, device="cpu"), cfg.peft, 4)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     return cfg, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)
 

@@ -50,9 +50,9 @@ def _train(cfg, model_dir):
     batches = _batches(model_dir)
     plan = make_plan(8, 0, cfg.train)
     model = load_model(cfg.model, device="cpu", quantization=methods.quantization(cfg.peft),
-                       dtype=load_dtype(cfg))
+                       dtype=load_dtype(cfg.model, cfg.peft))
     torch.manual_seed(0)
-    model = methods.build(model, cfg, plan.total_steps)
+    model = methods.build(model, cfg.peft, plan.total_steps, tokenizer=cfg.model.name_or_path)
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train, plan)
     env = StepEnv(method=cfg.peft.method, attn_implementation=model.config._attn_implementation)
@@ -141,7 +141,7 @@ def test_freeze_trains_only_the_last_layers_and_final_norm(model32):
 def test_freeze_with_embeddings_trains_embeddings_and_head(model32):
     cfg = _cfg(model32, "freeze", 1e-3, "peft.freeze_trainable_layers=1",
                "peft.freeze_train_embeddings=true")
-    model = methods.build(load_model(cfg.model, device="cpu"), cfg, STEPS)
+    model = methods.build(load_model(cfg.model, device="cpu"), cfg.peft, STEPS)
     names = _trainable(model)
     assert "model.embed_tokens.weight" in names and "lm_head.weight" in names
     assert not any(n.startswith("model.layers.0.") for n in names)
@@ -150,7 +150,7 @@ def test_freeze_with_embeddings_trains_embeddings_and_head(model32):
 def test_freeze_rejects_more_layers_than_the_model_has(model32):
     cfg = _cfg(model32, "freeze", 1e-3, "peft.freeze_trainable_layers=3")
     with pytest.raises(ConfigError, match="freeze_trainable_layers=3.*2 layers"):
-        methods.build(load_model(cfg.model, device="cpu"), cfg, STEPS)
+        methods.build(load_model(cfg.model, device="cpu"), cfg.peft, STEPS)
 
 
 def test_prompt_tuning_starts_from_the_init_text(model32):
@@ -159,7 +159,7 @@ def test_prompt_tuning_starts_from_the_init_text(model32):
                "peft.num_virtual_tokens=4")
     base = load_model(cfg.model, device="cpu")
     table = base.get_input_embeddings().weight.detach().clone()
-    model = methods.build(base, cfg, STEPS)
+    model = methods.build(base, cfg.peft, STEPS, tokenizer=model32)
     ids = load_tokenizer(model32)(text, add_special_tokens=False)["input_ids"]
     ids = (ids * 4)[:4]
     prompt = model.prompt_encoder["default"].embedding.weight.detach()
@@ -179,7 +179,8 @@ def test_gradient_checkpointing_gives_the_same_step(model32):
         cfg = _cfg(model32, "lora", 1e-2, f"train.gradient_checkpointing={str(gc).lower()}")
         plan = make_plan(8, 0, cfg.train)
         torch.manual_seed(0)
-        model = methods.build(load_model(cfg.model, device="cpu"), cfg, plan.total_steps)
+        model = methods.build(load_model(cfg.model, device="cpu"), cfg.peft, plan.total_steps,
+                              gradient_checkpointing=cfg.train.gradient_checkpointing)
         assert methods.unwrap(model).is_activation_checkpointing == gc
         opt = make_optimizer(model, cfg.train)
         env = StepEnv(method="lora", attn_implementation=model.config._attn_implementation)
@@ -216,3 +217,37 @@ def test_each_builder_gets_its_own_knobs_from_the_peft_section():
         "freeze": methods.FreezeOptions(trainable_layers=1, train_embeddings=True),
     }
     assert {name: options(p) for name, (options, _) in methods.METHODS.items()} == expected
+
+
+@pytest.mark.parametrize("method,dtype,expected", [
+    ("full", "auto", "fp32"), ("freeze", "auto", "fp32"), ("full", "bf16", "bf16"),
+    ("lora", "auto", "auto"), ("lora", "bf16", "bf16"),
+])
+def test_load_dtype_keeps_fp32_master_weights_for_full_and_freeze(method, dtype, expected):
+    cfg = load_config(None, [f"peft.method={method}", f"model.dtype={dtype}"])
+    assert load_dtype(cfg.model, cfg.peft) == expected
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_from_adapter_continues_the_saved_adapter(model32, tmp_path, reference):
+    from ift.train.preference import REFERENCE_ADAPTER
+
+    cfg = _cfg(model32, "lora", 1e-2)
+    torch.manual_seed(3)
+    saved = methods.build(load_model(cfg.model, device="cpu"), cfg.peft, STEPS)
+    with torch.no_grad():  # LoRA's B starts at zero: give the saved adapter a value
+        for n, p in saved.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.01)
+    saved.save_pretrained(str(tmp_path / "adapter"))
+    want = {n: p.detach().clone() for n, p in saved.named_parameters() if "lora_" in n}
+
+    model = methods.from_adapter(load_model(cfg.model, device="cpu"), str(tmp_path / "adapter"),
+                                 reference=reference)
+    got = dict(model.named_parameters())
+    for n, value in want.items():
+        assert torch.equal(got[n], value) and got[n].requires_grad, n
+    assert (REFERENCE_ADAPTER in model.peft_config) == reference
+    frozen = [p for n, p in model.named_parameters() if f".{REFERENCE_ADAPTER}." in n]
+    assert len(frozen) == (len(want) if reference else 0)
+    assert not any(p.requires_grad for p in frozen)

@@ -200,7 +200,7 @@ def _lora(tiny, nonzero_seed: int | None = None):
     """A LoRA model of the tiny llama; with `nonzero_seed`, its B matrices drawn non-zero."""
     cfg = load_config(None, [f"model.name_or_path={tiny}", "peft.r=4", "peft.dropout=0"])
     torch.manual_seed(0)
-    model = methods.build(load_model(cfg.model, device="cpu", dtype="fp32"), cfg, 10)
+    model = methods.build(load_model(cfg.model, device="cpu", dtype="fp32"), cfg.peft, 10)
     if nonzero_seed is not None:
         torch.manual_seed(nonzero_seed)
         with torch.no_grad():
@@ -375,5 +375,5 @@ def test_a_run_resumes_only_with_the_objective_it_was_trained_with():
     state = {"method": "lora", "global_batch_size": plan.global_batch_size,
              "objective": "dpo"}
     with pytest.raises(ConfigError, match="train.objective=dpo, this run asks for simpo"):
-        check_resumable(state, plan, cfg, "ckpt")
-    check_resumable({**state, "objective": "simpo"}, plan, cfg, "ckpt")
+        check_resumable(state, plan, cfg.peft, cfg.train, "ckpt")
+    check_resumable({**state, "objective": "simpo"}, plan, cfg.peft, cfg.train, "ckpt")

@@ -142,7 +142,7 @@ def test_resuming_with_another_global_batch_is_refused(tiny):
 
     cfg = _cfg(tiny, "train.run_name=resume-shape")
     run_dir = driver.run_dir_of(cfg)
-    model = methods.build(load_model(cfg.model, device="cpu"), cfg, 10)
+    model = methods.build(load_model(cfg.model, device="cpu"), cfg.peft, 10)
     state = {"step": 3, "method": "lora", "global_batch_size": 2, "data_hash": "x"}
     checkpoint.save(os.path.join(run_dir, "checkpoint_0000003"), model=model, method="lora",
                     state=state, optimizer_state={}, scheduler_state={})

@@ -25,16 +25,16 @@ def _model_dir(path, config: str = '{"a": 1}', weights: bytes = b"x" * 10) -> st
     return str(path)
 
 
-def _cfg(model: str, adapter: str = ""):
+def _model(model: str, adapter: str = ""):
     over = [f"model.name_or_path={model}"]
     if adapter:
         over.append(f"model.adapter={adapter}")
-    return load_config(None, over)
+    return load_config(None, over).model
 
 
 def test_cache_key_is_made_of_data_base_model_dtype_and_adapter(tmp_path):
     model = _model_dir(tmp_path / "m")
-    key, parts = cache_key(_cfg(model), "data1", "bf16")
+    key, parts = cache_key(_model(model), "data1", "bf16")
     assert len(key) == 16 and int(key, 16) >= 0
     assert parts == {
         "data_hash": "data1", "dtype": "bf16", "reference_adapter": None,
@@ -42,16 +42,16 @@ def test_cache_key_is_made_of_data_base_model_dtype_and_adapter(tmp_path):
                        "config.json": hashlib.sha256(b'{"a": 1}').hexdigest(),
                        "weights": [("model.safetensors", 10)]},
     }
-    assert cache_key(_cfg(model), "data1", "bf16")[0] == key  # stable
-    assert cache_key(_cfg(model), "data2", "bf16")[0] != key
-    assert cache_key(_cfg(model), "data1", "fp32")[0] != key
+    assert cache_key(_model(model), "data1", "bf16")[0] == key  # stable
+    assert cache_key(_model(model), "data2", "bf16")[0] != key
+    assert cache_key(_model(model), "data1", "fp32")[0] != key
     # Files that are not config or weights do not matter; a config edit or resized weights do.
     (tmp_path / "m" / "README.md").write_text("notes")
-    assert cache_key(_cfg(model), "data1", "bf16")[0] == key
+    assert cache_key(_model(model), "data1", "bf16")[0] == key
     _model_dir(tmp_path / "m", weights=b"x" * 11)
-    resized = cache_key(_cfg(model), "data1", "bf16")[0]
+    resized = cache_key(_model(model), "data1", "bf16")[0]
     _model_dir(tmp_path / "m", config='{"a": 2}')
-    assert len({key, resized, cache_key(_cfg(model), "data1", "bf16")[0]}) == 3
+    assert len({key, resized, cache_key(_model(model), "data1", "bf16")[0]}) == 3
 
 
 def test_a_reference_adapter_is_known_by_its_weights_not_only_their_size(tmp_path):
@@ -60,21 +60,21 @@ def test_a_reference_adapter_is_known_by_its_weights_not_only_their_size(tmp_pat
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"r": 8}')
     (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
-    key, parts = cache_key(_cfg(model, str(adapter)), "d", "fp32")
+    key, parts = cache_key(_model(model, str(adapter)), "d", "fp32")
     ref = parts["reference_adapter"]
     assert ref["adapter_config.json"] == hashlib.sha256(b'{"r": 8}').hexdigest()
     assert ref["adapter_sha256"] == hashlib.sha256(b"\x00" * 16).hexdigest()
     assert ref["weights"] == [("adapter_model.safetensors", 16)]
-    assert key != cache_key(_cfg(model), "d", "fp32")[0]
+    assert key != cache_key(_model(model), "d", "fp32")[0]
     (adapter / "adapter_model.safetensors").write_bytes(b"\x01" * 16)  # same size
-    assert cache_key(_cfg(model, str(adapter)), "d", "fp32")[0] != key
+    assert cache_key(_model(model, str(adapter)), "d", "fp32")[0] != key
 
 
 def test_remote_or_hub_models_are_known_by_name(tmp_path):
     for name in ("s3://bucket/models/base", "org/some-model"):
-        _key, parts = cache_key(_cfg(name), "d", "bf16")
+        _key, parts = cache_key(_model(name), "d", "bf16")
         assert parts["base_model"] == {"path": name}
-    assert cache_key(_cfg("org/a"), "d", "bf16")[0] != cache_key(_cfg("org/b"), "d", "bf16")[0]
+    assert cache_key(_model("org/a"), "d", "bf16")[0] != cache_key(_model("org/b"), "d", "bf16")[0]
     assert cache_dir("s3://b/prepared", "k1") == "s3://b/prepared/ref_logps/k1"
 
 
