@@ -45,7 +45,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ift import storage
-from ift.config import Config, ConfigError, ServeConfig, load_config
+from ift.config import Config, ConfigError, ModelConfig, ServeConfig, load_config
 from ift.models import check_model_path
 from ift.raycluster import init_ray
 from ift.serve import openapi, vllm
@@ -82,43 +82,47 @@ LIGHT_REQUESTS = 32  # room over the admission limits for /health, /v1/models an
 # ---------------------------------------------------------------------------------------
 
 
-def _path(cfg: Config, p: str) -> str:
-    """A configured path: under storage.root when it is relative and exists there, else as
-    given (a local path, s3:// path or hub id)."""
+def _path(root: str, p: str) -> str:
+    """A configured path: under the storage root (storage.root) when it is relative and
+    exists there, else as given (a local path, s3:// path or hub id)."""
     if not p or os.path.exists(p) or storage.is_remote(p) or os.path.isabs(p):
         return p
-    under = cfg.resolve(p)
+    under = storage.join(root, p)
     return under if storage.exists(under) else p
 
 
-def base_model_path(cfg: Config) -> str:
-    p = cfg.serve.base_model or cfg.model.name_or_path
+def base_model_path(serve: ServeConfig, model: ModelConfig, root: str) -> str:
+    """The base model's path: serve.base_model, else model.name_or_path (see `_path`)."""
+    p = serve.base_model or model.name_or_path
     if not p:
         raise ConfigError("serve.base_model (or model.name_or_path) is required")
-    return _path(cfg, p)
+    return _path(root, p)
 
 
-def catalog_kwargs(cfg: Config) -> dict[str, Any]:
-    s = cfg.serve
+def catalog_kwargs(serve: ServeConfig, model: ModelConfig, root: str) -> dict[str, Any]:
+    """The `Catalog` arguments: the base model, adapters and merged models, their paths
+    resolved under the storage root `root` (see `_path`)."""
     return {
-        "base_id": s.base_model_id,
-        "base_path": base_model_path(cfg),
-        "adapters": {k: _path(cfg, v) for k, v in s.adapters.items()},
-        "adapter_root": _path(cfg, s.adapter_root) if s.adapter_root else "",
-        "merged": {k: _path(cfg, v) for k, v in s.merged_models.items()},
+        "base_id": serve.base_model_id,
+        "base_path": base_model_path(serve, model, root),
+        "adapters": {k: _path(root, v) for k, v in serve.adapters.items()},
+        "adapter_root": _path(root, serve.adapter_root) if serve.adapter_root else "",
+        "merged": {k: _path(root, v) for k, v in serve.merged_models.items()},
     }
 
 
-def engine_kwargs(cfg: Config) -> dict[str, Any]:
-    s = cfg.serve
+def engine_kwargs(serve: ServeConfig, model: ModelConfig, template: str) -> dict[str, Any]:
+    """The `Engine` arguments of every replica: device and torch threads from the replica's
+    resources, batching from the serve section, dtype from the model section, and the chat
+    template (data.template) that prompts fall back to."""
     return {
-        "dtype": cfg.model.dtype,
-        "device": "cuda" if s.gpus_per_replica > 0 else "cpu",
-        "template": cfg.data.template,
-        "max_batch_size": s.max_batch_size,
-        "batch_wait_timeout_s": s.batch_wait_timeout_s,
-        "trust_remote_code": cfg.model.trust_remote_code,
-        "num_threads": max(1, int(s.cpus_per_replica)),
+        "dtype": model.dtype,
+        "device": "cuda" if serve.gpus_per_replica > 0 else "cpu",
+        "template": template,
+        "max_batch_size": serve.max_batch_size,
+        "batch_wait_timeout_s": serve.batch_wait_timeout_s,
+        "trust_remote_code": model.trust_remote_code,
+        "num_threads": max(1, int(serve.cpus_per_replica)),
     }
 
 
@@ -612,7 +616,7 @@ def _scaling(s: ServeConfig) -> dict[str, Any]:
 def preflight(cfg: Config) -> dict[str, Any]:
     """The catalog arguments, once id clashes, bad adapter ids and missing local model
     directories have failed here, before anything starts."""
-    cat = catalog_kwargs(cfg)
+    cat = catalog_kwargs(cfg.serve, cfg.model, cfg.storage.root)
     Catalog(**cat)
     check_model_path(cat["base_path"], "serve.base_model")
     for mid, path in cat["merged"].items():
@@ -627,7 +631,7 @@ def build_app(cfg: Config):
 
     s = cfg.serve
     cat = preflight(cfg)
-    eng = engine_kwargs(cfg)
+    eng = engine_kwargs(s, cfg.model, cfg.data.template)
     limits = {"max_ongoing_requests": s.max_ongoing_requests,
               "max_queued_requests": s.max_queued_requests}
     merged = {
@@ -651,10 +655,10 @@ def vllm_llm_configs(cfg: Config, adapters: dict[str, dict[str, Any]] | None = N
                      ) -> list[dict[str, Any]]:
     """The `ray.serve.llm` LLMConfig fields for a config, as plain dicts (ift.serve.vllm);
     `adapters` maps each adapter served to its adapter_config.json contents."""
-    s = cfg.serve
-    return vllm.llm_configs(cfg, base_model_path(cfg),
-                            {mid: _path(cfg, p) for mid, p in s.merged_models.items()},
-                            _path(cfg, s.adapter_root) if s.adapter_root else "",
+    s, root = cfg.serve, cfg.storage.root
+    return vllm.llm_configs(s, cfg.data.template, base_model_path(s, cfg.model, root),
+                            {mid: _path(root, p) for mid, p in s.merged_models.items()},
+                            _path(root, s.adapter_root) if s.adapter_root else "",
                             adapters or {})
 
 
@@ -674,8 +678,9 @@ def build_vllm_app(cfg: Config):
     except ImportError as e:
         raise ConfigError(f"serve.backend=vllm needs ray[llm] (vLLM) installed (pip install "
                           f"'ift[vllm]' on GPU nodes): {e}") from e
-    root = _path(cfg, cfg.serve.adapter_root) if cfg.serve.adapter_root else ""
-    paths = vllm.collect_adapters({k: _path(cfg, v) for k, v in cfg.serve.adapters.items()},
+    s, storage_root = cfg.serve, cfg.storage.root
+    root = _path(storage_root, s.adapter_root) if s.adapter_root else ""
+    paths = vllm.collect_adapters({k: _path(storage_root, v) for k, v in s.adapters.items()},
                                   root)
     adapters = vllm.read_adapter_configs(paths)
     configs = [LLMConfig(**c) for c in vllm_llm_configs(cfg, adapters)]  # checks first

@@ -22,7 +22,7 @@ import tempfile
 from typing import Any
 
 from ift import storage
-from ift.config import Config, ConfigError
+from ift.config import ConfigError, ServeConfig
 from ift.models import CHATML_TEMPLATE
 from ift.serve.adapters import Catalog
 
@@ -68,10 +68,9 @@ def max_lora_rank(ranks: list[int]) -> int:
                       f"max_lora_rank {VLLM_LORA_RANKS[-1]}")
 
 
-def chat_template(cfg: Config) -> str | None:
-    """The jinja chat template vLLM renders requests with: the training template's
-    (None: the tokenizer's own)."""
-    template = cfg.data.template
+def chat_template(template: str) -> str | None:
+    """The jinja chat template vLLM renders requests with, for the training template
+    `template` (data.template; None: the tokenizer's own)."""
     if template in ("auto", "tokenizer"):
         return None
     if template == "chatml":
@@ -81,40 +80,40 @@ def chat_template(cfg: Config) -> str | None:
                       "with data.template=chatml or tokenizer")
 
 
-def llm_configs(cfg: Config, base_path: str, merged: dict[str, str], lora_root: str,
-                adapters: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The `ray.serve.llm` LLMConfig fields (plain dicts): the base model with its adapters
-    (name -> adapter_config.json contents), then each merged model."""
-    s = cfg.serve
-    deployment: dict[str, Any] = {"max_ongoing_requests": s.max_ongoing_requests}
-    if s.autoscaling:
-        deployment["autoscaling_config"] = dict(s.autoscaling)
+def llm_configs(serve: ServeConfig, template: str, base_path: str, merged: dict[str, str],
+                lora_root: str, adapters: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `ray.serve.llm` LLMConfig fields (plain dicts) for the serve section and the
+    training template (data.template): the base model with its adapters (name ->
+    adapter_config.json contents), then each merged model."""
+    deployment: dict[str, Any] = {"max_ongoing_requests": serve.max_ongoing_requests}
+    if serve.autoscaling:
+        deployment["autoscaling_config"] = dict(serve.autoscaling)
     else:
-        deployment["num_replicas"] = s.num_replicas
-    template = chat_template(cfg)
+        deployment["num_replicas"] = serve.num_replicas
+    jinja = chat_template(template)
 
     def one(model_id: str, source: str) -> dict[str, Any]:
         conf: dict[str, Any] = {
             "model_loading_config": {"model_id": model_id, "model_source": source},
             "deployment_config": dict(deployment),
-            "engine_kwargs": dict(s.engine_kwargs),
+            "engine_kwargs": dict(serve.engine_kwargs),
         }
-        if template is not None:
-            conf["engine_kwargs"].setdefault("chat_template", template)
-        if s.accelerator_type:
-            conf["accelerator_type"] = s.accelerator_type
+        if jinja is not None:
+            conf["engine_kwargs"].setdefault("chat_template", jinja)
+        if serve.accelerator_type:
+            conf["accelerator_type"] = serve.accelerator_type
         return conf
 
-    base = one(s.base_model_id, base_path)
+    base = one(serve.base_model_id, base_path)
     if adapters and not lora_root:
         raise ConfigError("serve.backend=vllm with serve.adapters needs serve.adapter_root "
                           "(an s3:// folder vLLM loads adapters from; they are copied there)")
     if lora_root:
         base["lora_config"] = {"dynamic_lora_loading_path": lora_root,
-                               "max_num_adapters_per_replica": s.max_adapters_per_replica}
+                               "max_num_adapters_per_replica": serve.max_adapters_per_replica}
         kw = base["engine_kwargs"]
         kw.setdefault("enable_lora", True)
-        kw.setdefault("max_loras", min(max(len(adapters), 1), s.max_adapters_per_replica))
+        kw.setdefault("max_loras", min(max(len(adapters), 1), serve.max_adapters_per_replica))
         if adapters:
             ranks = [adapter_rank(name, c) for name, c in sorted(adapters.items())]
             kw.setdefault("max_lora_rank", max_lora_rank(ranks))

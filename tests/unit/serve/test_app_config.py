@@ -1,8 +1,10 @@
-"""How a config becomes deployments: paths, auth digest, scaling, the vLLM switch."""
+"""How a config becomes deployments: paths, engine arguments, auth digest, scaling, the vLLM
+switch."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 
@@ -55,6 +57,53 @@ def test_api_key_digest_reads_the_named_variable(monkeypatch):
         api_key_digest(cfg.serve)
     monkeypatch.setenv("IFT_UNIT_KEY", "k1")
     assert api_key_digest(cfg.serve) == hashlib.sha256(b"k1").hexdigest()
+
+
+def test_relative_paths_resolve_under_the_storage_root_only_when_they_exist_there(
+        tmp_path, monkeypatch):
+    from ift.serve.app import _path
+
+    root = tmp_path / "root"
+    (root / "runs" / "a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert _path(str(root), "runs/a") == os.path.join(str(root), "runs/a")
+    assert _path(str(root), "runs/missing") == "runs/missing"  # a hub id, say
+    (tmp_path / "here").mkdir()
+    assert _path(str(root), "here") == "here"  # exists as given: not moved under the root
+    for given in ("", "/abs/model", "s3://bucket/model", "org/model"):
+        assert _path(str(root), given) == given
+
+
+def test_base_model_and_catalog_paths_come_from_the_serve_section(tmp_path):
+    from ift.serve.app import base_model_path, catalog_kwargs
+
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "a1").mkdir()
+    cfg = build_config({"model": {"name_or_path": "runs/tiny"}, "serve": {
+        "base_model_id": "b", "adapters": {"a1": "runs/a1", "hub": "org/adapter"},
+        "adapter_root": "s3://bucket/runs", "merged_models": {"m": "/abs/merged"}}})
+    root = str(tmp_path)
+    assert catalog_kwargs(cfg.serve, cfg.model, root) == {
+        "base_id": "b", "base_path": os.path.join(root, "runs/tiny"),
+        "adapters": {"a1": os.path.join(root, "runs/a1"), "hub": "org/adapter"},
+        "adapter_root": "s3://bucket/runs", "merged": {"m": "/abs/merged"}}
+    cfg.serve.base_model = "org/other"  # serve.base_model wins over model.name_or_path
+    assert base_model_path(cfg.serve, cfg.model, root) == "org/other"
+    empty = build_config({})
+    with pytest.raises(ConfigError, match=r"serve\.base_model \(or model\.name_or_path\)"):
+        base_model_path(empty.serve, empty.model, root)
+
+
+@pytest.mark.parametrize("gpus,cpus,device,threads", [(0, 2.5, "cpu", 2), (1, 0.5, "cuda", 1)])
+def test_engine_kwargs_follow_the_replica_resources(gpus, cpus, device, threads):
+    from ift.serve.app import engine_kwargs
+
+    cfg = build_config({"model": {"dtype": "bf16", "trust_remote_code": True},
+                        "serve": {"gpus_per_replica": gpus, "cpus_per_replica": cpus,
+                                  "max_batch_size": 5, "batch_wait_timeout_s": 0.02}})
+    assert engine_kwargs(cfg.serve, cfg.model, "chatml") == {
+        "dtype": "bf16", "device": device, "template": "chatml", "max_batch_size": 5,
+        "batch_wait_timeout_s": 0.02, "trust_remote_code": True, "num_threads": threads}
 
 
 @pytest.mark.parametrize("override,key", [

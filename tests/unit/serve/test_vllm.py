@@ -88,3 +88,18 @@ def test_chat_template_follows_training_and_adapters_need_a_root(adapters):
     with pytest.raises(ConfigError, match="needs serve.adapter_root"):
         vllm_llm_configs(no_root, vllm.read_adapter_configs({"a": paths["r8"]}))
     assert os.path.exists(os.path.join(paths["r8"], "adapter_config.json"))
+
+
+def test_llm_configs_take_the_serve_section_and_the_template_name():
+    assert vllm.chat_template("chatml") == CHATML_TEMPLATE
+    assert vllm.chat_template("auto") is None and vllm.chat_template("tokenizer") is None
+    with pytest.raises(ConfigError, match="data.template=human_assistant"):
+        vllm.chat_template("human_assistant")
+    serve = build_config({"serve": {"backend": "vllm", "base_model_id": "b", "num_replicas": 2,
+                                    "engine_kwargs": {"chat_template": "{{ x }}"}}}).serve
+    base, merged = vllm.llm_configs(serve, "chatml", "/models/b", {"m": "/models/m"}, "", {})
+    assert base["model_loading_config"] == {"model_id": "b", "model_source": "/models/b"}
+    assert base["deployment_config"]["num_replicas"] == 2 and "lora_config" not in base
+    # serve.engine_kwargs' own chat_template wins over the training template's
+    assert base["engine_kwargs"] == {"chat_template": "{{ x }}"}
+    assert merged["model_loading_config"]["model_source"] == "/models/m"
