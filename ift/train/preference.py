@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from ift.config import TrainConfig
 from ift.train.collate import IGNORE_INDEX, collate, model_inputs
 from ift.train.methods import is_adapter, unwrap
 from ift.train.ref_logps import REF_COLUMNS
@@ -357,22 +358,24 @@ def _forward_logps(model: nn.Module, inputs: dict[str, torch.Tensor],
 # ---------------------------------------------------------------------------------------
 
 
-def objective_for(cfg: Any, model: nn.Module, plan: Any,
-                  load_copy: Callable[[], nn.Module]) -> Objective | None:
-    """The configured preference objective bound to its reference, or None for sft.
+def objective_for(t: TrainConfig, model: nn.Module, plan: Any,
+                  load_copy: Callable[[], nn.Module], *, method: str,
+                  adapter: str = "") -> Objective | None:
+    """The configured preference objective (train section) bound to its reference, or
+    None for sft.
 
-    DPO's reference: the parent adapter frozen when the policy starts from model.adapter;
-    else the same model with its adapter disabled; a frozen copy for full and freeze.
-    `model` is the built (not yet DDP-wrapped) model.
+    DPO's reference: the parent adapter frozen when the policy starts from `adapter`
+    (model.adapter); else the same model with its adapter disabled (peft `method` an
+    adapter); a frozen copy for full and freeze. `model` is the built (not yet
+    DDP-wrapped) model.
     """
-    t = cfg.train
     if t.objective == "sft":
         return None
     reference = None
     if t.objective == "dpo" and not plan.ref_logps:  # precomputed: the rows carry them
-        if cfg.model.adapter:
+        if adapter:
             reference = frozen_adapter_reference(model)
-        elif is_adapter(cfg.peft.method):
+        elif is_adapter(method):
             reference = disabled_adapter_reference(model)
         else:
             reference = frozen_copy_reference(load_copy())

@@ -162,9 +162,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               trust_remote_code=cfg.model.trust_remote_code,
                               gradient_checkpointing=train.gradient_checkpointing)
     trainable, total = methods.parameter_counts(model)
-    objective = preference.objective_for(cfg, model, plan, lambda: load_model(
-        cfg.model, device=str(device), quantization=methods.quantization(cfg.peft),
-        dtype=load_dtype(cfg.model, cfg.peft)))
+    objective = preference.objective_for(
+        train, model, plan, lambda: load_model(
+            cfg.model, device=str(device), quantization=methods.quantization(cfg.peft),
+            dtype=load_dtype(cfg.model, cfg.peft)),
+        method=cfg.peft.method, adapter=cfg.model.adapter)
 
     state: dict[str, Any] | None = None
     opt_state = sched_state = None

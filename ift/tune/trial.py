@@ -35,7 +35,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ift import storage, tracking
 from ift.artifacts import RUN_FILE, RUNS_DIR, TRIAL_FILE
-from ift.config import ConfigError
+from ift.config import ConfigError, TrainConfig
 from ift.data import pipeline
 from ift.data.dataset import PrepareError, read_manifest
 from ift.eval.during import last_metrics
@@ -229,9 +229,9 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     ray.tune.report({**result, "trial_done": 1})
 
 
-def eval_resources(cfg) -> dict[str, float]:
-    """What a trial's evaluation reserves: one training worker's CPUs (and GPU)."""
-    t = cfg.train
+def eval_resources(t: TrainConfig) -> dict[str, float]:
+    """What a trial's evaluation reserves: one training worker's CPUs (and GPU), from the
+    train section."""
     return {"num_cpus": t.cpus_per_worker, "num_gpus": t.gpus_per_worker if t.use_gpu else 0}
 
 
@@ -252,7 +252,7 @@ def eval_remote(cfg, run_dir: str, data: str | None) -> dict[str, Any]:
     inside it would run on whatever the scheduler left it (the head's CPUs on a cluster).
     The result carries "task" (see _evaluate_task), which trial.json keeps as eval_task."""
     task = ray.remote(_evaluate_task).options(
-        **eval_resources(cfg), max_retries=0,
+        **eval_resources(cfg.train), max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     return ray.get(task.remote(cfg, run_dir, data))
 

@@ -377,3 +377,36 @@ def test_a_run_resumes_only_with_the_objective_it_was_trained_with():
     with pytest.raises(ConfigError, match="train.objective=dpo, this run asks for simpo"):
         check_resumable(state, plan, cfg.peft, cfg.train, "ckpt")
     check_resumable({**state, "objective": "simpo"}, plan, cfg.peft, cfg.train, "ckpt")
+
+
+def test_objective_for_binds_the_reference_the_run_calls_for():
+    from types import SimpleNamespace
+
+    from ift.train.preference import objective_for
+
+    plan = SimpleNamespace(ref_logps="", global_batch_size=8, world_size=2)
+    model = torch.nn.Linear(2, 2)
+    copies = []
+
+    def load_copy():
+        copies.append(torch.nn.Linear(2, 2))
+        return copies[-1]
+
+    def kind(train_overrides, **kw):
+        t = load_config(None, train_overrides).train
+        o = objective_for(t, model, kw.pop("plan", plan), load_copy, **kw)
+        return o if o is None else (o, (o.reference.__qualname__.split(".")[0]
+                                        if o.reference else None))
+
+    assert kind([], method="lora") is None  # sft
+    o, ref = kind(["train.objective=dpo", "train.beta=0.3"], method="lora")
+    assert ref == "disabled_adapter_reference" and o.beta == 0.3 and o.pairs_per_rank == 4
+    assert kind(["train.objective=dpo"], method="lora", adapter="/runs/a/final")[1] == \
+        "frozen_adapter_reference"
+    assert kind(["train.objective=dpo"], method="full")[1] == "frozen_copy_reference"
+    assert len(copies) == 1 and not any(p.requires_grad for p in copies[0].parameters())
+    precomputed = SimpleNamespace(ref_logps="/p/ref_logps/k", global_batch_size=8, world_size=1)
+    assert kind(["train.objective=dpo"], method="full", plan=precomputed)[1] is None
+    o, ref = kind(["train.objective=simpo", "train.simpo_gamma=0.7"], method="lora")
+    assert ref is None and o.name == "simpo" and o.gamma == 0.7
+    assert len(copies) == 1  # only full/freeze dpo without precomputed log-probs loads one

@@ -30,9 +30,9 @@ def test_final_result_maps_eval_names_and_drops_what_is_unknown_or_missing():
 def test_eval_resources_are_one_training_workers():
     cfg = load_config(None, ["train.cpus_per_worker=3", "train.gpus_per_worker=0.5",
                              "train.use_gpu=true"])
-    assert eval_resources(cfg) == {"num_cpus": 3.0, "num_gpus": 0.5}
+    assert eval_resources(cfg.train) == {"num_cpus": 3.0, "num_gpus": 0.5}
     cpu = load_config(None, ["train.cpus_per_worker=2", "train.gpus_per_worker=1"])
-    assert eval_resources(cpu) == {"num_cpus": 2.0, "num_gpus": 0}
+    assert eval_resources(cpu.train) == {"num_cpus": 2.0, "num_gpus": 0}
 
 
 def test_placement_groups_reads_the_recorded_ids(tmp_path):
