@@ -10,6 +10,9 @@ log-probs and inspection read its rows through this module (`iter_split_rows`,
       sources/source=S/split=X/  tokenized rows per source, before mixing
       sources/_index.parquet     the kept rows: key, source, split, shard, num_tokens (load_index)
       rejects/ dropped/          JSONL of rows that were rejected or kept no trainable token
+
+A preference dataset (manifest "kind": "preference") has train/ and val/ shards of
+PAIR_SCHEMA rows, rejects/ and dropped/, and no sources/.
 """
 
 from __future__ import annotations
@@ -38,6 +41,18 @@ SHARD_SCHEMA = pa.schema([
     ("input_ids", _IDS), ("labels", _IDS), ("num_tokens", pa.int32()),
     ("num_trainable", pa.int32()),
 ])
+PREFERENCE = "preference"
+"""The manifest "kind" of a prepared preference dataset (PAIR_SCHEMA shards)."""
+PAIR_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()),
+    ("input_ids", _IDS), ("labels", _IDS),
+    ("rejected_input_ids", _IDS), ("rejected_labels", _IDS),
+    ("prompt_tokens", pa.int32()), ("num_tokens", pa.int32()),
+    ("rejected_num_tokens", pa.int32()), ("num_trainable", pa.int32()),
+    ("rejected_num_trainable", pa.int32()),
+])
+"""The train/ and val/ shards of a preference dataset (manifest kind "preference"):
+input_ids and labels are the chosen side, rejected_* the rejected one."""
 
 
 class PrepareError(InputError):

@@ -21,6 +21,7 @@ from ift import storage
 from ift.config import ConfigError
 from ift.data import ie, mix
 from ift.data.formats import convert
+from ift.data.preference import convert_pair, pair_hash, tokenize_pairs
 from ift.data.quality import record_lang, substitute_placeholders, validate
 from ift.data.readers import detect_format, iter_raw, plan_reads
 from ift.data.record import ConvertError, drop_reasoning
@@ -84,6 +85,52 @@ def clean_rows(task, opts: RowOptions) -> Iterator[tuple[int, int, dict | None, 
             if opts.placeholders or not rec.get("lang"):  # substitution may change the script
                 rec["lang"] = record_lang(rec.get("system"), rec["messages"])
             yield key, line, rec, None, raw_text
+
+
+def pair_rows(task, options: dict[str, Any], tokenizer, *, template: str, max_seq_len: int,
+              batch_size: int) -> list[dict[str, Any]]:
+    """A preference read task's rows, one per raw row: "kept" with the pair's tokens
+    (dataset.PAIR_SCHEMA columns), "dropped" with the reason no reply token survived
+    truncation, or "rejected" with the conversion error and the raw text. `options` holds
+    the source's "task" and "system"."""
+    out: list[dict[str, Any]] = []
+    pending: list[tuple[int, int, dict]] = []
+
+    def flush() -> None:
+        rows, lost = tokenize_pairs([p for _, _, p in pending], tokenizer,
+                                    template=template, max_seq_len=max_seq_len)
+        reasons = dict(lost)
+        it = iter(rows)
+        for i, (key, line, pair) in enumerate(pending):
+            base = {"key": key, "src": task.source_index, "hash": pair_hash(pair),
+                    "lang": pair["lang"], "line": line}
+            if i in reasons:
+                out.append({**base, "status": "dropped", "reason": reasons[i], "id": pair["id"],
+                            "source": task.source})
+            else:
+                out.append({**base, "status": "kept", **next(it)})
+        pending.clear()
+
+    for line, raw, error, raw_text in iter_raw(task):
+        key = int(mix.make_key(task.file_index, line))
+        if error is None:
+            try:
+                pair = convert_pair(task.format, raw, id=f"{task.source}-{task.file_index}-{line}",
+                                    source=task.source, task=options["task"],
+                                    system=options["system"])
+            except ConvertError as e:
+                error = str(e)
+        if error is not None:
+            out.append({"key": key, "src": task.source_index, "status": "rejected",
+                        "line": line, "reason": error, "raw": raw_text[:100_000],
+                        "source": task.source})
+            continue
+        pending.append((key, line, pair))
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    return out
 
 
 def iter_raw_records(data: str, *, seed: int = 42, key: str = "eval.data",

@@ -23,6 +23,10 @@ passes through the driver or the object store:
            source's weight or count (val rows once) -> shuffle within the shard -> pack
            (optional) -> write `train/` and `val/`; split statistics stream back.
 
+A preference preparation (data.kind=preference, `prepare_pairs`) is one pass: each task
+converts and tokenizes its pairs (ingest.pair_rows) and sends them to the driver, which
+settles and writes them (settle.settle_pairs).
+
 The `mix` pass is also what a sweep runs to re-mix sources without tokenizing again
 (`remix`). Duplicates are tokenized before they are known to be duplicates; that costs
 what their share of the data costs, and it is what lets every row be read once. Each task
@@ -50,7 +54,7 @@ import ray
 
 from ift import storage
 from ift.artifacts import MANIFEST_FILE
-from ift.config import PAIR_FORMATS, Config, ConfigError, SourceConfig, load_config
+from ift.config import PAIR_FORMATS, Config, ConfigError, DataConfig, SourceConfig, load_config
 from ift.data import ie, mix
 from ift.data.dataset import (
     MANIFEST_VERSION,
@@ -61,11 +65,20 @@ from ift.data.dataset import (
     read_manifest,
     source_names,
 )
-from ift.data.ingest import RowOptions, clean_rows
+from ift.data.ingest import RowOptions, clean_rows, pair_rows
 from ift.data.inspect import summary
 from ift.data.readers import ReadTask, plan_reads
 from ift.data.record import conversation_hash, split_hash
-from ift.data.settle import DROPPED, META_SCHEMA, REJECTED, TRAIN, VAL, IngestLedger
+from ift.data.settle import (
+    DROPPED,
+    META_SCHEMA,
+    PAIR_ROW_SCHEMA,
+    REJECTED,
+    TRAIN,
+    VAL,
+    IngestLedger,
+    settle_pairs,
+)
 from ift.data.templates import resolve_template
 from ift.data.tokenize import tokenize_arrays
 from ift.models import load_tokenizer, tokenizer_identity
@@ -454,9 +467,7 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
     t0 = time.time()
     planned = plan_inputs(cfg)
     if planned.kind == "preference":
-        from ift.data.prepare_pairs import prepare_pairs  # cycle: it imports this module
-
-        return prepare_pairs(cfg, planned, fresh=fresh, address=address)
+        return prepare_pairs(cfg.data, planned, fresh=fresh, address=address)
     out, tok_name, template, identity, sources, tasks, files, digest, schemas, _ = planned
     old = reuse_or_clear(out, digest, fresh)
     if old is not None:
@@ -555,6 +566,61 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
     storage.mark_complete(out, digest)
     _log(f"wrote {out}: train {manifest['splits']['train']['rows']} rows, "
          f"val {manifest['splits']['val']['rows']} rows in {time.time() - t0:.1f}s")
+    return manifest
+
+
+def _pairs_udf(batch: dict[str, np.ndarray], tok: dict) -> Iterator[pa.Table]:
+    """A preference read task in; one PAIR_ROW_SCHEMA row per raw row out."""
+    rows = pair_rows(_task_of(batch), json.loads(batch["options"][0]), _tokenizer(tok["name"]),
+                     template=tok["template"], max_seq_len=tok["max_seq_len"],
+                     batch_size=tok["batch_size"])
+    for i in range(0, len(rows), 512):
+        yield pa.Table.from_pylist(rows[i:i + 512], schema=PAIR_ROW_SCHEMA)
+    if not rows:
+        yield PAIR_ROW_SCHEMA.empty_table()
+
+
+def prepare_pairs(d: DataConfig, planned: Inputs, *, fresh: bool = False,
+                  address: str | None = None) -> dict:
+    """`ift data prepare` with data.kind=preference: pair sources in, tokenized pairs out.
+
+    One Ray Data task per read task converts (ift.data.preference), validates and
+    tokenizes its pairs (ingest.pair_rows) and streams them to the driver, which settles
+    them (settle.settle_pairs): duplicates dropped, val held out, train drawn by weight or
+    count, train/ and val/ (dataset.PAIR_SCHEMA), rejects/ and dropped/ written. Preference
+    sets are small next to SFT collections (tens of thousands of pairs), so tokenized
+    pairs pass through the driver. Returns the manifest; reuses a complete, unchanged
+    output unless `fresh`."""
+    out, tok_name, template, identity, sources, tasks, files, digest, _, _ = planned
+    old = reuse_or_clear(out, digest, fresh)
+    if old is not None:
+        return old
+
+    init_ray(address)
+    _configure_data_context()
+    items = [{**dataclasses.asdict(t), "task_index": i, "options": json.dumps(
+        {"task": sources[t.source_index].task, "system": sources[t.source_index].system})}
+        for i, t in enumerate(tasks)]
+    tok = {"name": tok_name, "template": template, "max_seq_len": d.max_seq_len,
+           "batch_size": d.batch_size}
+    _log(f"preference pairs: read, convert, validate, render template {template!r}, "
+         f"tokenize both sides (max_seq_len {d.max_seq_len}) in {len(tasks)} tasks")
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _pairs_udf, batch_size=1, batch_format="numpy", num_cpus=d.num_cpus_per_task,
+        fn_kwargs={"tok": tok})
+    tables = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
+    rows = pa.concat_tables(tables).to_pylist() if tables else []
+    rows.sort(key=lambda r: r["key"])
+    manifest = settle_pairs(rows, sources, files, d, out, digest, identity, template)
+    counts = {k: sum(s[k] for s in manifest["sources"].values())
+              for k in ("rows_read", "rows_kept", "rows_rejected", "rows_duplicate",
+                        "rows_dropped")}
+    _log(f"read {counts['rows_read']} pairs: {counts['rows_kept']} kept, "
+         f"{counts['rows_rejected']} rejected, {counts['rows_duplicate']} duplicates, "
+         f"{counts['rows_dropped']} dropped by truncation")
+    storage.write_text(storage.join(out, MANIFEST_FILE),
+                       json.dumps(manifest, indent=2, ensure_ascii=False))
+    storage.mark_complete(out, digest)
     return manifest
 
 

@@ -5,6 +5,9 @@ written.
 
 The ingest tasks (ift.data.pipeline) send one META_SCHEMA row per row read, its `split` one
 of the codes below; `IngestLedger` takes them batch by batch and settles them once all are in.
+
+Preference pairs (data.kind=preference) come back whole instead (PAIR_ROW_SCHEMA, from
+ingest.pair_rows), and `settle_pairs` writes their shards: pair sets are small.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections import defaultdict
 from typing import Any, NamedTuple
 
@@ -24,8 +28,17 @@ import pyarrow.parquet as pq
 from ift import storage
 from ift.config import DataConfig
 from ift.data import mix
-from ift.data.dataset import INDEX_FILE, PARTITIONS, SOURCES_DIR
+from ift.data.dataset import (
+    INDEX_FILE,
+    MANIFEST_VERSION,
+    PAIR_SCHEMA,
+    PARTITIONS,
+    PREFERENCE,
+    SOURCES_DIR,
+    PrepareError,
+)
 from ift.data.ingest import CHUNK_SHIFT
+from ift.data.preference import length_stats
 
 TRAIN, VAL, DROPPED, REJECTED = range(4)
 """What the ingest says of a row read (indices into dataset.PARTITIONS)."""
@@ -191,3 +204,163 @@ def _fixed_bytes(column: pa.ChunkedArray, width: int) -> np.ndarray:
 def _write_index(prepared: str, index: pa.Table) -> None:
     fs, root = storage.arrow_fs(storage.join(prepared, SOURCES_DIR, INDEX_FILE))
     pq.write_table(index, root, filesystem=fs)
+
+
+# ---------------------------------------------------------------------------------------
+# Preference pairs (data.kind=preference): small sets, so the pairs' tokens come to the
+# driver, which writes the shards itself.
+# ---------------------------------------------------------------------------------------
+
+# What a preference read task sends back per raw row (ingest.pair_rows): the pair's
+# tokens when kept.
+PAIR_ROW_SCHEMA = pa.schema([
+    ("key", pa.int64()), ("src", pa.int32()), ("status", pa.string()), ("hash", pa.string()),
+    ("lang", pa.string()), ("line", pa.int64()), ("reason", pa.string()), ("raw", pa.string()),
+    *[f for f in PAIR_SCHEMA],
+])
+
+
+def settle_pairs(rows: list[dict], sources, files: list[dict], d: DataConfig, out: str,
+                 digest: str, identity: dict, template: str) -> dict:
+    """A preference prepare's driver side, once every read task's rows (PAIR_ROW_SCHEMA,
+    sorted by key) are in: drop exact duplicates (the first in config order wins), hold
+    out val pairs by a hash of the pair (capped per source), draw each source's train pairs
+    by its weight or count, write the train/ and val/ shards, rejects/ and dropped/;
+    returns the manifest."""
+    line_based = {f["path"]: f["line_based"] for f in files}
+    path_of = {i: f["path"] for i, f in enumerate(files)}
+    candidates = [r for r in rows if r["status"] in ("kept", "dropped")]
+    keep = mix.dedupe_first(np.array([r["hash"].encode() for r in candidates], dtype="S32"),
+                            np.array([r["key"] for r in candidates], np.int64)) \
+        if d.dedupe and candidates else np.ones(len(candidates), bool)
+    stats: dict[str, dict[str, Any]] = {s.name: {"rows_read": 0, "rows_rejected": 0,
+                                                 "rows_duplicate": 0, "rows_kept": 0,
+                                                 "rows_dropped": 0, "rows_sampled": 0,
+                                                 "rows_val": 0, "langs": {}}
+                                        for s in sources}
+    for r in rows:
+        stats[sources[r["src"]].name]["rows_read"] += 1
+    splits: dict[str, list[dict]] = {"train": [], "val": []}
+    notes: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["status"] == "rejected":
+            stats[r["source"]]["rows_rejected"] += 1
+    for si, src in enumerate(sources):
+        mine = [(r, k) for r, k in zip(candidates, keep) if r["src"] == si]
+        st = stats[src.name]
+        st["rows_duplicate"] = sum(1 for _, k in mine if not k)
+        kept = [r for r, k in mine if k]
+        st["rows_kept"] = len(kept)
+        dropped = [r for r in kept if r["status"] == "dropped"]
+        st["rows_dropped"] = len(dropped)
+        for r in dropped:
+            notes.setdefault(("dropped", src.name), []).append(r)
+        good = [r for r in kept if r["status"] == "kept"]
+        for r in good:
+            st["langs"][r["lang"]] = st["langs"].get(r["lang"], 0) + 1
+        is_val = mix.assign_val(mix.split_scores([r["hash"] for r in good], d.seed),
+                                d.val_ratio, d.val_max_rows) if good else np.zeros(0, bool)
+        train = [r for r, v in zip(good, is_val) if not v]
+        val = [r for r, v in zip(good, is_val) if v]
+        draws = mix.multiplicities(len(train), weight=src.weight, count=src.count,
+                                   seed=d.seed, salt=src.name)
+        drawn = [r for r, n in zip(train, draws) for _ in range(int(n))]
+        st["rows_sampled"], st["rows_val"] = len(drawn), len(val)
+        splits["train"].extend(drawn)
+        splits["val"].extend(val)
+    for r in rows:
+        if r["status"] == "rejected":
+            notes.setdefault(("rejected", r["source"]), []).append(r)
+
+    if not splits["train"]:
+        raise PrepareError("no preference pair survived conversion, validation and "
+                           "truncation for the train split: "
+                           + ", ".join(f"{k}: {v['rows_rejected']} rejected, "
+                                       f"{v['rows_dropped']} dropped" for k, v in stats.items()))
+    for split, chosen in splits.items():
+        _write_pair_shards(out, split, chosen, d.shard_rows)
+    reject_files = []
+    for (part, name), entries in sorted(notes.items()):
+        folder = "rejects" if part == "rejected" else "dropped"
+        path = storage.join(out, folder, f"{name}.jsonl")
+        lines = []
+        for e in entries:
+            file = path_of[mix.key_file(e["key"])]
+            where = "line" if line_based[file] else "index"
+            item = {"source": name, "file": file, where: e["line"], "reason": e["reason"]}
+            if part == "rejected":
+                item["raw"] = e["raw"]
+            else:
+                item["id"] = e["id"]
+            lines.append(json.dumps(item, ensure_ascii=False) + "\n")
+        storage.write_bytes(path, "".join(lines).encode("utf-8"))
+        if part == "rejected":
+            reject_files.append(path)
+    return {
+        "version": MANIFEST_VERSION,
+        "kind": PREFERENCE,
+        "hash": digest,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tokenizer": identity,
+        "template": template,
+        "max_seq_len": d.max_seq_len,
+        "packed": d.pack,  # pairs are packed per micro-batch when training
+        "train_on_prompt": False,
+        "seed": d.seed,
+        "splits": {split: pair_split_stats(r, d.max_seq_len) for split, r in splits.items()},
+        "padding_waste": {"unpacked": _pair_waste(splits["train"], d.max_seq_len),
+                          "packed": 0.0 if d.pack else None},
+        "rejects": {"total": sum(s["rows_rejected"] for s in stats.values()),
+                    "files": reject_files},
+        "sources": {
+            s.name: {
+                "path": s.path,
+                "format": sorted({f["format"] for f in files if f["source"] == s.name}),
+                "tags": list(s.tags), "weight": s.weight, "count": s.count,
+                "files": [{k: f[k] for k in ("path", "format", "bytes", "sha256")}
+                          for f in files if f["source"] == s.name],
+                **stats[s.name],
+            }
+            for s in sources
+        },
+    }
+
+
+def pair_split_stats(rows: list[dict], max_seq_len: int) -> dict[str, Any]:
+    """Pair counts and the token lengths of the prompt and both sides."""
+    chosen = [r["num_tokens"] for r in rows]
+    rejected = [r["rejected_num_tokens"] for r in rows]
+    return {
+        "rows": len(rows),
+        "pairs": len(rows),
+        "samples": len(rows),
+        "tokens": int(sum(chosen) + sum(rejected)),
+        "trainable_tokens": int(sum(r["num_trainable"] + r["rejected_num_trainable"]
+                                    for r in rows)),
+        "length": length_stats([max(c, r) for c, r in zip(chosen, rejected)]),
+        "prompt_length": length_stats([r["prompt_tokens"] for r in rows]),
+        "chosen_length": length_stats(chosen),
+        "rejected_length": length_stats(rejected),
+        "chosen_reply_length": length_stats([r["num_trainable"] for r in rows]),
+        "rejected_reply_length": length_stats([r["rejected_num_trainable"] for r in rows]),
+        "max_seq_len": max_seq_len,
+    }
+
+
+def _pair_waste(rows: list[dict], max_seq_len: int) -> float:
+    if not rows:
+        return 0.0
+    n = sum(r["num_tokens"] + r["rejected_num_tokens"] for r in rows)
+    return float(1.0 - n / (2 * len(rows) * max_seq_len))
+
+
+def _write_pair_shards(out: str, split: str, rows: list[dict], shard_rows: int) -> None:
+    folder = storage.join(out, split)
+    storage.makedirs(folder)
+    fs, root = storage.arrow_fs(folder)
+    cap = max(1, shard_rows)
+    for n, start in enumerate(range(0, len(rows), cap)):
+        chunk = rows[start:start + cap]
+        table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in PAIR_SCHEMA}
+                                      for r in chunk], schema=PAIR_SCHEMA)
+        pq.write_table(table, f"{root}/part-{n:05d}.parquet", filesystem=fs)

@@ -55,7 +55,7 @@ from ift.config import (
     TrainConfig,
     load_config,
 )
-from ift.data.dataset import PrepareError, read_manifest, split_files
+from ift.data.dataset import PREFERENCE, PrepareError, read_manifest, split_files
 from ift.data.templates import prompt_format
 from ift.eval.during import check_config
 from ift.lineage import parent_adapter_record
@@ -268,7 +268,7 @@ def _datasets(prepared: str, plan: Plan) -> dict[str, Any]:
 def check_objective(cfg: Config, manifest: dict[str, Any], prepared: str) -> bool:
     """Whether the prepared rows are preference pairs; a ConfigError when train.objective
     or model.adapter do not fit the data or the method."""
-    pairs = manifest.get("kind") == "preference"
+    pairs = manifest.get("kind") == PREFERENCE
     objective = cfg.train.objective
     if objective != "sft" and not pairs:
         raise ConfigError(

@@ -37,7 +37,7 @@ from ift import storage, tracking
 from ift.artifacts import RUN_FILE, RUNS_DIR, TRIAL_FILE
 from ift.config import ConfigError, TrainConfig
 from ift.data import pipeline
-from ift.data.dataset import PrepareError, read_manifest
+from ift.data.dataset import PREFERENCE, PrepareError, read_manifest
 from ift.eval.during import last_metrics
 from ift.tune import space
 
@@ -66,7 +66,7 @@ def ensure_mixture(prepared: str, out: str, point: dict[str, Any]) -> dict[str, 
     """The trial's re-mixed dataset at `out` (reused when complete and the same mixture)."""
     base = read_manifest(prepared)
     request = space.mixture_request(point)
-    if base.get("kind") == "preference":  # pairs are trained on as prepared, not re-mixed
+    if base.get("kind") == PREFERENCE:  # pairs are trained on as prepared, not re-mixed
         if request["weights"] or request["include_tags"] or request["exclude_tags"]:
             raise ConfigError(f"tune.space: {prepared} holds preference pairs, which sweeps "
                               "do not re-mix; sweep train.* and peft.* keys only")
@@ -191,7 +191,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     # One line per trial in the sweep's log, not a progress bar per re-mix stage.
     ray.data.DataContext.get_current().enable_progress_bars = False
     manifest = ensure_mixture(sweep["prepared"], data_dir, point)
-    if manifest.get("kind") == "preference":
+    if manifest.get("kind") == PREFERENCE:
         data_dir = sweep["prepared"]
     cfg = space.trial_config(base, point, {"train.run_name": name, "train.output": runs,
                                            "train.data": data_dir})

@@ -10,7 +10,7 @@ import sys
 
 import ift
 
-STAGES = ("ift.cli", "ift.data.pipeline", "ift.data.prepare_pairs", "ift.train.driver",
+STAGES = ("ift.cli", "ift.data.pipeline", "ift.train.driver",
           "ift.train.worker", "ift.eval.run", "ift.serve.app", "ift.tune.driver",
           "ift.quickstart")
 

@@ -12,8 +12,11 @@ import json
 import pytest
 
 from ift.config import ConfigError
-from ift.data.ingest import RowOptions, clean_rows, iter_raw_records
+from ift.data import mix
+from ift.data.ingest import RowOptions, clean_rows, iter_raw_records, pair_rows
+from ift.data.preference import convert_pair, pair_hash, tokenize_pairs
 from ift.data.readers import plan_reads
+from ift.data.record import ConvertError, make_record
 
 FILE_INDEX = 5
 
@@ -142,3 +145,61 @@ def test_iter_raw_records_errors_name_the_key_file_and_line(tmp_path):
         list(iter_raw_records(odd))
     assert str(e.value).startswith(f"eval.data: {odd}:2: cannot convert row: turn 1: "
                                    "unknown speaker 'robot'")
+
+
+
+# The texts the module's tokenizer (conftest's chatml_tok) is trained on.
+RECORDS = [make_record(id="r", source="s", system="Be brief.", messages=[
+    {"role": "user", "content": "Add 2 and 3. Add 1 and 1."},
+    {"role": "assistant", "content": "5. Well, it is 5. 2."},
+])]
+
+
+def test_pair_rows_keep_drop_or_reject_every_raw_row(tmp_path, chatml_tok):
+    good = {"instruction": "Add 2 and 3.", "chosen": "5.", "rejected": "Well, it is 5."}
+    same = {**good, "rejected": "5."}
+    long = {"instruction": "Add 2 and 3. " * 40, "chosen": "5.", "rejected": "No."}
+    other = {**good, "instruction": "Add 1 and 1.", "chosen": "2."}
+    lines = [json.dumps(good), "{not json", json.dumps(same), json.dumps(long), json.dumps(other)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tasks, _ = plan_reads("prefs", 3, [str(path)], "alpaca_pairs", 0, FILE_INDEX)
+    rows = pair_rows(tasks[0], {"task": "", "system": None}, chatml_tok, template="chatml",
+                     max_seq_len=48, batch_size=2)  # a flush after every two pairs
+    rows.sort(key=lambda r: r["key"])  # rejects come out at once, pairs at each flush
+
+    assert [(r["line"], r["status"]) for r in rows] == [
+        (1, "kept"), (2, "rejected"), (3, "rejected"), (4, "kept"), (5, "kept")]
+    assert [r["key"] for r in rows] == [int(mix.make_key(FILE_INDEX, n)) for n in range(1, 6)]
+    assert all(r["src"] == 3 for r in rows)
+    assert all(r["source"] == "prefs" for r in rows if r["status"] != "kept")
+    assert rows[1]["raw"] == "{not json" and "JSON" in rows[1]["reason"]
+    with pytest.raises(ConvertError) as e:
+        convert_pair("alpaca_pairs", same, id="x", source="prefs", task="", system=None)
+    assert rows[2]["reason"] == str(e.value) and rows[2]["raw"] == lines[2]
+    assert max(rows[3]["num_tokens"], rows[3]["rejected_num_tokens"]) == 48  # prompt cut
+
+    # Kept rows: what the converter and tokenizer give for the same pairs, one by one.
+    for row, (line, raw) in zip([rows[0], rows[4]], [(1, good), (5, other)]):
+        pair = convert_pair("alpaca_pairs", raw, id=f"prefs-{FILE_INDEX}-{line}",
+                            source="prefs", task="", system=None)
+        (want,), lost = tokenize_pairs([pair], chatml_tok, template="chatml", max_seq_len=48)
+        assert not lost
+        assert row["hash"] == pair_hash(pair) and row["lang"] == pair["lang"]
+        assert {k: row[k] for k in want} == want
+
+    # A pair with no reply token left within max_seq_len is dropped, with its id and why.
+    tiny = pair_rows(tasks[0], {"task": "", "system": None}, chatml_tok, template="chatml",
+                     max_seq_len=1, batch_size=2)
+    dropped = sorted((r for r in tiny if r["status"] == "dropped"), key=lambda r: r["key"])
+    assert [r["id"] for r in dropped] == [f"prefs-{FILE_INDEX}-{n}" for n in (1, 4, 5)]
+    assert all("no trainable token left" in r["reason"] for r in dropped)
+    assert sum(r["status"] == "rejected" for r in tiny) == 2
+
+
+def test_pair_rows_of_an_empty_file_are_none(tmp_path, chatml_tok):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("", encoding="utf-8")
+    tasks, _ = plan_reads("prefs", 0, [str(path)], "alpaca_pairs", 0, FILE_INDEX)
+    assert all(pair_rows(t, {"task": "", "system": None}, chatml_tok, template="chatml",
+                         max_seq_len=48, batch_size=2) == [] for t in tasks)

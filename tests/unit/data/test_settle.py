@@ -1,5 +1,6 @@
 """The driver's view of the ingest: dedupe across sources, the val cap, the index of kept
-rows, rejects/ and dropped/ (ift.data.settle), on hand-made META_SCHEMA batches."""
+rows, rejects/ and dropped/ (ift.data.settle), on hand-made META_SCHEMA batches; and the
+settling of preference pairs (settle_pairs) on hand-made pair rows."""
 
 from __future__ import annotations
 
@@ -8,11 +9,21 @@ import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from ift.config import DataConfig
+from ift.config import DataConfig, SourceConfig
 from ift.data import mix
+from ift.data.dataset import PAIR_SCHEMA, PREFERENCE, PrepareError, iter_split_rows
 from ift.data.ingest import CHUNK_SHIFT
-from ift.data.settle import DROPPED, META_SCHEMA, REJECTED, TRAIN, VAL, IngestLedger
+from ift.data.settle import (
+    DROPPED,
+    META_SCHEMA,
+    REJECTED,
+    TRAIN,
+    VAL,
+    IngestLedger,
+    settle_pairs,
+)
 
 NAMES = ["a", "b"]
 FILES = [{"path": "/in/a.jsonl", "line_based": True}, {"path": "/in/b.json", "line_based": False}]
@@ -129,3 +140,84 @@ def test_val_is_capped_per_source(tmp_path):
     assert {r["shard"] for r in index} == {"val"} and len(index) == 11
     assert written == {"rejected": [], "dropped": []}
     assert not os.path.exists(out / "rejects") and not os.path.exists(out / "dropped")
+
+
+# ---------------------------------------------------------------------------------------
+# Preference pairs: settle_pairs on hand-made rows of two sources
+# ---------------------------------------------------------------------------------------
+
+PAIR_FILES = [
+    {"path": "/in/p.jsonl", "line_based": True, "source": "p", "format": "alpaca_pairs",
+     "bytes": 10, "sha256": "aa"},
+    {"path": "/in/q.json", "line_based": False, "source": "q", "format": "hh_rlhf",
+     "bytes": 20, "sha256": "bb"},
+]
+
+
+def _pair(file: int, line: int, src: int, tag: str, *, n: int = 6) -> dict:
+    ids = list(range(1, n + 1))
+    return {"key": int(mix.make_key(file, line)), "src": src, "status": "kept", "hash": _h(tag),
+            "lang": "en", "line": line, "id": f"{'pq'[src]}-{file}-{line}", "source": "pq"[src],
+            "input_ids": ids, "labels": [-100] * 3 + ids[3:],
+            "rejected_input_ids": ids[:3] + [9], "rejected_labels": [-100] * 3 + [9],
+            "prompt_tokens": 3, "num_tokens": n, "rejected_num_tokens": 4,
+            "num_trainable": n - 3, "rejected_num_trainable": 1}
+
+
+def _pair_rows() -> list[dict]:
+    rows = [_pair(0, i, 0, str(i)) for i in range(1, 9)]  # p: 8 distinct pairs
+    rows += [
+        {**_pair(1, 0, 1, "1")},  # q: a duplicate of p's line 1
+        _pair(1, 1, 1, "x", n=8),
+        {"key": int(mix.make_key(1, 2)), "src": 1, "status": "rejected", "line": 2,
+         "reason": "missing 'chosen'", "raw": '{"rejected": "b"}', "source": "q"},
+        {"key": int(mix.make_key(1, 3)), "src": 1, "status": "dropped", "hash": _h("y"),
+         "lang": "en", "line": 3, "reason": "no trainable token left", "id": "q-1-3",
+         "source": "q"},
+    ]
+    return sorted(rows, key=lambda r: r["key"])
+
+
+def test_settle_pairs_dedupes_splits_draws_and_writes_the_dataset(tmp_path):
+    sources = [SourceConfig(path="/in/p.jsonl", name="p", weight=2.0),
+               SourceConfig(path="/in/q.json", name="q", tags=["hh"])]
+    d = DataConfig(val_ratio=0.25, seed=0, shard_rows=3, max_seq_len=16)
+    out = tmp_path / "pairs"
+    m = settle_pairs(_pair_rows(), sources, PAIR_FILES, d, str(out), "digest", {"name": "t"},
+                     "chatml")
+
+    p, q = m["sources"]["p"], m["sources"]["q"]
+    assert m["kind"] == PREFERENCE and m["hash"] == "digest" and m["template"] == "chatml"
+    assert (p["rows_read"], p["rows_kept"], p["rows_duplicate"]) == (8, 8, 0)
+    assert (q["rows_read"], q["rows_rejected"], q["rows_duplicate"], q["rows_dropped"],
+            q["rows_kept"]) == (4, 1, 1, 1, 2)  # kept counts the dropped pair too
+    assert p["rows_sampled"] == 2 * (8 - p["rows_val"])  # weight 2: every train pair twice
+    assert q["rows_sampled"] + q["rows_val"] == 1 and q["tags"] == ["hh"]
+    assert q["files"] == [{"path": "/in/q.json", "format": "hh_rlhf", "bytes": 20,
+                           "sha256": "bb"}]
+    train = list(iter_split_rows(str(out), "train"))
+    val = list(iter_split_rows(str(out), "val"))
+    assert len(train) == m["splits"]["train"]["pairs"] == p["rows_sampled"] + q["rows_sampled"]
+    assert len(val) == m["splits"]["val"]["pairs"] == p["rows_val"] + q["rows_val"]
+    assert not {r["id"] for r in train} & {r["id"] for r in val}
+    assert "q-1-0" not in {r["id"] for r in train + val}  # the duplicate lost to p's line 1
+    shards = sorted(os.listdir(out / "train"))
+    assert len(shards) == -(-len(train) // 3)  # shard_rows=3
+    assert pq.read_schema(out / "train" / shards[0]) == PAIR_SCHEMA
+    assert m["splits"]["train"]["chosen_length"]["max"] <= 8
+    assert m["rejects"]["total"] == 1
+    assert _jsonl(out / "rejects" / "q.jsonl") == [
+        {"source": "q", "file": "/in/q.json", "index": 2, "reason": "missing 'chosen'",
+         "raw": '{"rejected": "b"}'}]
+    assert _jsonl(out / "dropped" / "q.jsonl") == [
+        {"source": "q", "file": "/in/q.json", "index": 3, "reason": "no trainable token left",
+         "id": "q-1-3"}]
+
+
+def test_settle_pairs_without_a_train_pair_names_each_source(tmp_path):
+    rows = [r for r in _pair_rows() if r["status"] != "kept"]
+    with pytest.raises(PrepareError, match=r"no preference pair survived.*q: 1 rejected, "
+                                           r"1 dropped"):
+        settle_pairs(rows, [SourceConfig(path="/in/p.jsonl", name="p"),
+                            SourceConfig(path="/in/q.json", name="q")], PAIR_FILES,
+                     DataConfig(), str(tmp_path / "o"), "d", {}, "chatml")
