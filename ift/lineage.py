@@ -47,10 +47,9 @@ from ift.artifacts import (
     FINAL_DIR,
     LINEAGE_FILE,
     MANIFEST_FILE,
+    MODEL_CONFIG,
     RUN_FILE,
 )
-
-MODEL_CONFIG = "config.json"
 
 STAGE_LABELS = {
     "sources": "sources",

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ift import storage
+from ift.artifacts import IM_END, MODEL_CONFIG
 from ift.config import ConfigError
 
 IMPORT_RECORD = "ift_import.json"
@@ -101,7 +102,7 @@ def resolve_source(source: str) -> Source:
             raise ConfigError(f"model import: {source} is not a file")
         return Source("gguf", os.path.abspath(source))
     if os.path.isdir(source):
-        if not os.path.isfile(os.path.join(source, "config.json")):
+        if not os.path.isfile(os.path.join(source, MODEL_CONFIG)):
             raise ConfigError(f"model import: {source} is a directory without config.json "
                               "(not a Hugging Face model dir)")
         return Source("dir", os.path.abspath(source))
@@ -160,7 +161,7 @@ def _generation_config(model, tokenizer) -> None:
     gen = model.generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
     ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-    for token in ("<|im_end|>", "<|endoftext|>", tokenizer.eos_token):
+    for token in (IM_END, "<|endoftext|>", tokenizer.eos_token):
         tid = tokenizer.convert_tokens_to_ids(token) if token else None
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
             ids.append(tid)

@@ -24,7 +24,7 @@ import yaml
 from ray import serve
 
 from ift import storage, tracking
-from ift.artifacts import FINAL_DIR
+from ift.artifacts import FINAL_DIR, IM_END, IM_START
 from ift.config import Config, apply_override, build_config
 from ift.data.inspect import summary as data_summary
 from ift.data.pipeline import prepare
@@ -407,8 +407,8 @@ def _figures(cfg: Config, s: dict[str, Any]) -> dict[str, Any]:
 
 def _question(prompt: str) -> str:
     """The last user turn of a rendered ChatML prompt (the whole prompt otherwise)."""
-    parts = prompt.split("<|im_start|>user\n")
-    return parts[-1].split("<|im_end|>")[0].strip() if len(parts) > 1 else prompt.strip()
+    parts = prompt.split(f"{IM_START}user\n")
+    return parts[-1].split(IM_END)[0].strip() if len(parts) > 1 else prompt.strip()
 
 
 def _cut(text: str, width: int) -> str:

@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from ift.artifacts import IGNORE_INDEX
 from ift.config import PAIR_FORMATS
 from ift.data import formats
 from ift.data.quality import record_lang, validate
 from ift.data.record import ConvertError, conversation_hash, make_record
 from ift.data.tokenize import tokenize_records
 
-IGNORE_INDEX = -100
 _NO_LIMIT = 1 << 30
 
 

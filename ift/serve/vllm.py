@@ -22,6 +22,7 @@ import tempfile
 from typing import Any
 
 from ift import storage
+from ift.artifacts import ADAPTER_CONFIG
 from ift.config import ConfigError, ServeConfig
 from ift.models import CHATML_TEMPLATE
 from ift.serve.adapters import Catalog
@@ -131,7 +132,7 @@ def collect_adapters(adapters: dict[str, str], root: str) -> dict[str, str]:
 def read_adapter_configs(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
     out = {}
     for name, path in paths.items():
-        conf = storage.join(path, "adapter_config.json")
+        conf = storage.join(path, ADAPTER_CONFIG)
         if not storage.exists(conf):
             raise ConfigError(f"serve: adapter {name!r}: {conf} does not exist")
         out[name] = storage.read_json(conf)

@@ -43,6 +43,7 @@ from torch import nn
 
 from ift import storage
 from ift.artifacts import (
+    ADAPTER_WEIGHTS,
     FINAL_DIR,
     LINEAGE_FILE,
     PromptFormat,
@@ -56,7 +57,6 @@ STATE_FILE = "training_state.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 INDEX_FILE = "checkpoint.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class CheckpointError(RuntimeError):

@@ -46,7 +46,7 @@ from ray.train.torch import TorchTrainer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ift import lineage, storage, tracking
-from ift.artifacts import CONFIG_FILE, FINAL_DIR, RUN_FILE
+from ift.artifacts import ADAPTER_CONFIG, CONFIG_FILE, FINAL_DIR, RUN_FILE
 from ift.config import (
     Config,
     ConfigError,
@@ -278,7 +278,7 @@ def check_objective(cfg: Config, manifest: dict[str, Any], prepared: str) -> boo
         if cfg.peft.method not in ("lora", "dora"):
             raise ConfigError(f"model.adapter={cfg.model.adapter!r} continues a LoRA adapter: "
                               f"use peft.method=lora or dora, not {cfg.peft.method}")
-        config = storage.join(cfg.model.adapter, "adapter_config.json")
+        config = storage.join(cfg.model.adapter, ADAPTER_CONFIG)
         if not storage.exists(config):
             raise ConfigError(f"model.adapter={cfg.model.adapter!r}: no adapter_config.json "
                               "there (expected a run's final/ adapter directory)")

@@ -31,7 +31,13 @@ import pyarrow.parquet as pq
 import torch
 
 from ift import storage
-from ift.artifacts import REF_LOGPS_DIR, REF_LOGPS_DONE
+from ift.artifacts import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MODEL_CONFIG,
+    REF_LOGPS_DIR,
+    REF_LOGPS_DONE,
+)
 from ift.config import ModelConfig, TrainConfig
 from ift.data.dataset import iter_split_rows
 from ift.models import load_model, load_tokenizer
@@ -46,14 +52,14 @@ def _dir_identity(path: str) -> dict[str, Any]:
     out: dict[str, Any] = {"path": path}
     if storage.is_remote(path) or not os.path.isdir(path):
         return out
-    for name in ("config.json", "adapter_config.json"):
+    for name in (MODEL_CONFIG, ADAPTER_CONFIG):
         f = os.path.join(path, name)
         if os.path.exists(f):
             out[name] = hashlib.sha256(open(f, "rb").read()).hexdigest()
     out["weights"] = sorted(
         (n, os.path.getsize(os.path.join(path, n))) for n in os.listdir(path)
         if n.endswith((".safetensors", ".bin")))
-    adapter = os.path.join(path, "adapter_model.safetensors")
+    adapter = os.path.join(path, ADAPTER_WEIGHTS)
     if os.path.exists(adapter):  # adapters are small: hash their weights
         out["adapter_sha256"] = hashlib.sha256(open(adapter, "rb").read()).hexdigest()
     return out

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from ift.artifacts import IGNORE_INDEX
 from ift.data.preference import (
-    IGNORE_INDEX,
     check_pair,
     convert_pair,
     pair_format_of,
