@@ -457,7 +457,7 @@ def summary_table(cfg: Config, s: dict[str, Any]) -> str:
     def num(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
 
-    uri = tracking.resolve_uri(cfg)
+    uri = tracking.resolve_uri(cfg.tracking, cfg.storage.root)
     rows = [
         ("train loss (last step)", num(s.get("train_loss"))),
         ("eval loss / perplexity", f"{num(ev.get('loss'))} / {num(ev.get('perplexity'))}"),

@@ -331,7 +331,8 @@ def _track(cfg: Config, summary: dict[str, Any], output: str) -> str:
     """One MLflow run: <model>/<metric> for every cell, the files as artifacts."""
     if not cfg.tracking.enabled:
         return ""
-    run_id = tracking.start_run(cfg, "eval-compare", tags={"ift.command": "eval-compare"})
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "eval-compare",
+                                tags={"ift.command": "eval-compare"})
     tracking.log_params(run_id, {"models": ",".join(m["label"] for m in summary["models"]),
                                  "data": summary["data"]})
     values = {f"{row['model']}/{c}": row[c] for row in summary["rows"]

@@ -395,7 +395,8 @@ def _log_mlflow(cfg: Config, result: dict[str, Any], run_id: str | None, step: i
         return ""
     new = not run_id
     run_id = tracking.start_run(
-        cfg, run_name, run_id=run_id or None, parent_run_id=parent_run_id if new else None,
+        cfg.tracking, cfg.storage.root, run_name, run_id=run_id or None,
+        parent_run_id=parent_run_id if new else None,
         tags={"ift.eval.data": result["data"] or ",".join(result.get("benchmarks") or {})}
         | ({"ift.command": "eval"} if new else {}))
     if new:

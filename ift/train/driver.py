@@ -382,7 +382,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     init_ray(address)
     multinode.check_shared_storage(
         cfg, multinode.alive_nodes(), prepared=prepared, output=output,
-        tracking_uri=tracking.resolve_uri(cfg) if cfg.tracking.enabled else "")
+        tracking_uri=(tracking.resolve_uri(cfg.tracking, cfg.storage.root)
+                      if cfg.tracking.enabled else ""))
     storage.makedirs(run_dir)
     run_file = storage.join(run_dir, RUN_FILE)
     previous = storage.read_json(run_file)
@@ -392,8 +393,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     run_id = ""
     tracking_uri = ""
     if cfg.tracking.enabled:
-        tracking_uri = tracking.resolve_uri(cfg)
-        run_id = tracking.start_run(cfg, cfg.train.run_name,
+        tracking_uri = tracking.resolve_uri(cfg.tracking, cfg.storage.root)
+        run_id = tracking.start_run(cfg.tracking, cfg.storage.root, cfg.train.run_name,
                                     run_id=previous.get("mlflow_run_id") or None,
                                     parent_run_id=parent_run_id or None,
                                     tags={"ift.command": "train", "ift.method": cfg.peft.method,

@@ -219,7 +219,8 @@ def tune(cfg: Config, *, resume: bool = False, address: str | None = None) -> di
         raise ConfigError(f"--resume: tune.space/tune.seeds differ from the sweep in "
                           f"{sweep_file}; resume with the same config or start a new tune.name")
     prepared, manifest = _prepared(cfg, address)
-    tracking_uri = tracking.resolve_uri(cfg) if cfg.tracking.enabled else ""
+    tracking_uri = tracking.resolve_uri(cfg.tracking, cfg.storage.root) \
+        if cfg.tracking.enabled else ""
     base = absolute_config(cfg, tracking_uri)
     for p in points:  # every trial's config and mixture, checked before any trial starts
         space.trial_config(base, p, {"train.run_name": p["name"]})
@@ -228,7 +229,8 @@ def tune(cfg: Config, *, resume: bool = False, address: str | None = None) -> di
 
     parent = ""
     if cfg.tracking.enabled:
-        parent = tracking.start_run(cfg, t.name, run_id=previous.get("parent_run_id") or None,
+        parent = tracking.start_run(cfg.tracking, cfg.storage.root, t.name,
+                                    run_id=previous.get("parent_run_id") or None,
                                     tags={"ift.command": "tune", "ift.sweep_dir": sweep_dir})
         tracking.log_params(parent, {"tune": asdict(t), "model": asdict(cfg.model),
                                      "peft": asdict(cfg.peft), "train": asdict(cfg.train),
@@ -360,7 +362,7 @@ def _close_stopped(cfg: Config, trials: list[dict[str, Any]]) -> None:
         run_id = info.get("mlflow_run_id")
         if not run_id:
             continue
-        tracking.start_run(cfg, t["name"], run_id=run_id)
+        tracking.start_run(cfg.tracking, cfg.storage.root, t["name"], run_id=run_id)
         tracking.set_tags(run_id, {"ift.tune.status": t["status"]})
         tracking.end_run(run_id, "KILLED" if t["status"] == "stopped" else "FAILED")
 
