@@ -125,10 +125,11 @@ class _Inputs:
     def get(self, tokenizer, model, model_dir: str):
         key = tokenizer_identity(tokenizer)["sha256"]
         if key not in self.cache:
-            held = run.heldout_set(self.cfg, self.data, tokenizer, prepared=self.prepared,
-                                   model_dir=model_dir,
+            held = run.heldout_set(self.cfg.data, self.cfg.eval, self.data, tokenizer,
+                                   prepared=self.prepared, model_dir=model_dir,
                                    limit=run.context_limit(model)) if self.data else None
-            self.cache[key] = (held, run.encode_benchmarks(self.cfg, tokenizer))
+            self.cache[key] = (held, run.encode_benchmarks(self.cfg.data, self.cfg.eval,
+                                                           tokenizer))
         return self.cache[key]
 
 
@@ -156,21 +157,23 @@ def score_all(cfg: Config, specs: list[ModelSpec], *, data: str | None,
             t0 = time.time()
             if s.kind == "base" and adapters:
                 with model.disable_adapter():
-                    results[s.label] = run.score_model(cfg, model, tokenizer, held, benches,
-                                                       device)
+                    results[s.label] = run.score_model(cfg.eval, cfg.train, model, tokenizer,
+                                                       held, benches, device)
             else:
                 if adapters:
                     model.set_adapter(names[s.label], inference_mode=True)
-                results[s.label] = run.score_model(cfg, model, tokenizer, held, benches, device)
+                results[s.label] = run.score_model(cfg.eval, cfg.train, model, tokenizer,
+                                                   held, benches, device)
             _log(f"{s.label}: scored in {time.time() - t0:.1f}s")
         del model
     for s in specs:
         if s.kind != "alone":
             continue
         t0 = time.time()
-        model, tokenizer, _desc = run.load_for_eval(s.path, cfg, device)
+        model, tokenizer, _desc = run.load_for_eval(s.path, cfg.model, device)
         held, benches = inputs.get(tokenizer, model, s.path)
-        results[s.label] = run.score_model(cfg, model, tokenizer, held, benches, device)
+        results[s.label] = run.score_model(cfg.eval, cfg.train, model, tokenizer, held,
+                                           benches, device)
         _log(f"{s.label}: scored in {time.time() - t0:.1f}s")
         del model
     return {s.label: results[s.label] for s in specs}

@@ -67,7 +67,7 @@ class Probe:
         from ift.eval.run import training_prompt_format
 
         data = held_out_path(cfg)
-        fmt = training_prompt_format(cfg, _prepared(cfg), tokenizer)
+        fmt = training_prompt_format(cfg.data, _prepared(cfg), tokenizer)
         items = load_items(cfg, data, tokenizer, fmt) if rank == 0 else []
         return cls(cfg, items, data, rank, tokenizer, fmt)
 

@@ -133,7 +133,8 @@ def test_eval_max_loss_rows_limits_the_loss_not_the_generation(tmp_path, tiny_mo
     data = str(tmp_path / "heldout.tsv")
     for limit, n in ((0, 3), (2, 2)):
         cfg = _cfg(tmp_path, f"eval.max_loss_rows={limit}", "eval.max_samples=3")
-        held = heldout_set(cfg, data, tok, prepared=None, model_dir=tiny_model, limit=None)
+        held = heldout_set(cfg.data, cfg.eval, data, tok, prepared=None, model_dir=tiny_model,
+                           limit=None)
         assert (len(held.rows), len(held.items)) == (n, 3)
         assert held.prompt_format.template == "chatml"
     with pytest.raises(ConfigError, match="eval.max_loss_rows=-1"):
