@@ -180,7 +180,7 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
     if cfg.train.eval_every and not plan.num_val_rows:
         print(f"[ift train] note: {prepared} has no val rows; evaluation is skipped", flush=True)
     if cfg.eval.during_training.max_samples:
-        check_config(cfg)  # before any worker starts
+        check_config(cfg.peft, cfg.train)  # before any worker starts
     return plan
 
 
