@@ -35,7 +35,7 @@ from typing import Any
 from peft import PeftModel
 
 from ift import storage, tracking
-from ift.config import Config, ConfigError
+from ift.config import Config, ConfigError, ModelConfig
 from ift.eval import run
 from ift.models import load_model, load_tokenizer, tokenizer_identity
 
@@ -65,17 +65,18 @@ class ModelSpec:
     """The model or adapter directory as given (base: model.name_or_path)."""
 
 
-def parse_models(value: str, cfg: Config) -> list[ModelSpec]:
-    """--models entries as specs; an entry that names nothing loadable is an error."""
+def parse_models(value: str, model_cfg: ModelConfig) -> list[ModelSpec]:
+    """--models entries as specs; an entry that names nothing loadable is an error. `base`
+    is model_cfg.name_or_path."""
     specs: list[ModelSpec] = []
     seen: dict[str, int] = {}
     for part in (p.strip() for p in value.split(",")):
         if not part:
             continue
         if part == "base":
-            if not cfg.model.name_or_path:
+            if not model_cfg.name_or_path:
                 raise ConfigError("--models base: set model.name_or_path")
-            spec = ModelSpec("base", "base", cfg.model.name_or_path)
+            spec = ModelSpec("base", "base", model_cfg.name_or_path)
         else:
             path = part
             final = storage.join(path, run.FINAL_DIR)
@@ -83,7 +84,7 @@ def parse_models(value: str, cfg: Config) -> list[ModelSpec]:
                 path = final  # a training run directory
             if not storage.exists(path):
                 raise ConfigError(f"--models {part}: does not exist")
-            spec = ModelSpec(run._slug(path), _kind(path, cfg, part), path)
+            spec = ModelSpec(run._slug(path), _kind(path, model_cfg, part), path)
         n = seen.get(spec.label, 0)
         seen[spec.label] = n + 1
         if n:
@@ -94,13 +95,15 @@ def parse_models(value: str, cfg: Config) -> list[ModelSpec]:
     return specs
 
 
-def _kind(path: str, cfg: Config, given: str) -> str:
+def _kind(path: str, model_cfg: ModelConfig, given: str) -> str:
+    """lora: a LoRA adapter on model_cfg.name_or_path (or naming no base), scored on the
+    shared base; alone: any other adapter or model, loaded by itself."""
     if run.is_adapter(path):
         acfg = json.loads(storage.read_text(storage.join(path, "adapter_config.json")))
         base = acfg.get("base_model_name_or_path") or ""
-        same_base = not cfg.model.name_or_path or not base or \
-            os.path.abspath(base) == os.path.abspath(cfg.model.name_or_path)
-        if str(acfg.get("peft_type", "")).upper() == "LORA" and cfg.model.name_or_path \
+        same_base = not model_cfg.name_or_path or not base or \
+            os.path.abspath(base) == os.path.abspath(model_cfg.name_or_path)
+        if str(acfg.get("peft_type", "")).upper() == "LORA" and model_cfg.name_or_path \
                 and same_base:
             return "lora"
         return "alone"
@@ -296,7 +299,7 @@ def compare(cfg: Config, models: str, *, data: str | None, output: str,
             prepared: str | None = None) -> dict[str, Any]:
     """Score every model of `models` (comma-separated) and write the side-by-side files;
     returns compare.json's content."""
-    specs = parse_models(models, cfg)
+    specs = parse_models(models, cfg.model)
     if not data and not cfg.eval.benchmarks:
         raise ConfigError("nothing to evaluate: give held-out data (--data, eval.data) or "
                           "eval.benchmarks (--benchmarks NAME=PATH)")
