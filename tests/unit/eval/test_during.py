@@ -80,9 +80,11 @@ def test_refused_configurations_name_the_key(tmp_path, tiny_model):
     from ift.tune.driver import _scheduler
 
     with pytest.raises(ConfigError, match="eval.during_training.max_samples"):
-        _scheduler(_cfg(tmp_path, "tune.metric=heldout/exact_match", "tune.mode=max"))
-    asha = _scheduler(_cfg(tmp_path, "tune.metric=heldout/exact_match", "tune.mode=max",
-                           "eval.during_training.max_samples=2"))
+        cfg = _cfg(tmp_path, "tune.metric=heldout/exact_match", "tune.mode=max")
+        _scheduler(cfg.tune, cfg.train, cfg.eval.during_training)
+    cfg = _cfg(tmp_path, "tune.metric=heldout/exact_match", "tune.mode=max",
+               "eval.during_training.max_samples=2")
+    asha = _scheduler(cfg.tune, cfg.train, cfg.eval.during_training)
     assert (asha._metric, asha._mode) == ("heldout/exact_match", "max")
 
 
