@@ -92,7 +92,8 @@ def log_merge(cfg, out: str, lineage: dict[str, Any], *, log_model: bool = True)
     if lineage.get("data_manifest_hash"):
         tags["ift.data_manifest_hash"] = lineage["data_manifest_hash"]
     name = "merge-" + os.path.basename(os.path.normpath(out.rstrip("/")))
-    run_id = tracking.start_run(cfg, name, parent_run_id=parent, tags=tags)
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, name, parent_run_id=parent,
+                                tags=tags)
     if not run_id:
         return ""
     try:

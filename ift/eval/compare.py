@@ -35,7 +35,7 @@ from typing import Any
 from peft import PeftModel
 
 from ift import storage, tracking
-from ift.config import Config, ConfigError
+from ift.config import Config, ConfigError, ModelConfig
 from ift.eval import run
 from ift.models import load_model, load_tokenizer, tokenizer_identity
 
@@ -65,17 +65,18 @@ class ModelSpec:
     """The model or adapter directory as given (base: model.name_or_path)."""
 
 
-def parse_models(value: str, cfg: Config) -> list[ModelSpec]:
-    """--models entries as specs; an entry that names nothing loadable is an error."""
+def parse_models(value: str, model_cfg: ModelConfig) -> list[ModelSpec]:
+    """--models entries as specs; an entry that names nothing loadable is an error. `base`
+    is model_cfg.name_or_path."""
     specs: list[ModelSpec] = []
     seen: dict[str, int] = {}
     for part in (p.strip() for p in value.split(",")):
         if not part:
             continue
         if part == "base":
-            if not cfg.model.name_or_path:
+            if not model_cfg.name_or_path:
                 raise ConfigError("--models base: set model.name_or_path")
-            spec = ModelSpec("base", "base", cfg.model.name_or_path)
+            spec = ModelSpec("base", "base", model_cfg.name_or_path)
         else:
             path = part
             final = storage.join(path, run.FINAL_DIR)
@@ -83,7 +84,7 @@ def parse_models(value: str, cfg: Config) -> list[ModelSpec]:
                 path = final  # a training run directory
             if not storage.exists(path):
                 raise ConfigError(f"--models {part}: does not exist")
-            spec = ModelSpec(run._slug(path), _kind(path, cfg, part), path)
+            spec = ModelSpec(run._slug(path), _kind(path, model_cfg, part), path)
         n = seen.get(spec.label, 0)
         seen[spec.label] = n + 1
         if n:
@@ -94,13 +95,15 @@ def parse_models(value: str, cfg: Config) -> list[ModelSpec]:
     return specs
 
 
-def _kind(path: str, cfg: Config, given: str) -> str:
+def _kind(path: str, model_cfg: ModelConfig, given: str) -> str:
+    """lora: a LoRA adapter on model_cfg.name_or_path (or naming no base), scored on the
+    shared base; alone: any other adapter or model, loaded by itself."""
     if run.is_adapter(path):
         acfg = json.loads(storage.read_text(storage.join(path, "adapter_config.json")))
         base = acfg.get("base_model_name_or_path") or ""
-        same_base = not cfg.model.name_or_path or not base or \
-            os.path.abspath(base) == os.path.abspath(cfg.model.name_or_path)
-        if str(acfg.get("peft_type", "")).upper() == "LORA" and cfg.model.name_or_path \
+        same_base = not model_cfg.name_or_path or not base or \
+            os.path.abspath(base) == os.path.abspath(model_cfg.name_or_path)
+        if str(acfg.get("peft_type", "")).upper() == "LORA" and model_cfg.name_or_path \
                 and same_base:
             return "lora"
         return "alone"
@@ -125,10 +128,11 @@ class _Inputs:
     def get(self, tokenizer, model, model_dir: str):
         key = tokenizer_identity(tokenizer)["sha256"]
         if key not in self.cache:
-            held = run.heldout_set(self.cfg, self.data, tokenizer, prepared=self.prepared,
-                                   model_dir=model_dir,
+            held = run.heldout_set(self.cfg.data, self.cfg.eval, self.data, tokenizer,
+                                   prepared=self.prepared, model_dir=model_dir,
                                    limit=run.context_limit(model)) if self.data else None
-            self.cache[key] = (held, run.encode_benchmarks(self.cfg, tokenizer))
+            self.cache[key] = (held, run.encode_benchmarks(self.cfg.data, self.cfg.eval,
+                                                           tokenizer))
         return self.cache[key]
 
 
@@ -156,21 +160,23 @@ def score_all(cfg: Config, specs: list[ModelSpec], *, data: str | None,
             t0 = time.time()
             if s.kind == "base" and adapters:
                 with model.disable_adapter():
-                    results[s.label] = run.score_model(cfg, model, tokenizer, held, benches,
-                                                       device)
+                    results[s.label] = run.score_model(cfg.eval, cfg.train, model, tokenizer,
+                                                       held, benches, device)
             else:
                 if adapters:
                     model.set_adapter(names[s.label], inference_mode=True)
-                results[s.label] = run.score_model(cfg, model, tokenizer, held, benches, device)
+                results[s.label] = run.score_model(cfg.eval, cfg.train, model, tokenizer,
+                                                   held, benches, device)
             _log(f"{s.label}: scored in {time.time() - t0:.1f}s")
         del model
     for s in specs:
         if s.kind != "alone":
             continue
         t0 = time.time()
-        model, tokenizer, _desc = run.load_for_eval(s.path, cfg, device)
+        model, tokenizer, _desc = run.load_for_eval(s.path, cfg.model, device)
         held, benches = inputs.get(tokenizer, model, s.path)
-        results[s.label] = run.score_model(cfg, model, tokenizer, held, benches, device)
+        results[s.label] = run.score_model(cfg.eval, cfg.train, model, tokenizer, held,
+                                           benches, device)
         _log(f"{s.label}: scored in {time.time() - t0:.1f}s")
         del model
     return {s.label: results[s.label] for s in specs}
@@ -293,7 +299,7 @@ def compare(cfg: Config, models: str, *, data: str | None, output: str,
             prepared: str | None = None) -> dict[str, Any]:
     """Score every model of `models` (comma-separated) and write the side-by-side files;
     returns compare.json's content."""
-    specs = parse_models(models, cfg)
+    specs = parse_models(models, cfg.model)
     if not data and not cfg.eval.benchmarks:
         raise ConfigError("nothing to evaluate: give held-out data (--data, eval.data) or "
                           "eval.benchmarks (--benchmarks NAME=PATH)")
@@ -331,7 +337,8 @@ def _track(cfg: Config, summary: dict[str, Any], output: str) -> str:
     """One MLflow run: <model>/<metric> for every cell, the files as artifacts."""
     if not cfg.tracking.enabled:
         return ""
-    run_id = tracking.start_run(cfg, "eval-compare", tags={"ift.command": "eval-compare"})
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "eval-compare",
+                                tags={"ift.command": "eval-compare"})
     tracking.log_params(run_id, {"models": ",".join(m["label"] for m in summary["models"]),
                                  "data": summary["data"]})
     values = {f"{row['model']}/{c}": row[c] for row in summary["rows"]

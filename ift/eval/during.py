@@ -30,7 +30,14 @@ from typing import Any
 
 from ift import storage
 from ift.artifacts import PromptFormat
-from ift.config import Config, ConfigError
+from ift.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    DuringTrainingConfig,
+    PeftConfig,
+    TrainConfig,
+)
 from ift.data import dataset, ingest
 from ift.eval import heldout, metrics
 
@@ -63,12 +70,12 @@ class Probe:
         dt = cfg.eval.during_training
         if dt.max_samples <= 0:
             return None
-        check_config(cfg)
+        check_config(cfg.peft, cfg.train)
         from ift.eval.run import training_prompt_format
 
         data = held_out_path(cfg)
-        fmt = training_prompt_format(cfg, _prepared(cfg), tokenizer)
-        items = load_items(cfg, data, tokenizer, fmt) if rank == 0 else []
+        fmt = training_prompt_format(cfg.data, _prepared(cfg), tokenizer)
+        items = load_items(cfg.data, dt, data, tokenizer, fmt) if rank == 0 else []
         return cls(cfg, items, data, rank, tokenizer, fmt)
 
     def due(self, step: int, total: int) -> bool:
@@ -107,14 +114,14 @@ class Probe:
         return out
 
 
-def check_config(cfg: Config) -> None:
+def check_config(peft_cfg: PeftConfig, train_cfg: TrainConfig) -> None:
     """Configurations the probe cannot run in, as errors naming the key."""
-    if cfg.train.strategy == "fsdp":
+    if train_cfg.strategy == "fsdp":
         raise ConfigError("eval.during_training runs on rank 0 alone, which FSDP's sharded "
                           "forward passes cannot do: set train.strategy=ddp or "
                           "eval.during_training.max_samples=0")
-    if cfg.peft.method in PROMPT_METHODS:
-        raise ConfigError(f"eval.during_training: peft.method={cfg.peft.method} prepends "
+    if peft_cfg.method in PROMPT_METHODS:
+        raise ConfigError(f"eval.during_training: peft.method={peft_cfg.method} prepends "
                           "virtual tokens, which the serving engine does not decode; set "
                           "eval.during_training.max_samples=0")
 
@@ -139,11 +146,12 @@ def _prepared(cfg: Config) -> str | None:
     return cfg.resolve(path) if path else None
 
 
-def load_items(cfg: Config, data: str, tokenizer, prompt_format: PromptFormat
-               ) -> list[heldout.Item]:
-    """The first max_samples held-out items of `data`, read as `ift eval` reads them; raw
-    records are rendered in `prompt_format`."""
-    n = cfg.eval.during_training.max_samples
+def load_items(data_cfg: DataConfig, during_cfg: DuringTrainingConfig, data: str, tokenizer,
+               prompt_format: PromptFormat) -> list[heldout.Item]:
+    """The first during_cfg.max_samples held-out items of `data`, read as `ift eval` reads
+    them (raw records with the data section's seed and sources); raw records are rendered
+    in `prompt_format`."""
+    n = during_cfg.max_samples
     if dataset.is_prepared(data):
         rows = []
         for row in dataset.iter_samples(data, "val",
@@ -154,9 +162,9 @@ def load_items(cfg: Config, data: str, tokenizer, prompt_format: PromptFormat
         items = heldout.items_from_rows(rows, tokenizer)
     else:
         records = []
-        for _where, rec in ingest.iter_raw_records(data, seed=cfg.data.seed,
+        for _where, rec in ingest.iter_raw_records(data, seed=data_cfg.seed,
                                                     key="eval.during_training.data",
-                                                    sources=cfg.data.sources):
+                                                    sources=data_cfg.sources):
             records.append(rec)
             if len(records) >= n:
                 break

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ift import storage
-from ift.config import Config
+from ift.config import DataConfig
 from ift.data import dataset
 from ift.data.preference import PAIR_FORMATS, convert_pair, tokenize_pairs
 from ift.data.readers import iter_raw, plan_reads
@@ -29,17 +29,18 @@ from ift.data.record import ConvertError
 from ift.train.preference import collate_pairs, sequence_logps
 
 
-def held_out_pairs(cfg: Config, data: str, tokenizer, template: str | None
+def held_out_pairs(data_cfg: DataConfig, data: str, tokenizer, template: str | None
                    ) -> list[dict[str, Any]] | None:
-    """Tokenized pairs of `data` when it holds preference pairs; None for conversations."""
+    """Tokenized pairs of `data` when it holds preference pairs; None for conversations.
+    Raw pairs are cut to data_cfg.max_seq_len."""
     if dataset.is_prepared(data):
         if dataset.read_manifest(data).get("kind") != "preference":
             return None
         return list(dataset.iter_split_rows(data, "val"))
-    return _raw_pairs(cfg, data, tokenizer, template)
+    return _raw_pairs(data_cfg, data, tokenizer, template)
 
 
-def _raw_pairs(cfg: Config, data: str, tokenizer, template: str | None
+def _raw_pairs(data_cfg: DataConfig, data: str, tokenizer, template: str | None
                ) -> list[dict[str, Any]] | None:
     paths = [p for part in data.split(",") if part for p in storage.expand(part)]
     try:
@@ -59,7 +60,7 @@ def _raw_pairs(cfg: Config, data: str, tokenizer, template: str | None
             except ConvertError:
                 continue
     rows, _ = tokenize_pairs(pairs, tokenizer, template=template or "auto",
-                             max_seq_len=max(cfg.data.max_seq_len, 8))
+                             max_seq_len=max(data_cfg.max_seq_len, 8))
     return rows
 
 

@@ -41,7 +41,17 @@ from ift.artifacts import (
     bundled_path,
     read_prompt_format,
 )
-from ift.config import Config, ConfigError, apply_override, build_config, load_config
+from ift.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    TrainConfig,
+    apply_override,
+    build_config,
+    load_config,
+)
 from ift.data import dataset
 from ift.data.quality import substitute_placeholders
 from ift.data.templates import choose_prompt_format, prompt_format, resolve_template
@@ -74,10 +84,11 @@ def is_adapter(path: str) -> bool:
     return storage.exists(storage.join(path, ADAPTER_CONFIG))
 
 
-def load_for_eval(model_dir: str, cfg: Config, device: str = "cpu"):
-    """(model in eval mode, tokenizer, description) for an adapter or full-model directory.
+def load_for_eval(model_dir: str, model_cfg: ModelConfig, device: str = "cpu"):
+    """(model in eval mode, tokenizer, description) for an adapter or full-model directory,
+    loaded with the options of the model section (dtype, revision, trust_remote_code, ...).
 
-    An adapter loads on `cfg.model.name_or_path`, else on the base named in its
+    An adapter loads on `model_cfg.name_or_path`, else on the base named in its
     adapter_config.json. The tokenizer is the one saved beside the weights, else the base's.
     """
     local = storage.local_copy(model_dir)
@@ -86,11 +97,11 @@ def load_for_eval(model_dir: str, cfg: Config, device: str = "cpu"):
     if is_adapter(local):
         with open(os.path.join(local, ADAPTER_CONFIG), encoding="utf-8") as f:
             adapter_cfg = json.load(f)
-        base = cfg.model.name_or_path or adapter_cfg.get("base_model_name_or_path") or ""
+        base = model_cfg.name_or_path or adapter_cfg.get("base_model_name_or_path") or ""
         if not base:
             raise ConfigError(f"{model_dir} is an adapter but no base model is known: set "
                               "model.name_or_path")
-        model = load_model(replace(cfg.model, name_or_path=base), device=device)
+        model = load_model(replace(model_cfg, name_or_path=base), device=device)
         model = PeftModel.from_pretrained(model, local)
         tok_dir = local if storage.exists(os.path.join(local, "tokenizer_config.json")) else base
         desc = {"adapter": model_dir, "base": base}
@@ -98,10 +109,10 @@ def load_for_eval(model_dir: str, cfg: Config, device: str = "cpu"):
         if not storage.exists(os.path.join(local, "config.json")):
             raise ConfigError(f"{model_dir} holds neither a PEFT adapter (adapter_config.json) "
                               "nor a HF model (config.json)")
-        model = load_model(replace(cfg.model, name_or_path=local), device=device)
+        model = load_model(replace(model_cfg, name_or_path=local), device=device)
         tok_dir = local
         desc = {"model": model_dir}
-    tokenizer = load_tokenizer(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(tok_dir, trust_remote_code=model_cfg.trust_remote_code)
     model.eval()
     return model, tokenizer, desc
 
@@ -147,19 +158,19 @@ def _manifest_format(prepared: str | None, tokenizer):
     return None
 
 
-def training_prompt_format(cfg: Config, prepared: str | None, tokenizer):
+def training_prompt_format(data_cfg: DataConfig, prepared: str | None, tokenizer):
     """The prompt format of the model being trained (what the run records beside its
     models): the prepared manifest's template, else data.template, for this tokenizer."""
-    return _manifest_format(prepared, tokenizer) or prompt_format(cfg.data.template or "auto",
+    return _manifest_format(prepared, tokenizer) or prompt_format(data_cfg.template or "auto",
                                                                   tokenizer)
 
 
-def _prompt_format(cfg: Config, model_dir: str, prepared: str | None, tokenizer):
+def _prompt_format(data_cfg: DataConfig, model_dir: str, prepared: str | None, tokenizer):
     """The prompt format the model was trained with: recorded beside it, else the prepared
-    manifest's template, else the config's (for this tokenizer). A data.template that
+    manifest's template, else data.template (for this tokenizer). A data.template that
     differs from the record overrides it, with a warning."""
     recorded = read_prompt_format(model_dir) or _manifest_format(prepared, tokenizer)
-    return choose_prompt_format(recorded, cfg.data.template, tokenizer, model_dir,
+    return choose_prompt_format(recorded, data_cfg.template, tokenizer, model_dir,
                                 logging.getLogger("ift.eval"))
 
 
@@ -194,14 +205,16 @@ class HeldOut:
     """Preference pairs (held-out pair data), scored for preference accuracy."""
 
 
-def heldout_set(cfg: Config, data: str, tokenizer, *, prepared: str | None, model_dir: str,
-                limit: int | None) -> HeldOut:
+def heldout_set(data_cfg: DataConfig, eval_cfg: EvalConfig, data: str, tokenizer, *,
+                prepared: str | None, model_dir: str, limit: int | None) -> HeldOut:
     """Read `data` (a prepared dir's val split or raw files) for `tokenizer`; `limit` is
-    the model's context (raw rows are tokenized to fit it)."""
-    e = cfg.eval
-    fmt = _prompt_format(cfg, model_dir, prepared, tokenizer)
+    the model's context (raw rows are tokenized to fit it, and to data.max_seq_len). Raw
+    records are read with the data section's seed, sources and placeholders, as training
+    read them; eval.max_samples and eval.max_loss_rows bound the items and the rows."""
+    e = eval_cfg
+    fmt = _prompt_format(data_cfg, model_dir, prepared, tokenizer)
     pairs = pref_eval.held_out_pairs(
-        cfg, data, tokenizer, None if dataset.is_prepared(data) else fmt.template)
+        data_cfg, data, tokenizer, None if dataset.is_prepared(data) else fmt.template)
     if pairs is not None:  # preference pairs: loss and generation on the chosen side
         if dataset.is_prepared(data):
             _check_tokenizer(data, tokenizer, model_dir)
@@ -214,15 +227,15 @@ def heldout_set(cfg: Config, data: str, tokenizer, *, prepared: str | None, mode
         items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
         source = {"kind": "prepared", "split": "val"}
     else:
-        records = heldout.raw_records(data, seed=cfg.data.seed, sources=cfg.data.sources)
-        if cfg.data.placeholders:  # filled as `ift data prepare` fills the training rows
-            records = [substitute_placeholders(r, cfg.data.placeholders) for r in records]
+        records = heldout.raw_records(data, seed=data_cfg.seed, sources=data_cfg.sources)
+        if data_cfg.placeholders:  # filled as `ift data prepare` fills the training rows
+            records = [substitute_placeholders(r, data_cfg.placeholders) for r in records]
         template = fmt.template
         items = heldout.items_from_records(records[: e.max_samples], tokenizer, template)
         rows = heldout.loss_rows_from_records(records[: e.max_loss_rows or None],
                                               tokenizer, template,
-                                              min(limit or cfg.data.max_seq_len,
-                                                  max(cfg.data.max_seq_len, 8)))
+                                              min(limit or data_cfg.max_seq_len,
+                                                  max(data_cfg.max_seq_len, 8)))
         source = {"kind": "raw", "template": template}
     if not items:
         raise ConfigError(f"eval.data={data}: no held-out rows")
@@ -230,25 +243,28 @@ def heldout_set(cfg: Config, data: str, tokenizer, *, prepared: str | None, mode
                    prompt_format=fmt, pairs=pairs)
 
 
-def encode_benchmarks(cfg: Config, tokenizer, names: list[str] | None = None
-                      ) -> dict[str, benchmarks.EncodedBenchmark]:
-    """eval.benchmarks (or the named ones) read and tokenized for `tokenizer`."""
-    chosen = cfg.eval.benchmarks if names is None else {
-        n: cfg.eval.benchmarks[n] for n in names}
-    template = resolve_template(cfg.data.template, tokenizer) \
+def encode_benchmarks(data_cfg: DataConfig, eval_cfg: EvalConfig, tokenizer,
+                      names: list[str] | None = None) -> dict[str, benchmarks.EncodedBenchmark]:
+    """eval.benchmarks (or the named ones) read and tokenized for `tokenizer`; chat
+    benchmarks are rendered with data.template."""
+    chosen = eval_cfg.benchmarks if names is None else {
+        n: eval_cfg.benchmarks[n] for n in names}
+    template = resolve_template(data_cfg.template, tokenizer) \
         if any(b.chat for b in chosen.values()) else "auto"
     return {n: benchmarks.encode(n, b, tokenizer, template) for n, b in chosen.items()}
 
 
-def score_model(cfg: Config, model, tokenizer, held: HeldOut | None,
-                benches: dict[str, benchmarks.EncodedBenchmark], device: str = "cpu"
-                ) -> dict[str, Any]:
+def score_model(eval_cfg: EvalConfig, train_cfg: TrainConfig, model, tokenizer,
+                held: HeldOut | None, benches: dict[str, benchmarks.EncodedBenchmark],
+                device: str = "cpu") -> dict[str, Any]:
     """Every metric of one model: {metrics, samples, benchmarks, benchmark_samples}.
 
     metrics: held-out loss, perplexity and generation metrics (empty without held-out
-    data); benchmarks: per benchmark, per subject and overall accuracy.
+    data); benchmarks: per benchmark, per subject and overall accuracy. Batches and
+    generation length come from eval_cfg; preference pairs' implicit reward uses
+    train_cfg.beta.
     """
-    e = cfg.eval
+    e = eval_cfg
     out: dict[str, Any] = {"metrics": {}, "samples": [], "benchmarks": {},
                            "benchmark_samples": []}
     if held is not None:
@@ -265,7 +281,7 @@ def score_model(cfg: Config, model, tokenizer, held: HeldOut | None,
                           **ie_metrics}
         if held.pairs is not None:
             out["metrics"].update(pref_eval.pair_metrics(
-                model, held.pairs, pad_id, max(1, e.batch_size), device, cfg.train.beta))
+                model, held.pairs, pad_id, max(1, e.batch_size), device, train_cfg.beta))
         out["samples"] = samples
     for name, enc in benches.items():
         res, bsamples = benchmarks.score_benchmark(model, enc, device)
@@ -308,20 +324,20 @@ def evaluate(cfg: Config, *, model_dir: str, data: str | None, output: str,
     """
     started = time.time()
     device = _device()
-    model, tokenizer, desc = load_for_eval(model_dir, cfg, device)
+    model, tokenizer, desc = load_for_eval(model_dir, cfg.model, device)
     if not data and not cfg.eval.benchmarks:
         raise ConfigError("nothing to evaluate: give held-out data (--data, eval.data) or "
                           "eval.benchmarks")
-    held = heldout_set(cfg, data, tokenizer, prepared=prepared, model_dir=model_dir,
-                       limit=context_limit(model)) if data else None
-    benches = encode_benchmarks(cfg, tokenizer)
+    held = heldout_set(cfg.data, cfg.eval, data, tokenizer, prepared=prepared,
+                       model_dir=model_dir, limit=context_limit(model)) if data else None
+    benches = encode_benchmarks(cfg.data, cfg.eval, tokenizer)
     if held is not None:
         _log(f"{len(held.rows)} held-out rows for loss, {len(held.items)} for generation "
              f"(max {cfg.eval.max_new_tokens} new tokens) on {device}")
     for name, enc in benches.items():
         _log(f"benchmark {name}: {sum(len(v) for v in enc.subjects.values())} questions in "
              f"{len(enc.subjects)} subjects, {enc.k_shot}-shot, {len(enc.rejects)} rows rejected")
-    scored = score_model(cfg, model, tokenizer, held, benches, device)
+    scored = score_model(cfg.eval, cfg.train, model, tokenizer, held, benches, device)
     result = {
         "metrics": scored["metrics"],
         **desc,
@@ -395,7 +411,8 @@ def _log_mlflow(cfg: Config, result: dict[str, Any], run_id: str | None, step: i
         return ""
     new = not run_id
     run_id = tracking.start_run(
-        cfg, run_name, run_id=run_id or None, parent_run_id=parent_run_id if new else None,
+        cfg.tracking, cfg.storage.root, run_name, run_id=run_id or None,
+        parent_run_id=parent_run_id if new else None,
         tags={"ift.eval.data": result["data"] or ",".join(result.get("benchmarks") or {})}
         | ({"ift.command": "eval"} if new else {}))
     if new:

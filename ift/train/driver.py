@@ -187,7 +187,7 @@ def preflight(cfg: Config, manifest: dict[str, Any], prepared: str) -> Plan:
     if cfg.train.eval_every and not plan.num_val_rows:
         print(f"[ift train] note: {prepared} has no val rows; evaluation is skipped", flush=True)
     if cfg.eval.during_training.max_samples:
-        check_config(cfg)  # before any worker starts
+        check_config(cfg.peft, cfg.train)  # before any worker starts
     return plan
 
 
@@ -387,8 +387,9 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         return done
     init_ray(address)
     multinode.check_shared_storage(
-        cfg.storage, cfg.model.name_or_path, multinode.alive_nodes(), prepared=prepared, output=output,
-        tracking_uri=tracking.resolve_uri(cfg) if cfg.tracking.enabled else "")
+        cfg.storage, cfg.model.name_or_path, multinode.alive_nodes(), prepared=prepared,
+        output=output, tracking_uri=(tracking.resolve_uri(cfg.tracking, cfg.storage.root)
+                                     if cfg.tracking.enabled else ""))
     storage.makedirs(run_dir)
     run_file = storage.join(run_dir, RUN_FILE)
     previous = storage.read_json(run_file)
@@ -398,8 +399,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     run_id = ""
     tracking_uri = ""
     if cfg.tracking.enabled:
-        tracking_uri = tracking.resolve_uri(cfg)
-        run_id = tracking.start_run(cfg, cfg.train.run_name,
+        tracking_uri = tracking.resolve_uri(cfg.tracking, cfg.storage.root)
+        run_id = tracking.start_run(cfg.tracking, cfg.storage.root, cfg.train.run_name,
                                     run_id=previous.get("mlflow_run_id") or None,
                                     parent_run_id=parent_run_id or None,
                                     tags={"ift.command": "train", "ift.method": cfg.peft.method,

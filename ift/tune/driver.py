@@ -36,13 +36,20 @@ from typing import Any
 import ray
 from ray import tune as rtune
 from ray._raylet import PlacementGroupID
-from ray.tune import Callback, FailureConfig, RunConfig, TuneConfig, Tuner
+from ray.tune import Callback, FailureConfig, RunConfig, Tuner
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from ift import storage, tracking
 from ift.artifacts import RUN_FILE, RUNS_DIR, SWEEP_FILE, TRIAL_FILE, TRIALS_FILE
-from ift.config import Config, ConfigError, load_config
+from ift.config import (
+    Config,
+    ConfigError,
+    DuringTrainingConfig,
+    TrainConfig,
+    TuneConfig,
+    load_config,
+)
 from ift.data.dataset import PrepareError, read_manifest
 from ift.data.pipeline import prepare
 from ift.raycluster import init_ray
@@ -118,27 +125,28 @@ def _prepared(cfg: Config, address: str | None) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"train.data={path}: {e}") from e
 
 
-def _scheduler(cfg: Config):
-    t = cfg.tune
-    if t.scheduler == "none":
+def _scheduler(tune: TuneConfig, train: TrainConfig, during: DuringTrainingConfig):
+    """Tune's trial scheduler for tune.scheduler: FIFO, or ASHA on eval_loss (or on a
+    heldout/ metric reported during training) at rungs of train.eval_every steps."""
+    if tune.scheduler == "none":
         return FIFOScheduler()
-    if t.grace_period < 1 or t.reduction_factor < 2:
-        raise ConfigError(f"tune.grace_period={t.grace_period} must be >= 1 and "
-                          f"tune.reduction_factor={t.reduction_factor} >= 2")
-    if cfg.train.eval_every < 1:
+    if tune.grace_period < 1 or tune.reduction_factor < 2:
+        raise ConfigError(f"tune.grace_period={tune.grace_period} must be >= 1 and "
+                          f"tune.reduction_factor={tune.reduction_factor} >= 2")
+    if train.eval_every < 1:
         raise ConfigError("tune.scheduler=asha compares eval losses during training: set "
                           "train.eval_every >= 1 (or tune.scheduler=none)")
     metric, mode = "eval_loss", "min"
-    if t.metric.startswith("heldout/"):
+    if tune.metric.startswith("heldout/"):
         # A generation metric reported during training (ift.eval.during).
-        if cfg.eval.during_training.max_samples <= 0:
-            raise ConfigError(f"tune.metric={t.metric} with tune.scheduler=asha needs the "
+        if during.max_samples <= 0:
+            raise ConfigError(f"tune.metric={tune.metric} with tune.scheduler=asha needs the "
                               "metric during training: set eval.during_training.max_samples")
-        metric, mode = t.metric, t.mode
+        metric, mode = tune.metric, tune.mode
     # Time is the optimizer step; the grace period counts evaluations.
     return ASHAScheduler(time_attr="step", metric=metric, mode=mode,
-                         grace_period=t.grace_period * cfg.train.eval_every,
-                         reduction_factor=t.reduction_factor, max_t=ASHA_MAX_T,
+                         grace_period=tune.grace_period * train.eval_every,
+                         reduction_factor=tune.reduction_factor, max_t=ASHA_MAX_T,
                          stop_last_trials=False)
 
 
@@ -185,15 +193,16 @@ def _free_stopped_trials_callback(sweep_dir: str):
     return FreeStoppedTrials()
 
 
-def _check_fits(cfg: Config) -> None:
-    t = cfg.train
-    need = t.num_workers * t.cpus_per_worker
+def _check_fits(train: TrainConfig, tune: TuneConfig) -> None:
+    """A trial's Train workers must fit the cluster's CPUs (an error); concurrent trials
+    that do not all fit wait (a note)."""
+    need = train.num_workers * train.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
         raise ConfigError(f"one trial needs train.num_workers × train.cpus_per_worker = {need} "
                           f"CPUs but the cluster has {have}; lower them")
-    if need * cfg.tune.max_concurrent_trials > have:
-        _log(f"note: {cfg.tune.max_concurrent_trials} concurrent trials × {need} CPUs exceed "
+    if need * tune.max_concurrent_trials > have:
+        _log(f"note: {tune.max_concurrent_trials} concurrent trials × {need} CPUs exceed "
              f"the cluster's {have}; trials wait for CPUs")
 
 
@@ -219,7 +228,8 @@ def tune(cfg: Config, *, resume: bool = False, address: str | None = None) -> di
         raise ConfigError(f"--resume: tune.space/tune.seeds differ from the sweep in "
                           f"{sweep_file}; resume with the same config or start a new tune.name")
     prepared, manifest = _prepared(cfg, address)
-    tracking_uri = tracking.resolve_uri(cfg) if cfg.tracking.enabled else ""
+    tracking_uri = tracking.resolve_uri(cfg.tracking, cfg.storage.root) \
+        if cfg.tracking.enabled else ""
     base = absolute_config(cfg, tracking_uri)
     for p in points:  # every trial's config and mixture, checked before any trial starts
         space.trial_config(base, p, {"train.run_name": p["name"]})
@@ -228,7 +238,8 @@ def tune(cfg: Config, *, resume: bool = False, address: str | None = None) -> di
 
     parent = ""
     if cfg.tracking.enabled:
-        parent = tracking.start_run(cfg, t.name, run_id=previous.get("parent_run_id") or None,
+        parent = tracking.start_run(cfg.tracking, cfg.storage.root, t.name,
+                                    run_id=previous.get("parent_run_id") or None,
                                     tags={"ift.command": "tune", "ift.sweep_dir": sweep_dir})
         tracking.log_params(parent, {"tune": asdict(t), "model": asdict(cfg.model),
                                      "peft": asdict(cfg.peft), "train": asdict(cfg.train),
@@ -251,7 +262,7 @@ def tune(cfg: Config, *, resume: bool = False, address: str | None = None) -> di
     # Save the experiment state often, so a killed sweep resumes close to where it was.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
     init_ray(address)
-    _check_fits(cfg)
+    _check_fits(cfg.train, cfg.tune)
     trainable = rtune.with_resources(
         rtune.with_parameters(run_trial, base=base, sweep=sweep),
         # The trial process mostly waits on its Train run, whose workers hold the CPUs: it
@@ -273,8 +284,9 @@ def tune(cfg: Config, *, resume: bool = False, address: str | None = None) -> di
             tuner = Tuner(
                 trainable,
                 param_space={"point": rtune.grid_search(points)},
-                tune_config=TuneConfig(
-                    scheduler=_scheduler(cfg), num_samples=1,
+                tune_config=rtune.TuneConfig(
+                    scheduler=_scheduler(cfg.tune, cfg.train, cfg.eval.during_training),
+                    num_samples=1,
                     max_concurrent_trials=t.max_concurrent_trials,
                     trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                 ),
@@ -360,7 +372,7 @@ def _close_stopped(cfg: Config, trials: list[dict[str, Any]]) -> None:
         run_id = info.get("mlflow_run_id")
         if not run_id:
             continue
-        tracking.start_run(cfg, t["name"], run_id=run_id)
+        tracking.start_run(cfg.tracking, cfg.storage.root, t["name"], run_id=run_id)
         tracking.set_tags(run_id, {"ift.tune.status": t["status"]})
         tracking.end_run(run_id, "KILLED" if t["status"] == "stopped" else "FAILED")
 

@@ -367,7 +367,8 @@ def log_report(sweep_dir: str, paths: dict[str, Any]) -> str:
         return ""
     cfg = build_config({"tracking": {"uri": sweep.get("tracking_uri") or ""},
                         "storage": (sweep.get("config") or {}).get("storage") or {}})
-    tracking.start_run(cfg, sweep.get("name", "sweep"), run_id=parent)
+    tracking.start_run(cfg.tracking, cfg.storage.root, sweep.get("name", "sweep"),
+                       run_id=parent)
     tracking.log_artifact(parent, paths["dir"], REPORT_DIR)
     _, rows = trial_rows(sweep_dir)
     best = next((r for r in rows if r["trial"] == paths.get("best")), None)

@@ -144,7 +144,8 @@ def child_run(cfg, run_dir: str, point: dict[str, Any], sweep: dict[str, Any],
     info = storage.read_json(run_file)
     tags = {"ift.tune.sweep": sweep["name"], "ift.tune.trial": point["name"],
             "ift.tune.group": space.group_key(point), "ift.tune.seed": point["seed"]}
-    run_id = tracking.start_run(cfg, point["name"], run_id=info.get("mlflow_run_id") or None,
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, point["name"],
+                                run_id=info.get("mlflow_run_id") or None,
                                 parent_run_id=parent, tags=tags)
     if run_id != info.get("mlflow_run_id"):
         storage.makedirs(run_dir)

@@ -23,10 +23,11 @@ def test_run_logged_through_the_server(mlflow_server, tmp_path, monkeypatch):  #
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = build_config({"storage": {"root": str(tmp_path / "work")},
                         "tracking": {"uri": url, "experiment": "server-it"}})
-    assert tracking.resolve_uri(cfg) == url
+    assert tracking.resolve_uri(cfg.tracking, cfg.storage.root) == url
 
-    parent = tracking.start_run(cfg, "sweep")
-    run_id = tracking.start_run(cfg, "trial-0", parent_run_id=parent, tags={"seed": 42})
+    parent = tracking.start_run(cfg.tracking, cfg.storage.root, "sweep")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "trial-0", parent_run_id=parent,
+                                tags={"seed": 42})
     tracking.log_params(run_id, {"train": {"lr": 2e-4, "micro_batch_size": 4},
                                  "peft": {"target_modules": ["q_proj", "v_proj"]}})
     for step in range(1, 6):
@@ -78,12 +79,12 @@ def test_resume_through_the_server(mlflow_server, tmp_path, monkeypatch):  # noq
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # the environment is the second choice
     cfg = build_config({"storage": {"root": str(tmp_path / "work")},
                         "tracking": {"experiment": "server-resume"}})
-    run_id = tracking.start_run(cfg, "resumable")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "resumable")
     tracking.log_params(run_id, {"a": 1})
     tracking.log_metrics(run_id, {"loss": 1.0}, step=1)
     tracking.end_run(run_id, status="FAILED")
 
-    assert tracking.start_run(cfg, "resumable", run_id=run_id) == run_id
+    assert tracking.start_run(cfg.tracking, cfg.storage.root, "resumable", run_id=run_id) == run_id
     tracking.log_params(run_id, {"a": 1, "b": 2})
     tracking.log_metrics(run_id, {"loss": 0.5}, step=2)
     tracking.end_run(run_id)
@@ -99,7 +100,7 @@ def test_s3_storage_root_keeps_db_local_and_artifacts_in_s3(s3_bucket, tmp_path,
     monkeypatch.chdir(tmp_path)
     root = f"{s3_bucket}/work"
     cfg = build_config({"storage": {"root": root}, "tracking": {"experiment": "s3-root"}})
-    run_id = tracking.start_run(cfg, "on-s3")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "on-s3")
     f = tmp_path / "notes.txt"
     f.write_text("hello")
     tracking.log_artifact(run_id, str(f))
@@ -120,7 +121,8 @@ def _log_many(root: str, run_id: str, key: str, n: int) -> None:
     from ift.config import build_config as bc
 
     cfg = bc({"storage": {"root": root}, "tracking": {"experiment": "unit"}})
-    t.start_run(cfg, "shared", run_id=run_id)  # a process that did not create the run
+    # a process that did not create the run
+    t.start_run(cfg.tracking, cfg.storage.root, "shared", run_id=run_id)
     for step in range(n):
         t.log_metrics(run_id, {key: float(step)}, step)
 
@@ -132,7 +134,7 @@ def test_concurrent_processes_share_the_sqlite_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = build_config({"storage": {"root": str(tmp_path / "work")},
                         "tracking": {"experiment": "unit"}})
-    run_id = tracking.start_run(cfg, "shared")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "shared")
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_log_many, args=(cfg.storage.root, run_id, f"m{i}", 40))
              for i in range(2)]
@@ -143,6 +145,6 @@ def test_concurrent_processes_share_the_sqlite_store(tmp_path, monkeypatch):
     assert [p.exitcode for p in procs] == [0, 0]
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(tracking_uri=tracking.resolve_uri(cfg))
+    c = MlflowClient(tracking_uri=tracking.resolve_uri(cfg.tracking, cfg.storage.root))
     for i in range(2):
         assert sorted(m.step for m in c.get_metric_history(run_id, f"m{i}")) == list(range(40))

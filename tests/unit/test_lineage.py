@@ -307,7 +307,7 @@ def test_mlflow_run_status_found_missing_and_unreachable(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = build_config({"tracking": {"uri": uri}, "storage": {"root": str(tmp_path)}})
-    run_id = tracking.start_run(cfg, "run-1")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "run-1")
     tracking.end_run(run_id)
     found = lineage.mlflow_run_status(run_id, uri)
     assert found["status"] == "found" and found["run_status"] == "FINISHED"

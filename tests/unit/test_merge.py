@@ -28,7 +28,7 @@ def test_merge_matches_adapter_logits_and_links_the_training_run(tiny_model, tmp
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = build_config({"tracking": {"uri": uri}, "storage": {"root": str(tmp_path)}})
-    train_run = tracking.start_run(cfg, "train-1")
+    train_run = tracking.start_run(cfg.tracking, cfg.storage.root, "train-1")
     tracking.end_run(train_run)
 
     adapter = make_adapter(tiny_model, str(tmp_path / "adapter"), seed=4)

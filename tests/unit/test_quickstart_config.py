@@ -1,13 +1,16 @@
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ift.config import load_config
+from ift.config import DataConfig, ModelConfig, load_config
 from ift.eval.run import data_path
 from ift.quickstart import (
     QUICKSTART_TINY_YAML,
     QUICKSTART_YAML,
+    _figures,
+    _model,
     before_after_table,
     general_hit_rate,
     identity_hit_rate,
@@ -87,3 +90,27 @@ def test_before_after_table_shows_answers_and_figures():
         "heldout_loss_after": 0.75})
     assert "May I know your name?" in table and "I am SmolLM." in table
     assert "0% -> 90%" in table and "100% -> 80%" in table and "2.5000 -> 0.7500" in table
+
+
+def test_figures_name_the_identity_of_the_data_section(tmp_path):
+    for which, reply in (("base", "I am SmolLM."), ("tuned", "I am ift.")):
+        (tmp_path / "eval" / which).mkdir(parents=True)
+        (tmp_path / "eval" / which / "samples.jsonl").write_text(json.dumps(
+            {"id": "identity_heldout:1", "prompt": chatml("May I know your name?"),
+             "output": reply}) + "\n")
+    s = {"workdir": str(tmp_path), "before": {"metrics": {"loss": 2.5}},
+         "after": {"metrics": {"loss": 0.75}}}
+    got = _figures(DataConfig(placeholders={"name": "ift"}), s)
+    assert (got["identity_name"], got["identity_hit_rate_before"],
+            got["identity_hit_rate_after"]) == ("ift", 0.0, 1.0)
+    assert (got["heldout_loss_before"], got["heldout_loss_after"]) == (2.5, 0.75)
+    assert got["answers"] == [{"id": "identity_heldout:1", "question": "May I know your name?",
+                               "base": "I am SmolLM.", "tuned": "I am ift."}]
+    other = _figures(DataConfig(placeholders={"name": "SmolLM"}), s)
+    assert (other["identity_hit_rate_before"], other["identity_hit_rate_after"]) == (1.0, 0.0)
+
+
+def test_model_reuses_the_tiny_model_at_the_model_sections_path(tmp_path, capsys):
+    (tmp_path / "ift_tiny.json").write_text("{}")
+    assert _model(ModelConfig(name_or_path=str(tmp_path)), tiny=True) == str(tmp_path)
+    assert f"reusing {tmp_path}" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from ift import tracking
-from ift.config import build_config
+from ift.config import TrackingConfig, build_config
 
 
 @pytest.fixture
@@ -21,30 +21,51 @@ def cfg(tmp_path, monkeypatch):
 def client(cfg):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking.resolve_uri(cfg))
+    return MlflowClient(tracking_uri=tracking.resolve_uri(cfg.tracking, cfg.storage.root))
 
 
 def test_resolve_uri_order(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "root"
     cfg = build_config({"storage": {"root": str(root)}})
-    assert tracking.resolve_uri(cfg) == f"sqlite:///{root}/mlflow.db"
+    assert tracking.resolve_uri(cfg.tracking, cfg.storage.root) == f"sqlite:///{root}/mlflow.db"
     assert root.is_dir()  # created so that sqlite can open the file
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-    assert tracking.resolve_uri(cfg) == "http://127.0.0.1:1"
+    assert tracking.resolve_uri(cfg.tracking, cfg.storage.root) == "http://127.0.0.1:1"
 
     cfg = build_config({"storage": {"root": str(root)}, "tracking": {"uri": "http://h:5000"}})
-    assert tracking.resolve_uri(cfg) == "http://h:5000"
+    assert tracking.resolve_uri(cfg.tracking, cfg.storage.root) == "http://h:5000"
 
 
 def test_resolve_uri_s3_root_keeps_db_local(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     cfg = build_config({"storage": {"root": "s3://bucket/prefix"}})
-    uri = tracking.resolve_uri(cfg)
+    uri = tracking.resolve_uri(cfg.tracking, cfg.storage.root)
     assert uri == f"sqlite:///{tmp_path}/ift-work/mlflow.db"
-    assert tracking._artifact_location(cfg, uri) == "s3://bucket/prefix/mlartifacts"
+    assert tracking._artifact_location(cfg.tracking, cfg.storage.root, uri) == \
+        "s3://bucket/prefix/mlartifacts"
+
+
+def test_local_root_is_the_storage_root_or_a_local_folder_for_s3(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tracking._local_root("work") == str(tmp_path / "work")
+    assert tracking._local_root(str(tmp_path / "abs")) == str(tmp_path / "abs")
+    assert tracking._local_root("s3://bucket/prefix") == str(tmp_path / "ift-work")
+
+
+def test_artifact_location_from_the_tracking_section_and_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = str(tmp_path / "work")
+    sqlite = f"sqlite:///{root}/mlflow.db"
+    assert tracking._artifact_location(TrackingConfig(), root, sqlite) == \
+        (tmp_path / "work" / "mlartifacts").as_uri()
+    assert tracking._artifact_location(TrackingConfig(), root, "http://h:5000") is None
+    given = TrackingConfig(artifact_location="s3://bucket/mlflow")
+    assert tracking._artifact_location(given, root, "http://h:5000") == "s3://bucket/mlflow"
+    local = TrackingConfig(artifact_location="arts")
+    assert tracking._artifact_location(local, root, sqlite) == (tmp_path / "arts").as_uri()
 
 
 def test_flatten_nested_dicts_and_lists():
@@ -69,7 +90,7 @@ def test_flatten_nested_dicts_and_lists():
 
 
 def test_params_metrics_artifacts_roundtrip(cfg, tmp_path):
-    run_id = tracking.start_run(cfg, "roundtrip", tags={"kind": "train"})
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "roundtrip", tags={"kind": "train"})
     assert re.fullmatch(r"[0-9a-f]{32}", run_id)
 
     long_value = "x" * 7000
@@ -118,21 +139,22 @@ def test_params_metrics_artifacts_roundtrip(cfg, tmp_path):
 
 
 def test_metric_that_is_not_a_number_names_its_key(cfg):
-    run_id = tracking.start_run(cfg, "bad-metric")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "bad-metric")
     with pytest.raises(ValueError, match="'acc'"):
         tracking.log_metrics(run_id, {"acc": "high"}, step=0)
 
 
 def test_missing_artifact_is_a_clear_error(cfg, tmp_path):
-    run_id = tracking.start_run(cfg, "missing")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "missing")
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         tracking.log_artifact(run_id, str(tmp_path / "nope.txt"))
 
 
 def test_parent_and_children(cfg):
-    parent = tracking.start_run(cfg, "sweep")
-    kids = [tracking.start_run(cfg, f"trial-{i}", parent_run_id=parent) for i in range(2)]
-    other = tracking.start_run(cfg, "unrelated")
+    parent = tracking.start_run(cfg.tracking, cfg.storage.root, "sweep")
+    kids = [tracking.start_run(cfg.tracking, cfg.storage.root, f"trial-{i}", parent_run_id=parent)
+            for i in range(2)]
+    other = tracking.start_run(cfg.tracking, cfg.storage.root, "unrelated")
     c = client(cfg)
     exp = c.get_experiment_by_name("unit")
     found = c.search_runs([exp.experiment_id],
@@ -143,12 +165,12 @@ def test_parent_and_children(cfg):
 
 
 def test_resume_keeps_run_id_and_relogs_params(cfg, caplog):
-    run_id = tracking.start_run(cfg, "resumable")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "resumable")
     tracking.log_params(run_id, {"train": {"lr": 1e-4, "max_steps": 10}})
     tracking.log_metrics(run_id, {"loss": 2.0}, step=5)
     tracking.end_run(run_id, status="KILLED")
 
-    again = tracking.start_run(cfg, "resumable", run_id=run_id)
+    again = tracking.start_run(cfg.tracking, cfg.storage.root, "resumable", run_id=run_id)
     assert again == run_id
     c = client(cfg)
     assert c.get_run(run_id).info.status == "RUNNING"
@@ -167,7 +189,7 @@ def test_resume_keeps_run_id_and_relogs_params(cfg, caplog):
 
 
 def test_resume_of_unknown_run_starts_a_new_one(cfg):
-    new = tracking.start_run(cfg, "lost", run_id="0" * 32)
+    new = tracking.start_run(cfg.tracking, cfg.storage.root, "lost", run_id="0" * 32)
     assert new and new != "0" * 32
     assert client(cfg).get_run(new).info.run_name == "lost"
 
@@ -176,7 +198,7 @@ def test_disabled_tracking_is_a_noop(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = build_config({"storage": {"root": str(tmp_path / "off")},
                         "tracking": {"enabled": False}})
-    run_id = tracking.start_run(cfg, "off")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "off")
     assert run_id == ""
     tracking.log_params(run_id, {"a": 1})
     tracking.log_metrics(run_id, {"loss": 1.0}, step=1)
@@ -187,7 +209,7 @@ def test_disabled_tracking_is_a_noop(tmp_path, monkeypatch):
 
 
 def test_set_tags(cfg):
-    run_id = tracking.start_run(cfg, "tags")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "tags")
     tracking.set_tags(run_id, {"dataset_hash": "abc", "packed": True, "n": 3})
     tags = client(cfg).get_run(run_id).data.tags
     assert (tags["dataset_hash"], tags["packed"], tags["n"]) == ("abc", "true", "3")
@@ -227,9 +249,9 @@ def test_code_version_names_the_checkout():
 
 def test_run_from_another_process_is_found_through_the_environment(cfg, monkeypatch):
     # A Ray worker gets the run id and MLFLOW_TRACKING_URI from the driver, not the run.
-    run_id = tracking.start_run(cfg, "driver-made")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "driver-made")
     monkeypatch.setattr(tracking, "_RUN_URIS", {})
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.resolve_uri(cfg))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.resolve_uri(cfg.tracking, cfg.storage.root))
     tracking.log_metrics(run_id, {"loss": 0.25}, step=7)
     hist = client(cfg).get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in hist] == [(7, 0.25)]
@@ -240,7 +262,7 @@ def test_artifact_location_is_the_experiments(tmp_path, monkeypatch, caplog):
     where = tmp_path / "elsewhere"
     cfg = build_config({"storage": {"root": str(tmp_path / "work")},
                         "tracking": {"experiment": "placed", "artifact_location": str(where)}})
-    run_id = tracking.start_run(cfg, "placed")
+    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, "placed")
     note = tmp_path / "note.txt"
     note.write_text("x")
     tracking.log_artifact(run_id, str(note))
@@ -253,6 +275,6 @@ def test_artifact_location_is_the_experiments(tmp_path, monkeypatch, caplog):
     # MLflow fixes the location when the experiment is created: a new one is ignored, loudly.
     cfg.tracking.artifact_location = str(tmp_path / "moved")
     with caplog.at_level("WARNING", logger="ift.tracking"):
-        second = tracking.start_run(cfg, "again")
+        second = tracking.start_run(cfg.tracking, cfg.storage.root, "again")
     assert client(cfg).get_run(second).info.artifact_uri.startswith(where.as_uri())
     assert "artifact_location" in caplog.text and "placed" in caplog.text

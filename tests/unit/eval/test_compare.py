@@ -171,3 +171,23 @@ def test_benchmarks_alone_go_to_eval_json_markdown_and_mlflow(models, tmp_path):
     m = client.get_run(ev["mlflow_run_id"]).data.metrics
     assert m["bench/ceval/acc"] == pytest.approx(r["overall"]["acc"])
     assert m["bench/ceval/math/acc_norm"] == pytest.approx(r["subjects"]["math"]["acc_norm"])
+
+
+def test_parse_models_and_kinds_come_from_the_model_section(models, tmp_path):
+    from ift.config import ConfigError, ModelConfig
+    from ift.eval.compare import _kind, parse_models
+
+    base = ModelConfig(name_or_path=models["base"])
+    run_a = str(Path(models["a"]).parent)
+    specs = parse_models(f"base,{run_a},{models['b']},{models['merged']},{models['b']}", base)
+    assert [(s.label, s.kind) for s in specs] == [
+        ("base", "base"), ("run-a-final", "lora"), ("run-b-final", "lora"),
+        ("merged", "alone"), ("run-b-final-2", "lora")]
+    assert (specs[0].path, specs[1].path) == (models["base"], models["a"])
+    # an adapter is scored on the shared base only when the section names that base
+    assert _kind(models["a"], ModelConfig(), "a") == "alone"
+    assert _kind(models["a"], ModelConfig(name_or_path=models["merged"]), "a") == "alone"
+    with pytest.raises(ConfigError, match="--models base: set model.name_or_path"):
+        parse_models("base", ModelConfig())
+    with pytest.raises(ConfigError, match="--models empty: holds neither"):
+        _kind(str(tmp_path), base, "empty")

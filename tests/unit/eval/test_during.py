@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from ift.config import ConfigError, load_config
+from ift.config import (
+    ConfigError,
+    DataConfig,
+    DuringTrainingConfig,
+    PeftConfig,
+    TrainConfig,
+    load_config,
+)
 from ift.eval import during
 from ift.train.loop import progress_line
 
@@ -73,10 +80,38 @@ def test_refused_configurations_name_the_key(tmp_path, tiny_model):
     from ift.tune.driver import _scheduler
 
     with pytest.raises(ConfigError, match="eval.during_training.max_samples"):
-        _scheduler(_cfg(tmp_path, "tune.metric=heldout/exact_match", "tune.mode=max"))
-    asha = _scheduler(_cfg(tmp_path, "tune.metric=heldout/exact_match", "tune.mode=max",
-                           "eval.during_training.max_samples=2"))
+        cfg = _cfg(tmp_path, "tune.metric=heldout/exact_match", "tune.mode=max")
+        _scheduler(cfg.tune, cfg.train, cfg.eval.during_training)
+    cfg = _cfg(tmp_path, "tune.metric=heldout/exact_match", "tune.mode=max",
+               "eval.during_training.max_samples=2")
+    asha = _scheduler(cfg.tune, cfg.train, cfg.eval.during_training)
     assert (asha._metric, asha._mode) == ("heldout/exact_match", "max")
+
+
+def test_check_config_reads_the_peft_and_train_sections():
+    during.check_config(PeftConfig(), TrainConfig())  # lora on ddp
+    with pytest.raises(ConfigError, match="train.strategy=ddp"):
+        during.check_config(PeftConfig(), TrainConfig(strategy="fsdp", use_gpu=True))
+    with pytest.raises(ConfigError, match="peft.method=p_tuning"):
+        during.check_config(PeftConfig(method="p_tuning"), TrainConfig())
+
+
+def test_load_items_reads_the_first_max_samples_rows_in_the_format(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from ift.data.templates import prompt_format
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    data = tmp_path / "heldout.tsv"
+    data.write_text(HELDOUT)
+    fmt = prompt_format("chatml", tok)
+    items = during.load_items(DataConfig(), DuringTrainingConfig(max_samples=2), str(data),
+                              tok, fmt)
+    assert len(items) == 2 and items[0].gold == "5"
+    assert items[0].prompt.startswith("<|im_start|>user\n")
+    assert items[0].prompt.endswith("What is 2 plus 3?<|im_end|>\n<|im_start|>assistant\n")
+    assert len(during.load_items(DataConfig(), DuringTrainingConfig(max_samples=9), str(data),
+                                 tok, fmt)) == 3
 
 
 def test_probe_renders_in_the_runs_format_and_stops_at_its_end_of_turn(tmp_path, tiny_model):
@@ -133,7 +168,8 @@ def test_eval_max_loss_rows_limits_the_loss_not_the_generation(tmp_path, tiny_mo
     data = str(tmp_path / "heldout.tsv")
     for limit, n in ((0, 3), (2, 2)):
         cfg = _cfg(tmp_path, f"eval.max_loss_rows={limit}", "eval.max_samples=3")
-        held = heldout_set(cfg, data, tok, prepared=None, model_dir=tiny_model, limit=None)
+        held = heldout_set(cfg.data, cfg.eval, data, tok, prepared=None, model_dir=tiny_model,
+                           limit=None)
         assert (len(held.rows), len(held.items)) == (n, 3)
         assert held.prompt_format.template == "chatml"
     with pytest.raises(ConfigError, match="eval.max_loss_rows=-1"):

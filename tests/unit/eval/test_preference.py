@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ift import storage
-from ift.config import load_config
+from ift.config import DataConfig, load_config
 from ift.eval.preference import held_out_pairs
 
 RECORDS: list[dict] = []  # the conftest tokenizers train on ift's fallback texts only
@@ -32,10 +32,10 @@ def _prepared(d, kind: str | None) -> str:
 
 def test_a_prepared_dataset_gives_its_val_pairs_only_when_it_holds_pairs(tmp_path, chatml_tok):
     pairs = _prepared(tmp_path / "pairs", "preference")
-    assert held_out_pairs(CFG, pairs, chatml_tok, None) == [
+    assert held_out_pairs(CFG.data, pairs, chatml_tok, None) == [
         {"id": "p1", "input_ids": [1, 2, 3], "labels": [-100, 2, 3],
          "rejected_input_ids": [1, 2, 4], "rejected_labels": [-100, 2, 4]}]
-    assert held_out_pairs(CFG, _prepared(tmp_path / "sft", None), chatml_tok, None) is None
+    assert held_out_pairs(CFG.data, _prepared(tmp_path / "sft", None), chatml_tok, None) is None
 
 
 def _jsonl(path, rows) -> str:
@@ -55,7 +55,7 @@ def test_raw_pair_files_are_tokenized_with_the_template_and_bad_rows_skipped(tmp
         {"instruction": "Name a color.", "chosen": "Red.", "rejected": "Red."},  # same replies
         {"instruction": "Name a number.", "chosen": "Seven.", "rejected": "Blue."},
     ])
-    rows = held_out_pairs(CFG, f, chatml_tok, "chatml")
+    rows = held_out_pairs(CFG.data, f, chatml_tok, "chatml")
     assert [r["id"] for r in rows] == [f"{f}:1", f"{f}:4"]
     first = rows[0]
     assert _trained(chatml_tok, first["input_ids"], first["labels"]) == "Blue.<|im_end|>"
@@ -67,14 +67,23 @@ def test_raw_pair_files_are_tokenized_with_the_template_and_bad_rows_skipped(tmp
         "<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_raw_pairs_are_cut_to_the_data_sections_max_seq_len(tmp_path, chatml_tok):
+    f = _jsonl(tmp_path / "pairs.jsonl", [
+        {"instruction": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}])
+    whole = held_out_pairs(DataConfig(), f, chatml_tok, "chatml")[0]
+    assert len(whole["input_ids"]) > 12
+    cut = held_out_pairs(DataConfig(max_seq_len=12), f, chatml_tok, "chatml")[0]
+    assert len(cut["input_ids"]) == len(cut["rejected_input_ids"]) == 12
+
+
 def test_anything_but_pair_files_is_not_pairs(tmp_path, chatml_tok):
     chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
     pairs = _jsonl(tmp_path / "pairs.jsonl", [
         {"instruction": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}])
-    assert held_out_pairs(CFG, chat, chatml_tok, "chatml") is None
-    assert held_out_pairs(CFG, f"{pairs},{chat}", chatml_tok, "chatml") is None  # mixed
-    assert held_out_pairs(CFG, str(tmp_path / "*.parquet"), chatml_tok, "chatml") is None
+    assert held_out_pairs(CFG.data, chat, chatml_tok, "chatml") is None
+    assert held_out_pairs(CFG.data, f"{pairs},{chat}", chatml_tok, "chatml") is None  # mixed
+    assert held_out_pairs(CFG.data, str(tmp_path / "*.parquet"), chatml_tok, "chatml") is None
     # A path that does not exist is not pairs either: the conversation reader then names
     # it in its error (eval.data=...: ... does not exist), instead of a traceback here.
-    assert held_out_pairs(CFG, str(tmp_path / "missing.jsonl"), chatml_tok, "chatml") is None
+    assert held_out_pairs(CFG.data, str(tmp_path / "missing.jsonl"), chatml_tok, "chatml") is None
