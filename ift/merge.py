@@ -19,7 +19,7 @@ from peft import PeftConfig, PeftModel
 
 from ift import storage, tracking
 from ift.artifacts import ADAPTER_CONFIG, LINEAGE_FILE, read_prompt_format, write_prompt_format
-from ift.config import ModelConfig, load_config
+from ift.config import ModelConfig, TrackingConfig, load_config
 from ift.lineage import absolute, merged_record
 from ift.models import load_model, load_tokenizer
 from ift.serve.adapters import read_lineage
@@ -81,8 +81,10 @@ def merge(base: str, adapter: str, out: str, *, dtype: str = "auto",
     return lineage
 
 
-def log_merge(cfg, out: str, lineage: dict[str, Any], *, log_model: bool = True) -> str:
-    """An MLflow run for the merge, nested under the training run when it is known."""
+def log_merge(tracking_cfg: TrackingConfig, root: str, out: str, lineage: dict[str, Any], *,
+              log_model: bool = True) -> str:
+    """An MLflow run for the merge (tracking section, storage root), nested under the
+    training run when it is known."""
     parent = lineage.get("training_run_id") or None
     tags = {"ift.kind": "merge", "ift.merged_model": out,
             "ift.base_model": lineage["merged_from"]["base"],
@@ -92,7 +94,7 @@ def log_merge(cfg, out: str, lineage: dict[str, Any], *, log_model: bool = True)
     if lineage.get("data_manifest_hash"):
         tags["ift.data_manifest_hash"] = lineage["data_manifest_hash"]
     name = "merge-" + os.path.basename(os.path.normpath(out.rstrip("/")))
-    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, name, parent_run_id=parent,
+    run_id = tracking.start_run(tracking_cfg, root, name, parent_run_id=parent,
                                 tags=tags)
     if not run_id:
         return ""
@@ -118,7 +120,8 @@ def merge_cmd(args) -> int:
                     trust_remote_code=cfg.model.trust_remote_code)
     run_id = ""
     if not getattr(args, "no_mlflow", False):
-        run_id = log_merge(cfg, args.out, lineage, log_model=not getattr(args, "no_log_model", False))
+        run_id = log_merge(cfg.tracking, cfg.storage.root, args.out, lineage,
+                           log_model=not getattr(args, "no_log_model", False))
         if run_id:
             lineage["merge_run_id"] = run_id
             storage.write_text(storage.join(args.out, LINEAGE_FILE),

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ift import storage
 from ift.artifacts import IM_END, IM_START, SAMPLE_DATA_DIR, bundled_path
-from ift.config import ConfigError, InputError
+from ift.config import ConfigError, InputError, ModelConfig
 
 # torch, transformers and tokenizers are imported where a model or tokenizer is made:
 # `ift serve`'s driver (check_model_path) and ift.data.templates (CHATML_TEMPLATE) use this
@@ -513,9 +513,10 @@ def quantization_config(quantization: dict[str, Any], compute_dtype):
     raise ConfigError(f"quantization bits={bits} is not allowed (allowed: 4, 8)")
 
 
-def load_model(cfg, *, device: str = "cpu", quantization: dict[str, Any] | None = None,
-               dtype=None):
-    """An AutoModelForCausalLM from cfg.name_or_path (hub id, local dir or s3://) on `device`.
+def load_model(model_cfg: ModelConfig, *, device: str = "cpu",
+               quantization: dict[str, Any] | None = None, dtype=None):
+    """An AutoModelForCausalLM from the model section's name_or_path (hub id, local dir or
+    s3://) on `device`.
 
     `quantization={"bits": 4|8}` loads the frozen weights through bitsandbytes (QLoRA);
     that needs a backend bitsandbytes supports on `device` (CUDA on GPU clusters) and
@@ -526,8 +527,8 @@ def load_model(cfg, *, device: str = "cpu", quantization: dict[str, Any] | None 
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch_dtype = resolve_dtype(dtype if dtype is not None else cfg.dtype, device)
-    path = cfg.name_or_path
+    torch_dtype = resolve_dtype(dtype if dtype is not None else model_cfg.dtype, device)
+    path = model_cfg.name_or_path
     if not path:
         raise ConfigError("model.name_or_path is required")
     check_model_path(path)
@@ -535,18 +536,18 @@ def load_model(cfg, *, device: str = "cpu", quantization: dict[str, Any] | None 
         path = storage.local_copy(path)
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype,
-        "trust_remote_code": cfg.trust_remote_code,
-        "revision": cfg.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "revision": model_cfg.revision,
     }
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
     if device == "meta":
         import torch
 
         if quantization:
             raise ConfigError("a quantized model cannot be built on the meta device")
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
-                                            revision=cfg.revision)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code,
+                                            revision=model_cfg.revision)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(
                 config, **{k: v for k, v in kwargs.items() if k != "revision"})
@@ -557,7 +558,7 @@ def load_model(cfg, *, device: str = "cpu", quantization: dict[str, Any] | None 
             return AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except (ImportError, RuntimeError, ValueError, NotImplementedError) as e:
             raise RuntimeError(
-                f"bitsandbytes cannot quantize {cfg.name_or_path} to "
+                f"bitsandbytes cannot quantize {model_cfg.name_or_path} to "
                 f"{quantization.get('bits', 4)} bits on device {device!r}: {e}. "
                 "QLoRA needs a GPU with bitsandbytes support; use peft.method=lora on CPU."
             ) from e

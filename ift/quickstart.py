@@ -346,7 +346,8 @@ def run(workdir: str, *, fresh: bool = False, overrides: list[str] | None = None
     if not tiny:
         summary.update(_figures(cfg.data, summary))
         print(before_after_table(summary), flush=True)
-    print(summary_table(cfg, summary), flush=True)
+    print(summary_table(summary, tracking.resolve_uri(cfg.tracking, cfg.storage.root)),
+          flush=True)
     storage.write_text(os.path.join(workdir, SUMMARY_FILE),
                        json.dumps(summary_record(summary), indent=2, ensure_ascii=False))
     print(f"[quickstart] wrote {os.path.join(workdir, SUMMARY_FILE)}", flush=True)
@@ -452,13 +453,13 @@ def summary_record(s: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def summary_table(cfg: Config, s: dict[str, Any]) -> str:
+def summary_table(s: dict[str, Any], tracking_uri: str) -> str:
     ev = (s.get("eval") or {}).get("metrics") or {}
 
     def num(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
 
-    uri = tracking.resolve_uri(cfg.tracking, cfg.storage.root)
+    uri = tracking_uri
     rows = [
         ("train loss (last step)", num(s.get("train_loss"))),
         ("eval loss / perplexity", f"{num(ev.get('loss'))} / {num(ev.get('perplexity'))}"),

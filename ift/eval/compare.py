@@ -35,6 +35,7 @@ from typing import Any
 from peft import PeftModel
 
 from ift import storage, tracking
+from ift.artifacts import ADAPTER_CONFIG, MODEL_CONFIG
 from ift.config import Config, ConfigError, ModelConfig
 from ift.eval import run
 from ift.models import load_model, load_tokenizer, tokenizer_identity
@@ -99,7 +100,7 @@ def _kind(path: str, model_cfg: ModelConfig, given: str) -> str:
     """lora: a LoRA adapter on model_cfg.name_or_path (or naming no base), scored on the
     shared base; alone: any other adapter or model, loaded by itself."""
     if run.is_adapter(path):
-        acfg = json.loads(storage.read_text(storage.join(path, "adapter_config.json")))
+        acfg = json.loads(storage.read_text(storage.join(path, ADAPTER_CONFIG)))
         base = acfg.get("base_model_name_or_path") or ""
         same_base = not model_cfg.name_or_path or not base or \
             os.path.abspath(base) == os.path.abspath(model_cfg.name_or_path)
@@ -107,7 +108,7 @@ def _kind(path: str, model_cfg: ModelConfig, given: str) -> str:
                 and same_base:
             return "lora"
         return "alone"
-    if storage.exists(storage.join(path, "config.json")):
+    if storage.exists(storage.join(path, MODEL_CONFIG)):
         return "alone"
     raise ConfigError(f"--models {given}: holds neither a PEFT adapter (adapter_config.json) "
                       "nor a HF model (config.json)")

@@ -35,7 +35,9 @@ from peft import PeftModel
 from ift import storage, tracking
 from ift.artifacts import (
     ADAPTER_CONFIG,
+    CONFIG_FILE,
     FINAL_DIR,
+    MODEL_CONFIG,
     RUN_FILE,
     PromptFormat,
     bundled_path,
@@ -106,7 +108,7 @@ def load_for_eval(model_dir: str, model_cfg: ModelConfig, device: str = "cpu"):
         tok_dir = local if storage.exists(os.path.join(local, "tokenizer_config.json")) else base
         desc = {"adapter": model_dir, "base": base}
     else:
-        if not storage.exists(os.path.join(local, "config.json")):
+        if not storage.exists(os.path.join(local, MODEL_CONFIG)):
             raise ConfigError(f"{model_dir} holds neither a PEFT adapter (adapter_config.json) "
                               "nor a HF model (config.json)")
         model = load_model(replace(model_cfg, name_or_path=local), device=device)
@@ -487,7 +489,7 @@ def read_run(run_dir: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
             info = json.loads(storage.read_text(path))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    cfg_path = storage.join(run_dir, "config.yaml")
+    cfg_path = storage.join(run_dir, CONFIG_FILE)
     raw = yaml.safe_load(storage.read_text(cfg_path)) if storage.exists(cfg_path) else None
     return info, raw
 

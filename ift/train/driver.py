@@ -540,8 +540,9 @@ def _finish(cfg: Config, run_dir: str, run_id: str, plan: Plan, seconds: float,
     return summary
 
 
-def run_summary(train: TrainConfig, peft: PeftConfig, run_dir: str, plan: Plan, history: list[dict[str, Any]],
-                run_id: str, seconds: float, checkpoint: str | None) -> dict[str, Any]:
+def run_summary(train: TrainConfig, peft: PeftConfig, run_dir: str, plan: Plan,
+                history: list[dict[str, Any]], run_id: str, seconds: float,
+                checkpoint: str | None) -> dict[str, Any]:
     """What `train` returns, from the run's metrics history."""
     last = history[-1] if history else {}
     evals = [r for r in history if r.get("eval_loss") is not None]

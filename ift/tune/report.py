@@ -30,7 +30,7 @@ from typing import Any
 
 from ift import storage, tracking
 from ift.artifacts import RUN_FILE, RUNS_DIR, SWEEP_FILE, TRIAL_FILE, TRIALS_FILE
-from ift.config import build_config
+from ift.config import StorageConfig, TrackingConfig
 from ift.eval.during import latest as latest_heldout
 from ift.eval.metrics import mean_spread
 from ift.tune import space
@@ -365,10 +365,9 @@ def log_report(sweep_dir: str, paths: dict[str, Any]) -> str:
     parent = sweep.get("parent_run_id") or ""
     if not parent:
         return ""
-    cfg = build_config({"tracking": {"uri": sweep.get("tracking_uri") or ""},
-                        "storage": (sweep.get("config") or {}).get("storage") or {}})
-    tracking.start_run(cfg.tracking, cfg.storage.root, sweep.get("name", "sweep"),
-                       run_id=parent)
+    root = ((sweep.get("config") or {}).get("storage") or {}).get("root") or StorageConfig().root
+    tracking.start_run(TrackingConfig(uri=sweep.get("tracking_uri") or ""), root,
+                       sweep.get("name", "sweep"), run_id=parent)
     tracking.log_artifact(parent, paths["dir"], REPORT_DIR)
     _, rows = trial_rows(sweep_dir)
     best = next((r for r in rows if r["trial"] == paths.get("best")), None)

@@ -35,7 +35,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ift import storage, tracking
 from ift.artifacts import RUN_FILE, RUNS_DIR, TRIAL_FILE
-from ift.config import ConfigError, TrainConfig
+from ift.config import ConfigError, TrackingConfig, TrainConfig
 from ift.data import pipeline
 from ift.data.dataset import PREFERENCE, PrepareError, read_manifest
 from ift.eval.during import last_metrics
@@ -132,19 +132,19 @@ def placement_groups(run_dir: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def child_run(cfg, run_dir: str, point: dict[str, Any], sweep: dict[str, Any],
-              mixture: dict[str, Any]) -> str:
+def child_run(tracking_cfg: TrackingConfig, root: str, run_dir: str, point: dict[str, Any],
+              sweep: dict[str, Any], mixture: dict[str, Any]) -> str:
     """The trial's MLflow run: a child of the sweep's parent run, tagged with the trial and
     its point before training starts (so a trial ASHA stops is labelled too), and named in
     the run's run.json, which training continues. A restarted trial keeps its run."""
     parent = sweep.get("parent_run_id") or ""
-    if not cfg.tracking.enabled or not parent:
+    if not tracking_cfg.enabled or not parent:
         return ""
     run_file = storage.join(run_dir, RUN_FILE)
     info = storage.read_json(run_file)
     tags = {"ift.tune.sweep": sweep["name"], "ift.tune.trial": point["name"],
             "ift.tune.group": space.group_key(point), "ift.tune.seed": point["seed"]}
-    run_id = tracking.start_run(cfg.tracking, cfg.storage.root, point["name"],
+    run_id = tracking.start_run(tracking_cfg, root, point["name"],
                                 run_id=info.get("mlflow_run_id") or None,
                                 parent_run_id=parent, tags=tags)
     if run_id != info.get("mlflow_run_id"):
@@ -196,7 +196,8 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
         data_dir = sweep["prepared"]
     cfg = space.trial_config(base, point, {"train.run_name": name, "train.output": runs,
                                            "train.data": data_dir})
-    child = child_run(cfg, run_dir, point, sweep, manifest.get("mixture") or {})
+    child = child_run(cfg.tracking, cfg.storage.root, run_dir, point, sweep,
+                      manifest.get("mixture") or {})
     summary = driver.train(cfg, callbacks=train_callbacks(run_dir),
                            parent_run_id=sweep.get("parent_run_id") or None)
     child = summary.get("mlflow_run_id") or child

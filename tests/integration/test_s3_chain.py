@@ -59,7 +59,7 @@ def chain(ray_cluster, s3_server, tiny_model, sample_data_dir, tmp_path_factory)
     result = evaluate_run(cfg, run_dir)
     merged = f"{root}/merged/chain"
     lineage = merge(tiny_model, summary["final"], merged)
-    merge_run = log_merge(cfg, merged, lineage)
+    merge_run = log_merge(cfg.tracking, cfg.storage.root, merged, lineage)
     return {"cfg": cfg, "bucket": bucket, "root": root, "manifest": manifest,
             "summary": summary, "run_dir": run_dir, "eval": result, "merged": merged,
             "merge_run": merge_run, "local": local}
