@@ -46,7 +46,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     `batch_size` decoded together, ending at eos or at one of the format's end-of-turn
     tokens (`stop_ids`).
 
-    Results come back in input order, each {text, tokens, finish_reason}. A prompt longer
+    Results come back in input order, each {text, tokens, token_ids, finish_reason}
+    (token_ids: the reply's tokens, without the stop token; text: their decoding, less a
+    character cut at the end, as the server sends it). A prompt longer
     than the model's context minus `max_new_tokens` keeps its last tokens. The model is
     left in eval mode.
     """
@@ -75,7 +77,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     results: list[dict[str, Any]] = [{} for _ in prompts]
     for i, out in zip(order, outs):
         results[i] = {"text": out["text"], "tokens": out["completion_tokens"],
-                      "finish_reason": out["finish_reason"]}
+                      "token_ids": out["token_ids"], "finish_reason": out["finish_reason"]}
     return results
 
 

@@ -153,7 +153,8 @@ class Engine:
         """Queue a request; `sink` receives its events on the engine thread:
         {type: delta, text}, then {type: end, finish_reason, prompt_tokens,
         completion_tokens} or {type: error, status, message}. With deltas=False there
-        are no delta events and the end event carries the whole `text`."""
+        are no delta events and the end event carries the whole `text` and the reply's
+        `token_ids`."""
         self._raise_if_dead()
         req = Request(list(prompt_ids), params, adapter, sink, deltas=deltas)
         self._queue.put(("req", req))

@@ -127,7 +127,7 @@ class Runner:
                 end = {"type": "end", "finish_reason": reason,
                        "prompt_tokens": len(r.prompt_ids), "completion_tokens": batch.counts[i]}
                 if not r.deltas:
-                    end["text"] = text.text
+                    end["text"], end["token_ids"] = text.text, list(text.ids)
                 self._finish(r, end)
             else:
                 keep.append(i)
