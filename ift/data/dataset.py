@@ -96,14 +96,17 @@ def split_files(prepared: str, split: str) -> list[str]:
 
 def iter_split_rows(prepared: str, split: str, columns: list[str] | None = None
                     ) -> Iterator[dict[str, Any]]:
-    """The rows of a split as written (packed bins stay bins), in file order; `columns`
-    keeps those of the listed columns a shard has (all when None)."""
+    """The rows of a split as written (packed bins stay bins), in file order, read batch by
+    batch; `columns` keeps those of the listed columns a shard has (all when None), and only
+    those are read."""
     for f in split_files(prepared, split):
         fs, inner = storage.arrow_fs(f)
-        table = pq.read_table(inner, filesystem=fs)
-        if columns is not None:
-            table = table.select([c for c in columns if c in table.column_names])
-        yield from table.to_pylist()
+        with fs.open_input_file(inner) as stream:
+            shard = pq.ParquetFile(stream)
+            names = shard.schema_arrow.names
+            keep = None if columns is None else [c for c in columns if c in names]
+            for batch in shard.iter_batches(batch_size=1024, columns=keep):
+                yield from batch.to_pylist()
 
 
 def iter_samples(prepared: str, split: str = "val", *,

@@ -134,14 +134,16 @@ def pair_rows(task, options: dict[str, Any], tokenizer, *, template: str, max_se
 
 
 def iter_raw_records(data: str, *, seed: int = 42, key: str = "eval.data",
-                     sources: list | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+                     sources: list | None = None, placeholders: dict[str, str] | None = None
+                     ) -> Iterator[tuple[str, dict[str, Any]]]:
     """("file:line", unified record) for each row of raw files (a file, glob, folder or
     comma-separated list, in any format `ift data prepare` reads), in file order. A missing
     file, or a row that cannot be read or converted, is an error naming the config key that
     gave `data` and the file and line.
 
     IE rows (ift.data.ie) are read with the schema and label options of the first of
-    `sources` (data.sources) in the same format, as training read them."""
+    `sources` (data.sources) in the same format, and {{name}} `placeholders`
+    (data.placeholders) are filled, as training read them."""
     files: list[str] = []
     for part in (p.strip() for p in data.split(",")):
         if not part:
@@ -156,7 +158,10 @@ def iter_raw_records(data: str, *, seed: int = 42, key: str = "eval.data",
         tasks, _ = plan_reads("heldout", 0, files, "auto", 0, 0)
     except ValueError as e:
         raise ConfigError(f"{key}={data!r}: {e}") from e
+    ie_options: dict[str, dict[str, Any]] = {}  # per IE format, read once
     for task in tasks:
+        if task.format in ie.FORMATS and task.format not in ie_options:
+            ie_options[task.format] = _ie_options(task.format, sources or [])
         stem = os.path.splitext(os.path.basename(task.file))[0]
         for line, raw, err, _text in iter_raw(task):
             where = f"{task.file}:{line}"
@@ -165,14 +170,15 @@ def iter_raw_records(data: str, *, seed: int = 42, key: str = "eval.data",
             try:
                 if task.format in ie.FORMATS:
                     recs = ie.to_records(task.format, raw, id=f"{stem}:{line}", source=stem,
-                                         seed=seed, **_ie_options(task.format, sources or []))
+                                         seed=seed, **ie_options[task.format])
                 else:
                     recs = [convert(task.format, raw, id=f"{stem}:{line}", source=stem,
                                     seed=seed)]
             except ConvertError as e:
                 raise ConfigError(f"{key}: {where}: cannot convert row: {e}") from e
             for rec in recs:
-                yield where, rec
+                yield where, (substitute_placeholders(rec, placeholders) if placeholders
+                              else rec)
 
 
 def _format_of_source(src) -> str | None:

@@ -149,8 +149,8 @@ def _prepared(cfg: Config) -> str | None:
 def load_items(data_cfg: DataConfig, during_cfg: DuringTrainingConfig, data: str, tokenizer,
                prompt_format: PromptFormat) -> list[heldout.Item]:
     """The first during_cfg.max_samples held-out items of `data`, read as `ift eval` reads
-    them (raw records with the data section's seed and sources); raw records are rendered
-    in `prompt_format`."""
+    them (raw records with the data section's seed, sources and placeholders); raw records
+    are rendered in `prompt_format`."""
     n = during_cfg.max_samples
     if dataset.is_prepared(data):
         rows = []
@@ -164,7 +164,8 @@ def load_items(data_cfg: DataConfig, during_cfg: DuringTrainingConfig, data: str
         records = []
         for _where, rec in ingest.iter_raw_records(data, seed=data_cfg.seed,
                                                     key="eval.during_training.data",
-                                                    sources=data_cfg.sources):
+                                                    sources=data_cfg.sources,
+                                                    placeholders=data_cfg.placeholders):
             records.append(rec)
             if len(records) >= n:
                 break

@@ -68,10 +68,13 @@ def items_from_rows(rows: list[dict[str, Any]], tokenizer) -> list[Item]:
     return items
 
 
-def raw_records(data: str, *, seed: int, sources: list | None = None) -> list[dict[str, Any]]:
-    """Unified records of raw held-out files, in file order. A row that cannot be read or
-    converted is an error naming its file and line (a held-out set must be whole)."""
-    records = [rec for _where, rec in iter_raw_records(data, seed=seed, sources=sources)]
+def raw_records(data: str, *, seed: int, sources: list | None = None,
+                placeholders: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Unified records of raw held-out files, in file order, {{name}} placeholders filled.
+    A row that cannot be read or converted is an error naming its file and line (a
+    held-out set must be whole)."""
+    records = [rec for _where, rec in iter_raw_records(data, seed=seed, sources=sources,
+                                                       placeholders=placeholders)]
     if not records:
         raise ConfigError(f"eval.data={data!r}: no rows")
     return records

@@ -21,6 +21,7 @@ run's MLflow run (a training run or a Tune trial's child run), else to a new run
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -55,7 +56,6 @@ from ift.config import (
     load_config,
 )
 from ift.data import dataset
-from ift.data.quality import substitute_placeholders
 from ift.data.templates import choose_prompt_format, prompt_format, resolve_template
 from ift.eval import benchmarks, heldout, ie, metrics
 from ift.eval import preference as pref_eval
@@ -212,7 +212,8 @@ def heldout_set(data_cfg: DataConfig, eval_cfg: EvalConfig, data: str, tokenizer
     """Read `data` (a prepared dir's val split or raw files) for `tokenizer`; `limit` is
     the model's context (raw rows are tokenized to fit it, and to data.max_seq_len). Raw
     records are read with the data section's seed, sources and placeholders, as training
-    read them; eval.max_samples and eval.max_loss_rows bound the items and the rows."""
+    read them; eval.max_samples bounds the items, eval.max_loss_rows the rows of
+    conversations (held-out preference pairs are all scored)."""
     e = eval_cfg
     fmt = _prompt_format(data_cfg, model_dir, prepared, tokenizer)
     pairs = pref_eval.held_out_pairs(
@@ -225,13 +226,14 @@ def heldout_set(data_cfg: DataConfig, eval_cfg: EvalConfig, data: str, tokenizer
         source: dict[str, Any] = {"kind": "preference"}
     elif dataset.is_prepared(data):
         _check_tokenizer(data, tokenizer, model_dir)
-        rows = list(dataset.iter_samples(data, "val"))[: e.max_loss_rows or None]
+        rows = list(itertools.islice(dataset.iter_samples(data, "val"),
+                                     e.max_loss_rows or None))
         items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
         source = {"kind": "prepared", "split": "val"}
     else:
-        records = heldout.raw_records(data, seed=data_cfg.seed, sources=data_cfg.sources)
-        if data_cfg.placeholders:  # filled as `ift data prepare` fills the training rows
-            records = [substitute_placeholders(r, data_cfg.placeholders) for r in records]
+        # placeholders filled as `ift data prepare` fills the training rows
+        records = heldout.raw_records(data, seed=data_cfg.seed, sources=data_cfg.sources,
+                                      placeholders=data_cfg.placeholders)
         template = fmt.template
         items = heldout.items_from_records(records[: e.max_samples], tokenizer, template)
         rows = heldout.loss_rows_from_records(records[: e.max_loss_rows or None],

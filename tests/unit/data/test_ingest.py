@@ -128,6 +128,14 @@ def test_iter_raw_records_reads_a_comma_list_in_order(tmp_path):
     assert got[1][1]["messages"][0]["content"] == "1+1?"
 
 
+def test_iter_raw_records_fills_placeholders_as_training_does(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [_chat("Who are you?", "I am {{name}}, by {{author}}.")])
+    (_where, rec), = iter_raw_records(a, placeholders={"name": "ift"})
+    assert rec["messages"][1]["content"] == "I am ift, by {{author}}."
+    (_where, raw), = iter_raw_records(a)
+    assert raw["messages"][1]["content"] == "I am {{name}}, by {{author}}."
+
+
 def test_iter_raw_records_errors_name_the_key_file_and_line(tmp_path):
     missing = str(tmp_path / "missing.jsonl")
     with pytest.raises(ConfigError) as e:

@@ -112,6 +112,12 @@ def test_load_items_reads_the_first_max_samples_rows_in_the_format(tmp_path, tin
     assert items[0].prompt.endswith("What is 2 plus 3?<|im_end|>\n<|im_start|>assistant\n")
     assert len(during.load_items(DataConfig(), DuringTrainingConfig(max_samples=9), str(data),
                                  tok, fmt)) == 3
+    # data.placeholders are filled, as in `ift eval` and in the training rows
+    named = tmp_path / "named.tsv"
+    named.write_text("Who made {{name}}?\t{{name}} team\tThe {{name}} team.\n")
+    (item,) = during.load_items(DataConfig(placeholders={"name": "ift"}),
+                                DuringTrainingConfig(max_samples=2), str(named), tok, fmt)
+    assert "Who made ift?" in item.prompt and "{{name}}" not in item.prompt
 
 
 def test_probe_renders_in_the_runs_format_and_stops_at_its_end_of_turn(tmp_path, tiny_model):
