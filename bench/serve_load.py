@@ -246,11 +246,14 @@ def main() -> int:
                          "same model dir")
     ap.add_argument("--levels", default="1,8,32", help="concurrency levels, comma-separated")
     ap.add_argument("--cpus-per-replica", type=float, default=None,
-                    help="serve.cpus_per_replica of ift serve (default: CPUs - 1)")
+                    help="serve.cpus_per_replica of ift serve (default: every CPU)")
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "serve_load.json"))
     ap.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    levels = [int(c) for c in args.levels.split(",")]
+    if not {1, 32} <= set(levels):
+        ap.error(f"--levels {args.levels}: the ratios read levels 1 and 32; include both")
     if args.baseline_server:
         run_baseline_server(args.model, args.port)
         return 0
@@ -272,7 +275,6 @@ def main() -> int:
     adapter_root = os.path.join(work, "adapters")
     adapters = [make_adapter(model, os.path.join(adapter_root, f"ad{i}"), seed=i)
                 for i in range(8)]
-    levels = [int(c) for c in args.levels.split(",")]
     rounds = args.rounds or (1 if args.quick else 3)
     if args.requests:
         per_level = lambda c: max(args.requests, c)  # noqa: E731
@@ -285,7 +287,10 @@ def main() -> int:
                     "model": model, "max_tokens": args.max_tokens, "quick": args.quick,
                     "levels": levels, "rounds": rounds,
                     "method": "baseline and ift serve run side by side (each idle while the "
-                              "other is measured), alternating per level and round; medians "
+                              "other is measured), alternating per level and round; with "
+                              "--peer, a second phase after ift serve is shut down runs the "
+                              "baseline and transformers serve the same way (peer.anchored "
+                              "compares each server with the baseline of its phase); medians "
                               "over rounds are reported, every round is kept under 'runs'"}
 
     port = free_port()

@@ -24,9 +24,6 @@ from ift.lineage import absolute, merged_record
 from ift.models import load_model, load_tokenizer
 from ift.serve.adapters import read_lineage
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
-
 
 def _has_tokenizer(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model",

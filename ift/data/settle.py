@@ -308,7 +308,10 @@ def settle_pairs(rows: list[dict], sources, files: list[dict], d: DataConfig, ou
         "train_on_prompt": False,
         "seed": d.seed,
         "splits": {split: pair_split_stats(r, d.max_seq_len) for split, r in splits.items()},
-        "padding_waste": {"unpacked": _pair_waste(splits["train"], d.max_seq_len),
+        # both sides of every pair, each padded to max_seq_len
+        "padding_waste": {"unpacked": mix.waste(np.array(
+            [r[k] for r in splits["train"] for k in ("num_tokens", "rejected_num_tokens")],
+            dtype=np.int64), d.max_seq_len),
                           "packed": 0.0 if d.pack else None},
         "rejects": {"total": sum(s["rows_rejected"] for s in stats.values()),
                     "files": reject_files},
@@ -345,13 +348,6 @@ def pair_split_stats(rows: list[dict], max_seq_len: int) -> dict[str, Any]:
         "rejected_reply_length": length_stats([r["rejected_num_trainable"] for r in rows]),
         "max_seq_len": max_seq_len,
     }
-
-
-def _pair_waste(rows: list[dict], max_seq_len: int) -> float:
-    if not rows:
-        return 0.0
-    n = sum(r["num_tokens"] + r["rejected_num_tokens"] for r in rows)
-    return float(1.0 - n / (2 * len(rows) * max_seq_len))
 
 
 def _write_pair_shards(out: str, split: str, rows: list[dict], shard_rows: int) -> None:

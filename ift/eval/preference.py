@@ -34,7 +34,7 @@ def held_out_pairs(data_cfg: DataConfig, data: str, tokenizer, template: str | N
     """Tokenized pairs of `data` when it holds preference pairs; None for conversations.
     Raw pairs are cut to data_cfg.max_seq_len."""
     if dataset.is_prepared(data):
-        if dataset.read_manifest(data).get("kind") != "preference":
+        if dataset.read_manifest(data).get("kind") != dataset.PREFERENCE:
             return None
         return list(dataset.iter_split_rows(data, "val"))
     return _raw_pairs(data_cfg, data, tokenizer, template)

@@ -23,8 +23,8 @@ from typing import Any
 import ray
 
 from ift import storage
-from ift.artifacts import MANIFEST_FILE
 from ift.config import Config, ConfigError, load_config
+from ift.data import dataset
 from ift.data.dataset import iter_samples
 from ift.data.ingest import iter_raw_records
 from ift.data.tokenize import split_last_turn
@@ -84,7 +84,7 @@ def load_items(data: str, split: str, max_rows: int = 0) -> list[dict[str, Any]]
     """Rows to predict on, in input order, from a prepared dir or raw files."""
     if not data:
         raise ConfigError("predict.data is required (a prepared dataset dir or source files)")
-    if storage.exists(storage.join(data, MANIFEST_FILE)):
+    if dataset.is_prepared(data):
         return prepared_items(data, split, max_rows)
     return raw_items(data, max_rows)
 

@@ -189,10 +189,3 @@ def input_tokens(batch: dict[str, torch.Tensor]) -> int:
     if seq is not None:
         return int((seq >= 0).sum())
     return int(batch["input_ids"].numel())
-
-
-def rows_from_columns(columns: dict[str, Any]) -> list[dict[str, Any]]:
-    """A columnar batch (dict of equal-length arrays, as Ray Data yields) -> list of rows."""
-    keys = [k for k in ("id", "input_ids", "labels", "position_ids", "seq_ids") if k in columns]
-    n = len(columns[keys[0]]) if keys else 0
-    return [{k: columns[k][i] for k in keys} for i in range(n)]

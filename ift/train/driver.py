@@ -386,10 +386,11 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
               f"({done['steps']}/{plan.total_steps} steps): {done['final']}", flush=True)
         return done
     init_ray(address)
+    tracking_uri = (tracking.resolve_uri(cfg.tracking, cfg.storage.root)
+                    if cfg.tracking.enabled else "")
     multinode.check_shared_storage(
         cfg.storage, cfg.model.name_or_path, multinode.alive_nodes(), prepared=prepared,
-        output=output, tracking_uri=(tracking.resolve_uri(cfg.tracking, cfg.storage.root)
-                                     if cfg.tracking.enabled else ""))
+        output=output, tracking_uri=tracking_uri)
     storage.makedirs(run_dir)
     run_file = storage.join(run_dir, RUN_FILE)
     previous = storage.read_json(run_file)
@@ -397,9 +398,7 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
                        yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
 
     run_id = ""
-    tracking_uri = ""
     if cfg.tracking.enabled:
-        tracking_uri = tracking.resolve_uri(cfg.tracking, cfg.storage.root)
         run_id = tracking.start_run(cfg.tracking, cfg.storage.root, cfg.train.run_name,
                                     run_id=previous.get("mlflow_run_id") or None,
                                     parent_run_id=parent_run_id or None,

@@ -57,8 +57,7 @@ WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_or
 
 def check(peft: PeftConfig, train: TrainConfig) -> None:
     """Combinations FSDP cannot train, as a ConfigError naming the keys."""
-    t = train
-    if t.strategy != "fsdp":
+    if train.strategy != "fsdp":
         return
     if peft.method == "qlora":
         raise ConfigError(
@@ -77,7 +76,7 @@ def check(peft: PeftConfig, train: TrainConfig) -> None:
             "peft.method=adalora with train.strategy=fsdp: AdaLoRA's rank allocator reads "
             "whole adapter matrices, which FSDP shards; use train.strategy=ddp or lora"
         )
-    if t.optimizer == "adamw_8bit":
+    if train.optimizer == "adamw_8bit":
         raise ConfigError(
             "train.optimizer=adamw_8bit with train.strategy=fsdp: the 8-bit optimizer state "
             "cannot be gathered into a full checkpoint; use train.optimizer=adamw"

@@ -23,8 +23,9 @@ called at evaluations, checkpoints and at most every train.report_interval_s oth
 because each report waits for Ray's controller to collect the previous one.
 
 Loss. The loss of a step is the mean over every trainable token of the global batch:
-each micro-batch's summed token loss (ift.train.loss, which evaluation uses too) is divided by the global count of trainable tokens
-(all-reduced before the forward passes), times num_workers because DDP averages gradients.
+each micro-batch's summed token loss (ift.train.loss, which evaluation uses too) is divided
+by the global count of trainable tokens (all-reduced before the forward passes), times
+num_workers because DDP averages gradients.
 So gradients do not depend on how tokens are spread over micro-batches and workers.
 """
 

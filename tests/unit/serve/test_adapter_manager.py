@@ -28,7 +28,10 @@ def _base(tiny_model):
 
 
 def _manager(tiny_model) -> AdapterManager:
-    return AdapterManager(_base(tiny_model), choose_format=lambda path: f"fmt:{os.path.basename(path)}",
+    # Formats of different lengths, so each adapter's stops are its own.
+    formats = {"a": "fmt:a", "b": "fmt:bb"}
+    return AdapterManager(_base(tiny_model),
+                          choose_format=lambda path: formats[os.path.basename(path)],
                           stop_ids=lambda fmt: {len(fmt)})
 
 
@@ -38,8 +41,8 @@ def test_load_records_format_and_stops_and_loads_a_key_once(tiny_model, adapters
     am.load("a", adapters["a"])
     am.load("runs/b", adapters["b"])
     assert am.loaded() == ["a", "runs/b"] and am.has("runs/b")
-    assert am.formats == {"a": "fmt:a", "runs/b": "fmt:b"}
-    assert am.stops == {"a": {5}, "runs/b": {5}}
+    assert am.formats == {"a": "fmt:a", "runs/b": "fmt:bb"}
+    assert am.stops == {"a": {5}, "runs/b": {6}}
     assert set(am.names.values()) == set(am.peft.peft_config)  # PEFT-safe names, no "/"
     assert all("/" not in n and "." not in n for n in am.names.values())
     am.load("a", adapters["a"])
