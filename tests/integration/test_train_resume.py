@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -81,37 +80,58 @@ class WorkerKiller(threading.Thread):
             self.error = e
 
 
+def _segments(rows):
+    """The metrics lines cut where a run (or a restarted worker group) began again: the
+    resume point changes, or the step does not follow the line before."""
+    segments: list[list[dict]] = []
+    for row in rows:
+        last = segments[-1][-1] if segments else None
+        if (last is None or row["resumed_from"] != last["resumed_from"]
+                or row["step"] != last["step"] + 1):
+            segments.append([])
+        segments[-1].append(row)
+    return segments
+
+
 def check_continuation(run_dir, *, min_killed_after=4, steps=STEPS):
-    """Two segments: the first ran 1..k, the second resumed at a checkpoint c <= k and ran
-    c+1..STEPS. Nothing is lost; at most a checkpoint interval is repeated, with the same
-    losses as the first time."""
-    segments = defaultdict(list)
-    for row in _lines(run_dir):
-        segments[row["resumed_from"]].append(row)
-    assert sorted(segments) != [0], "the run never resumed"
-    assert len(segments) == 2 and 0 in segments, sorted(segments)
-    first = [r["step"] for r in segments[0]]
-    c = max(segments)
-    second = [r["step"] for r in segments[c]]
-    k = first[-1]
-    assert first == list(range(1, k + 1)) and k >= min_killed_after
-    assert c % EVERY == 0 and 0 < c <= k
-    assert second == list(range(c + 1, steps + 1))
-    repeated = range(c + 1, k + 1)
-    assert len(repeated) <= EVERY
-    by_step = {r["step"]: r for r in segments[0]}
-    for r in segments[c]:
-        if r["step"] in repeated:
-            assert r["loss"] == pytest.approx(by_step[r["step"]]["loss"], abs=1e-5), r
+    """The first segment ran 1..k; each later one resumed at a checkpoint c <= the step
+    the one before reached and ran on from c+1, and the last reached `steps`. Nothing is
+    lost; a restart repeats at most a checkpoint interval, with the same losses as the
+    first time. Returns (c, k) of the first resume.
+
+    The tests stop a run once; a restart Ray makes on its own (a worker group that fails
+    for a reason of Ray's, which train.max_failures absorbs) adds a segment that must
+    obey the same rules."""
+    segments = _segments(_lines(run_dir))
+    assert len(segments) >= 2, "the run never resumed"
+    first = segments[0]
+    k = first[-1]["step"]
+    assert [r["step"] for r in first] == list(range(1, k + 1)) and k >= min_killed_after
+    assert all(r["resumed_from"] == 0 for r in first)
+    resumes = [seg[0]["resumed_from"] for seg in segments[1:]]
+    assert resumes[0] > 0, f"the first stop did not resume from a checkpoint: {resumes}"
+    losses = {r["step"]: r["loss"] for r in first}
+    reached = k
+    for seg in segments[1:]:
+        c = seg[0]["resumed_from"]
+        assert c % EVERY == 0 and 0 <= c <= reached, (c, reached)
+        assert reached - c <= EVERY, f"resumed at {c} after reaching {reached}"
+        assert [r["step"] for r in seg] == list(range(c + 1, seg[-1]["step"] + 1))
+        for r in seg:
+            if r["step"] in losses:
+                assert r["loss"] == pytest.approx(losses[r["step"]], abs=1e-5), r
+            losses[r["step"]] = r["loss"]
+        reached = seg[-1]["step"]
+    assert reached == steps
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, steps + 1))
     assert os.path.exists(os.path.join(run_dir, "final", "adapter_model.safetensors"))
-    return c, k
+    return resumes[0], k
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, tiny_model, prepared,
                                                          tmp_path):
     cfg = load_config(None, _overrides(tiny_model, prepared, tmp_path, "fault",
-                                       "train.num_workers=2", "train.max_failures=1"))
+                                       "train.num_workers=2", "train.max_failures=2"))
     run_dir = str(tmp_path / "runs" / "fault")
     killer = WorkerKiller(run_dir, after_step=4)
     killer.start()
@@ -138,7 +158,8 @@ def test_failed_run_resumes_when_run_again(ray_cluster, tiny_model, prepared, tm
     first = json.loads(Path(run_dir, "run.json").read_text())
     assert first["status"] == "FAILED"
 
-    summary = driver.train(load_config(None, overrides))
+    # Run again; train.max_failures=1 lets Ray restart a worker group it loses on its own.
+    summary = driver.train(load_config(None, [*overrides, "train.max_failures=1"]))
     assert summary["steps"] == STEPS
     check_continuation(run_dir)
     info = json.loads(Path(run_dir, "run.json").read_text())
@@ -190,6 +211,8 @@ def test_interrupted_driver_resumes_when_run_again(ray_cluster, tiny_model, prep
     # Ray Train aborts the run on SIGINT; the run records that it was stopped.
     assert json.loads(Path(run_dir, "run.json").read_text())["status"] == "KILLED"
 
+    raw["train"]["max_failures"] = 1  # as above: room for a restart of Ray's own
+    config.write_text(yaml.safe_dump(raw))
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
