@@ -155,7 +155,7 @@ def iter_raw_records(data: str, *, seed: int = 42, key: str = "eval.data",
                               "does not exist or matches no file")
         files.extend(found)
     try:
-        tasks, _ = plan_reads("heldout", 0, files, "auto", 0, 0)
+        tasks, _ = plan_reads("heldout", 0, files, "auto", 0, 0, hash_files=False)
     except ValueError as e:
         raise ConfigError(f"{key}={data!r}: {e}") from e
     ie_options: dict[str, dict[str, Any]] = {}  # per IE format, read once

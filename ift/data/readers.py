@@ -268,9 +268,13 @@ def plan_reads(
     fmt: str,
     chunk_bytes: int,
     file_index_start: int,
+    *,
+    hash_files: bool = True,
 ) -> tuple[list[ReadTask], list[dict[str, Any]]]:
     """Read tasks for a source's files plus per-file info {path, format, bytes, sha256,
     line_based} (line_based: rows are addressed by 1-based line, else by 0-based index).
+    `hash_files` False leaves sha256 None and reads no file whole (held-out reads, which
+    record no hash).
 
     `fmt` "auto" is resolved per file. JSONL and TSV files are split into ranges of at least
     `chunk_bytes` (0 or less: whole files) ending on newlines; other layouts are whole-file tasks.
@@ -290,7 +294,7 @@ def plan_reads(
                 tasks.append(ReadTask(source, source_index, path, file_index, file_fmt,
                                       start, end, first_line))
         else:
-            digest = _sha256(path, size)
+            digest = _sha256(path, size) if hash_files else None
             tasks.append(ReadTask(source, source_index, path, file_index, file_fmt, 0, size, 1))
         infos.append({"path": path, "format": file_fmt, "bytes": size, "sha256": digest,
                       "line_based": layout in ("jsonl", "tsv", "bio")})

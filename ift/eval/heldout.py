@@ -10,7 +10,9 @@ Two kinds of held-out data:
   prepare` reads). Each row is converted to the unified record with the data seed, so a
   CoT question gets the same prompt template it got in training; the prompt is rendered
   with `render_prompt(messages[:-1])`, the reference is the last assistant turn and the
-  gold answer is `meta["answer"]` (FLAN CoT rows) or the one the reference states.
+  gold answer is `meta["answer"]` (FLAN CoT rows) or the one the reference states. A
+  conversation that ends in a user turn is scored on its last answered turn: that question
+  has no reference, so it is left out of the prompt (`ift predict` answers it).
 
 Loss rows (input_ids + labels) come from the same items, so loss, perplexity and the
 generation metrics describe one held-out set.

@@ -16,12 +16,13 @@ The chosen side is also what the loss/perplexity and generation metrics of `ift 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ift import storage
-from ift.config import DataConfig
+from ift.config import ConfigError, DataConfig
 from ift.data import dataset
 from ift.data.preference import PAIR_FORMATS, convert_pair, tokenize_pairs
 from ift.data.readers import iter_raw, plan_reads
@@ -29,39 +30,51 @@ from ift.data.record import ConvertError
 from ift.train.preference import collate_pairs, sequence_logps
 
 
+@dataclass
+class HeldOutPairs:
+    """Tokenized held-out pairs, and the raw pairs left out."""
+
+    rows: list[dict[str, Any]]
+    skipped: list[str] = field(default_factory=list)
+    """"file:line: reason" of each raw pair the converter rejected (equal replies, an
+    empty side); a prepared dataset's rejects are in its rejects/ folder instead."""
+
+
 def held_out_pairs(data_cfg: DataConfig, data: str, tokenizer, template: str | None
-                   ) -> list[dict[str, Any]] | None:
+                   ) -> HeldOutPairs | None:
     """Tokenized pairs of `data` when it holds preference pairs; None for conversations.
-    Raw pairs are cut to data_cfg.max_seq_len."""
+    Raw pairs are cut to data_cfg.max_seq_len. A raw row that cannot be read is an error
+    naming its file and line (a held-out set must be whole); a pair the converter rejects
+    is left out and named in `skipped`."""
     if dataset.is_prepared(data):
         if dataset.read_manifest(data).get("kind") != dataset.PREFERENCE:
             return None
-        return list(dataset.iter_split_rows(data, "val"))
+        return HeldOutPairs(list(dataset.iter_split_rows(data, "val")))
     return _raw_pairs(data_cfg, data, tokenizer, template)
 
 
 def _raw_pairs(data_cfg: DataConfig, data: str, tokenizer, template: str | None
-               ) -> list[dict[str, Any]] | None:
+               ) -> HeldOutPairs | None:
     paths = [p for part in data.split(",") if part for p in storage.expand(part)]
     try:
-        tasks, infos = plan_reads("heldout", 0, paths, "auto", 0, 0)
+        tasks, infos = plan_reads("heldout", 0, paths, "auto", 0, 0, hash_files=False)
     except (ValueError, OSError):  # unreadable or missing: the conversation reader says why
         return None
     if not infos or any(i["format"] not in PAIR_FORMATS for i in infos):
         return None
-    pairs = []
+    pairs, skipped = [], []
     for task in tasks:
         for line, raw, error, _ in iter_raw(task):
+            where = f"{task.file}:{line}"
             if error is not None:
-                continue
+                raise ConfigError(f"eval.data: {where}: cannot read row: {error}")
             try:
-                pairs.append(convert_pair(task.format, raw, id=f"{task.file}:{line}",
-                                          source="heldout"))
-            except ConvertError:
-                continue
+                pairs.append(convert_pair(task.format, raw, id=where, source="heldout"))
+            except ConvertError as e:
+                skipped.append(f"{where}: {e}")
     rows, _ = tokenize_pairs(pairs, tokenizer, template=template or "auto",
                              max_seq_len=max(data_cfg.max_seq_len, 8))
-    return rows
+    return HeldOutPairs(rows, skipped)
 
 
 def pair_metrics(model, rows: list[dict[str, Any]], pad_id: int, batch_size: int,

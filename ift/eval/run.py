@@ -221,9 +221,12 @@ def heldout_set(data_cfg: DataConfig, eval_cfg: EvalConfig, data: str, tokenizer
     if pairs is not None:  # preference pairs: loss and generation on the chosen side
         if dataset.is_prepared(data):
             _check_tokenizer(data, tokenizer, model_dir)
-        rows = pairs
+        rows = pairs.rows
         items = heldout.items_from_rows(rows[: e.max_samples], tokenizer)
-        source: dict[str, Any] = {"kind": "preference"}
+        source: dict[str, Any] = {"kind": "preference", "skipped": len(pairs.skipped)}
+        if pairs.skipped:
+            print(f"[ift eval] {len(pairs.skipped)} held-out pair(s) left out, first: "
+                  f"{pairs.skipped[0]}", flush=True)
     elif dataset.is_prepared(data):
         _check_tokenizer(data, tokenizer, model_dir)
         rows = list(itertools.islice(dataset.iter_samples(data, "val"),
@@ -244,7 +247,7 @@ def heldout_set(data_cfg: DataConfig, eval_cfg: EvalConfig, data: str, tokenizer
     if not items:
         raise ConfigError(f"eval.data={data}: no held-out rows")
     return HeldOut(data=data, rows=rows, items=items, source=source,
-                   prompt_format=fmt, pairs=pairs)
+                   prompt_format=fmt, pairs=None if pairs is None else pairs.rows)
 
 
 def encode_benchmarks(data_cfg: DataConfig, eval_cfg: EvalConfig, tokenizer,

@@ -108,7 +108,7 @@ def test_dpo_learns_the_preference(pairs, tiny_model):
                / "pref_concise_heldout.jsonl")
     trained = evaluate_run(cfg, summary["run_dir"], data=held, output=f"{root}/eval-dpo")
     base = evaluate(cfg, model_dir=tiny_model, data=held, output=f"{root}/eval-base")
-    assert trained["data_kind"] == {"kind": "preference"}
+    assert trained["data_kind"] == {"kind": "preference", "skipped": 0}
     assert trained["metrics"]["pref_pairs"] == base["metrics"]["pref_pairs"] == 40
     assert trained["metrics"]["reward_accuracy"] > 0.9
     assert trained["metrics"]["pref_accuracy"] > max(base["metrics"]["pref_accuracy"], 0.9)

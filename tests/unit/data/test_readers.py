@@ -182,6 +182,11 @@ def test_json_list_csv_parquet_are_whole_file_tasks(tmp_path):
     assert [i["format"] for i in infos] == ["alpaca", "table", "table"]
     with open(fixture("alpaca.json"), "rb") as f:
         assert infos[0]["sha256"] == hashlib.sha256(f.read()).hexdigest()
+    # Held-out reads record no hash: the same tasks, sha256 left out.
+    same, unhashed = plan_reads("s", 1, files, "auto", 16, 10, hash_files=False)
+    assert same == tasks
+    assert [i["sha256"] for i in unhashed] == [None, None, None]
+    assert [{**i, "sha256": None} for i in infos] == unhashed
 
 
 def test_tsv_is_chunked(tmp_path):

@@ -69,6 +69,16 @@ def test_items_from_records_render_the_history_and_pick_the_gold_answer(chatml_t
     assert items[2].prompt.endswith("Tell me a joke.<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_a_conversation_ending_in_a_user_turn_is_scored_on_its_last_answered_turn(
+        chatml_tok):
+    rec = make_record(id="c", source="s", messages=[
+        {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "And then?"}])
+    (item,) = items_from_records([rec], chatml_tok, "chatml")
+    assert item.reference == "Hello."
+    assert item.prompt == "<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_a_record_that_cannot_be_rendered_is_an_error_naming_it(chatml_tok):
     bad = make_record(id="r42", source="s", messages=[
         {"role": "user", "content": 5}, {"role": "assistant", "content": "x"}])

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from ift import storage
-from ift.config import DataConfig, load_config
+from ift.config import ConfigError, DataConfig, load_config
 from ift.eval.preference import held_out_pairs
 
 RECORDS: list[dict] = []  # the conftest tokenizers train on ift's fallback texts only
@@ -32,9 +34,11 @@ def _prepared(d, kind: str | None) -> str:
 
 def test_a_prepared_dataset_gives_its_val_pairs_only_when_it_holds_pairs(tmp_path, chatml_tok):
     pairs = _prepared(tmp_path / "pairs", "preference")
-    assert held_out_pairs(CFG.data, pairs, chatml_tok, None) == [
+    held = held_out_pairs(CFG.data, pairs, chatml_tok, None)
+    assert held.rows == [
         {"id": "p1", "input_ids": [1, 2, 3], "labels": [-100, 2, 3],
          "rejected_input_ids": [1, 2, 4], "rejected_labels": [-100, 2, 4]}]
+    assert held.skipped == []
     assert held_out_pairs(CFG.data, _prepared(tmp_path / "sft", None), chatml_tok, None) is None
 
 
@@ -47,16 +51,17 @@ def _trained(tok, ids, labels) -> str:
     return tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
 
 
-def test_raw_pair_files_are_tokenized_with_the_template_and_bad_rows_skipped(tmp_path,
-                                                                             chatml_tok):
+def test_raw_pair_files_are_tokenized_with_the_template_and_rejected_pairs_named(
+        tmp_path, chatml_tok):
     f = _jsonl(tmp_path / "pairs.jsonl", [
         {"instruction": "Name a color.", "chosen": "Blue.", "rejected": "Seven."},
-        "{broken",
         {"instruction": "Name a color.", "chosen": "Red.", "rejected": "Red."},  # same replies
         {"instruction": "Name a number.", "chosen": "Seven.", "rejected": "Blue."},
     ])
-    rows = held_out_pairs(CFG.data, f, chatml_tok, "chatml")
-    assert [r["id"] for r in rows] == [f"{f}:1", f"{f}:4"]
+    held = held_out_pairs(CFG.data, f, chatml_tok, "chatml")
+    rows = held.rows
+    assert [r["id"] for r in rows] == [f"{f}:1", f"{f}:3"]
+    assert held.skipped == [f"{f}:2: chosen equals rejected"]
     first = rows[0]
     assert _trained(chatml_tok, first["input_ids"], first["labels"]) == "Blue.<|im_end|>"
     assert _trained(chatml_tok, first["rejected_input_ids"],
@@ -67,12 +72,22 @@ def test_raw_pair_files_are_tokenized_with_the_template_and_bad_rows_skipped(tmp
         "<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_an_unreadable_raw_pair_row_is_an_error_naming_its_file_and_line(tmp_path,
+                                                                        chatml_tok):
+    f = _jsonl(tmp_path / "pairs.jsonl", [
+        {"instruction": "Name a color.", "chosen": "Blue.", "rejected": "Seven."},
+        "{broken",
+    ])
+    with pytest.raises(ConfigError, match=rf"eval.data: {re.escape(f)}:2: cannot read row"):
+        held_out_pairs(CFG.data, f, chatml_tok, "chatml")
+
+
 def test_raw_pairs_are_cut_to_the_data_sections_max_seq_len(tmp_path, chatml_tok):
     f = _jsonl(tmp_path / "pairs.jsonl", [
         {"instruction": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}])
-    whole = held_out_pairs(DataConfig(), f, chatml_tok, "chatml")[0]
+    whole = held_out_pairs(DataConfig(), f, chatml_tok, "chatml").rows[0]
     assert len(whole["input_ids"]) > 12
-    cut = held_out_pairs(DataConfig(max_seq_len=12), f, chatml_tok, "chatml")[0]
+    cut = held_out_pairs(DataConfig(max_seq_len=12), f, chatml_tok, "chatml").rows[0]
     assert len(cut["input_ids"]) == len(cut["rejected_input_ids"]) == 12
 
 
