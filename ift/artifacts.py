@@ -147,6 +147,21 @@ class FinalModel:
 
         return storage.exists(self.adapter_config)
 
+    def is_model(self) -> bool:
+        """A full HF model dir (its config.json)."""
+        from ift import storage
+
+        return storage.exists(_join(self.path, MODEL_CONFIG))
+
+    def adapter_settings(self) -> dict[str, Any] | None:
+        """adapter_config.json (peft_type, base_model_name_or_path, ...); None when the dir
+        holds no adapter."""
+        from ift import storage
+
+        if not self.is_adapter():
+            return None
+        return json.loads(storage.read_text(self.adapter_config))
+
 
 # ---------------------------------------------------------------------------------------
 # The prompt format

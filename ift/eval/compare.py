@@ -35,7 +35,7 @@ from typing import Any
 from peft import PeftModel
 
 from ift import storage, tracking
-from ift.artifacts import ADAPTER_CONFIG, MODEL_CONFIG
+from ift.artifacts import FinalModel
 from ift.config import Config, ConfigError, ModelConfig
 from ift.eval import run
 from ift.models import load_model, load_tokenizer, tokenizer_identity
@@ -81,7 +81,7 @@ def parse_models(value: str, model_cfg: ModelConfig) -> list[ModelSpec]:
         else:
             path = part
             final = storage.join(path, run.FINAL_DIR)
-            if not run.is_adapter(path) and storage.exists(final):
+            if not FinalModel(path).is_adapter() and storage.exists(final):
                 path = final  # a training run directory
             if not storage.exists(path):
                 raise ConfigError(f"--models {part}: does not exist")
@@ -99,19 +99,16 @@ def parse_models(value: str, model_cfg: ModelConfig) -> list[ModelSpec]:
 def _kind(path: str, model_cfg: ModelConfig, given: str) -> str:
     """lora: a LoRA adapter on model_cfg.name_or_path (or naming no base), scored on the
     shared base; alone: any other adapter or model, loaded by itself."""
-    if run.is_adapter(path):
-        acfg = json.loads(storage.read_text(storage.join(path, ADAPTER_CONFIG)))
-        base = acfg.get("base_model_name_or_path") or ""
-        same_base = not model_cfg.name_or_path or not base or \
-            os.path.abspath(base) == os.path.abspath(model_cfg.name_or_path)
-        if str(acfg.get("peft_type", "")).upper() == "LORA" and model_cfg.name_or_path \
-                and same_base:
-            return "lora"
+    acfg = run.adapter_settings(path, f"--models {given}")
+    if acfg is None:
         return "alone"
-    if storage.exists(storage.join(path, MODEL_CONFIG)):
-        return "alone"
-    raise ConfigError(f"--models {given}: holds neither a PEFT adapter (adapter_config.json) "
-                      "nor a HF model (config.json)")
+    base = acfg.get("base_model_name_or_path") or ""
+    same_base = not model_cfg.name_or_path or not base or \
+        os.path.abspath(base) == os.path.abspath(model_cfg.name_or_path)
+    if str(acfg.get("peft_type", "")).upper() == "LORA" and model_cfg.name_or_path \
+            and same_base:
+        return "lora"
+    return "alone"
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,11 +35,10 @@ from peft import PeftModel
 
 from ift import storage, tracking
 from ift.artifacts import (
-    ADAPTER_CONFIG,
     CONFIG_FILE,
     FINAL_DIR,
-    MODEL_CONFIG,
     RUN_FILE,
+    FinalModel,
     PromptFormat,
     bundled_path,
     read_prompt_format,
@@ -82,8 +81,15 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def is_adapter(path: str) -> bool:
-    return storage.exists(storage.join(path, ADAPTER_CONFIG))
+def adapter_settings(path: str, where: str) -> dict[str, Any] | None:
+    """adapter_config.json of an adapter dir, None for a full model dir; anything else is
+    a ConfigError that starts with `where`."""
+    found = FinalModel(path)
+    settings = found.adapter_settings()
+    if settings is None and not found.is_model():
+        raise ConfigError(f"{where}: holds neither a PEFT adapter (adapter_config.json) nor "
+                          "a HF model (config.json)")
+    return settings
 
 
 def load_for_eval(model_dir: str, model_cfg: ModelConfig, device: str = "cpu"):
@@ -96,9 +102,8 @@ def load_for_eval(model_dir: str, model_cfg: ModelConfig, device: str = "cpu"):
     local = storage.local_copy(model_dir)
     if not storage.exists(local):
         raise ConfigError(f"model {model_dir} does not exist")
-    if is_adapter(local):
-        with open(os.path.join(local, ADAPTER_CONFIG), encoding="utf-8") as f:
-            adapter_cfg = json.load(f)
+    adapter_cfg = adapter_settings(local, model_dir)
+    if adapter_cfg is not None:
         base = model_cfg.name_or_path or adapter_cfg.get("base_model_name_or_path") or ""
         if not base:
             raise ConfigError(f"{model_dir} is an adapter but no base model is known: set "
@@ -108,9 +113,6 @@ def load_for_eval(model_dir: str, model_cfg: ModelConfig, device: str = "cpu"):
         tok_dir = local if storage.exists(os.path.join(local, "tokenizer_config.json")) else base
         desc = {"adapter": model_dir, "base": base}
     else:
-        if not storage.exists(os.path.join(local, MODEL_CONFIG)):
-            raise ConfigError(f"{model_dir} holds neither a PEFT adapter (adapter_config.json) "
-                              "nor a HF model (config.json)")
         model = load_model(replace(model_cfg, name_or_path=local), device=device)
         tok_dir = local
         desc = {"model": model_dir}

@@ -33,8 +33,12 @@ def test_final_model_tells_an_adapter_from_a_full_model(tmp_path):
     (tmp_path / "a" / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA"}))
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    assert FinalModel(str(tmp_path / "a")).is_adapter()
-    assert not FinalModel(str(tmp_path / "m")).is_adapter()
+    (tmp_path / "empty").mkdir()
+    adapter, model, empty = (FinalModel(str(tmp_path / d)) for d in ("a", "m", "empty"))
+    assert adapter.is_adapter() and not model.is_adapter() and not empty.is_adapter()
+    assert model.is_model() and not adapter.is_model() and not empty.is_model()
+    assert adapter.adapter_settings() == {"peft_type": "LORA"}
+    assert model.adapter_settings() is None and empty.adapter_settings() is None
 
 
 def _ift_modules():

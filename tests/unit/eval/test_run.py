@@ -126,6 +126,9 @@ def test_load_for_eval_loads_on_the_model_sections_base(tiny_model, tmp_path):
     (tmp_path / "orphan" / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="model.name_or_path"):
         load_for_eval(str(tmp_path / "orphan"), ModelConfig())
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ConfigError, match=r"nothing: holds neither a PEFT adapter"):
+        load_for_eval(str(tmp_path / "nothing"), ModelConfig())
 
 
 def test_score_model_uses_the_eval_sections_sizes_and_the_train_sections_beta(tiny_model,
