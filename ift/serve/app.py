@@ -655,11 +655,9 @@ def vllm_llm_configs(cfg: Config, adapters: dict[str, dict[str, Any]] | None = N
                      ) -> list[dict[str, Any]]:
     """The `ray.serve.llm` LLMConfig fields for a config, as plain dicts (ift.serve.vllm);
     `adapters` maps each adapter served to its adapter_config.json contents."""
-    s, root = cfg.serve, cfg.storage.root
-    return vllm.llm_configs(s, cfg.data.template, base_model_path(s, cfg.model, root),
-                            {mid: _path(root, p) for mid, p in s.merged_models.items()},
-                            _path(root, s.adapter_root) if s.adapter_root else "",
-                            adapters or {})
+    paths = catalog_kwargs(cfg.serve, cfg.model, cfg.storage.root)
+    return vllm.llm_configs(cfg.serve, cfg.data.template, paths["base_path"], paths["merged"],
+                            paths["adapter_root"], adapters or {})
 
 
 def build_vllm_app(cfg: Config):
@@ -678,10 +676,9 @@ def build_vllm_app(cfg: Config):
     except ImportError as e:
         raise ConfigError(f"serve.backend=vllm needs ray[llm] (vLLM) installed (pip install "
                           f"'ift[vllm]' on GPU nodes): {e}") from e
-    s, storage_root = cfg.serve, cfg.storage.root
-    root = _path(storage_root, s.adapter_root) if s.adapter_root else ""
-    paths = vllm.collect_adapters({k: _path(storage_root, v) for k, v in s.adapters.items()},
-                                  root)
+    served = catalog_kwargs(cfg.serve, cfg.model, cfg.storage.root)
+    root = served["adapter_root"]
+    paths = vllm.collect_adapters(served["adapters"], root)
     adapters = vllm.read_adapter_configs(paths)
     configs = [LLMConfig(**c) for c in vllm_llm_configs(cfg, adapters)]  # checks first
     if root:
