@@ -296,20 +296,23 @@ def waste(lengths: np.ndarray, max_seq_len: int) -> float:
 def split_stats(totals: dict, sample_lengths: np.ndarray, max_seq_len: int) -> dict:
     """A manifest's statistics of one split: rows (bins when packed), samples, tokens and
     the samples' length distribution."""
-    lens = sample_lengths
     return {
         "rows": int(totals["rows"]),
-        "samples": int(len(lens)),
+        "samples": int(len(sample_lengths)),
         "tokens": int(totals["tokens"]),
         "trainable_tokens": int(totals["trainable"]),
-        "length": {
-            "mean": float(lens.mean()) if len(lens) else 0.0,
-            "p50": float(np.percentile(lens, 50)) if len(lens) else 0.0,
-            "p95": float(np.percentile(lens, 95)) if len(lens) else 0.0,
-            "max": int(lens.max()) if len(lens) else 0,
-        },
+        "length": length_stats(sample_lengths),
         "max_seq_len": max_seq_len,
     }
+
+
+def length_stats(lengths: list[int] | np.ndarray) -> dict[str, float]:
+    """mean, p50, p95 and max of token lengths."""
+    a = np.asarray(lengths, dtype=np.float64)
+    if len(a) == 0:
+        return {"mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0}
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
+            "p95": float(np.percentile(a, 95)), "max": int(a.max())}
 
 
 def child_manifest(base: dict, prepared: str, chosen: dict[str, tuple[float | None, int | None]],

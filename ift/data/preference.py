@@ -26,8 +26,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from ift.artifacts import IGNORE_INDEX
 from ift.config import PAIR_FORMATS
 from ift.data import formats
@@ -329,12 +327,3 @@ def _pair_row(pair: dict, c: dict, r: dict, max_seq_len: int
         "num_trainable": n_c,
         "rejected_num_trainable": n_r,
     }, ""
-
-
-def length_stats(lengths: list[int] | np.ndarray) -> dict[str, float]:
-    """mean, p50, p95 and max of token lengths."""
-    a = np.asarray(lengths, dtype=np.float64)
-    if len(a) == 0:
-        return {"mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0}
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
-            "p95": float(np.percentile(a, 95)), "max": int(a.max())}

@@ -38,7 +38,6 @@ from ift.data.dataset import (
     PrepareError,
 )
 from ift.data.ingest import CHUNK_SHIFT
-from ift.data.preference import length_stats
 
 TRAIN, VAL, DROPPED, REJECTED = range(4)
 """What the ingest says of a row read (indices into dataset.PARTITIONS)."""
@@ -340,12 +339,12 @@ def pair_split_stats(rows: list[dict], max_seq_len: int) -> dict[str, Any]:
         "tokens": int(sum(chosen) + sum(rejected)),
         "trainable_tokens": int(sum(r["num_trainable"] + r["rejected_num_trainable"]
                                     for r in rows)),
-        "length": length_stats([max(c, r) for c, r in zip(chosen, rejected)]),
-        "prompt_length": length_stats([r["prompt_tokens"] for r in rows]),
-        "chosen_length": length_stats(chosen),
-        "rejected_length": length_stats(rejected),
-        "chosen_reply_length": length_stats([r["num_trainable"] for r in rows]),
-        "rejected_reply_length": length_stats([r["rejected_num_trainable"] for r in rows]),
+        "length": mix.length_stats([max(c, r) for c, r in zip(chosen, rejected)]),
+        "prompt_length": mix.length_stats([r["prompt_tokens"] for r in rows]),
+        "chosen_length": mix.length_stats(chosen),
+        "rejected_length": mix.length_stats(rejected),
+        "chosen_reply_length": mix.length_stats([r["num_trainable"] for r in rows]),
+        "rejected_reply_length": mix.length_stats([r["rejected_num_trainable"] for r in rows]),
         "max_seq_len": max_seq_len,
     }
 

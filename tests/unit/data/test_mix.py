@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from ift.data import mix
 
@@ -255,3 +256,16 @@ def test_child_manifest_names_its_parent_and_hashes_the_mixture():
     other = mix.child_manifest(base, "/p", {"a": (0.5, None)}, mixed, 8, "x")
     assert other["hash"] != m["hash"]
     assert mix.child_manifest(base, "/q", {"a": (0.5, None)}, mixed, 7, "y")["hash"] == m["hash"]
+
+
+def test_split_stats_describe_the_sample_lengths_as_the_pair_statistics_do():
+    lens = np.array([3, 9, 4, 20, 7], dtype=np.int64)
+    stats = mix.split_stats({"rows": 4, "tokens": 43, "trainable": 17}, lens, 32)
+    assert stats == {"rows": 4, "samples": 5, "tokens": 43, "trainable_tokens": 17,
+                     "length": {"mean": 8.6, "p50": 7.0, "p95": pytest.approx(17.8),
+                                "max": 20},
+                     "max_seq_len": 32}
+    assert stats["length"] == mix.length_stats([3, 9, 4, 20, 7])
+    assert isinstance(stats["length"]["max"], int)
+    empty = mix.split_stats({"rows": 0, "tokens": 0, "trainable": 0}, np.array([]), 32)
+    assert empty["length"] == {"mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0}
