@@ -43,11 +43,6 @@ class RowOptions:
     schema_split: bool = False
 
 
-# Records beyond the first that an IE row makes (one per schema chunk) carry their chunk
-# number in the key bits above the line.
-CHUNK_SHIFT = 28
-
-
 def _convert_rows(task, raw: dict, line: int, opts: RowOptions) -> list[dict]:
     rid = f"{task.source}-{task.file_index}-{line}"
     if task.format in ie.FORMATS:
@@ -73,7 +68,7 @@ def clean_rows(task, opts: RowOptions) -> Iterator[tuple[int, int, dict | None, 
             continue
         for chunk, rec in enumerate(recs):
             if chunk:
-                key = int(mix.make_key(task.file_index, line | (chunk << CHUNK_SHIFT)))
+                key = int(mix.make_key(task.file_index, line, chunk))
             if not opts.keep_reasoning:
                 rec = drop_reasoning(rec)
             if opts.placeholders:

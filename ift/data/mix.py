@@ -119,13 +119,28 @@ def dedupe_first(hashes: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 LINE_BITS = 36
-"""A row key's low bits: the line (or index) within its file."""
+"""A row key's low bits: the line (or index) within its file, and above it the chunk."""
 LINE_MASK = (1 << LINE_BITS) - 1
+CHUNK_SHIFT = 28
+"""Records beyond the first that one row makes (an IE row's schema chunks) carry their
+chunk number in the key bits from here up to LINE_BITS; the line is below."""
 
 
-def make_key(file_index: int | np.ndarray, line: int | np.ndarray):
-    """A stable int64 row key: (global file index, line or index within the file)."""
-    return (np.int64(file_index) << np.int64(LINE_BITS)) | np.int64(line)
+def make_key(file_index: int | np.ndarray, line: int | np.ndarray, chunk: int = 0):
+    """A stable int64 row key: (global file index, chunk of the row, line or index within
+    the file)."""
+    return (np.int64(file_index) << np.int64(LINE_BITS)) | np.int64(
+        line | (chunk << CHUNK_SHIFT))
+
+
+def key_line(key: int) -> int:
+    """The line (or index) within its file of a row key."""
+    return int(key) & ((1 << CHUNK_SHIFT) - 1)
+
+
+def key_chunk(keys: np.ndarray) -> np.ndarray:
+    """The chunk numbers of row keys (0: the first record a row made)."""
+    return (keys & LINE_MASK) >> CHUNK_SHIFT
 
 
 def key_file(key: int) -> int:

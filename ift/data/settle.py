@@ -37,7 +37,6 @@ from ift.data.dataset import (
     SOURCES_DIR,
     PrepareError,
 )
-from ift.data.ingest import CHUNK_SHIFT
 
 TRAIN, VAL, DROPPED, REJECTED = range(4)
 """What the ingest says of a row read (indices into dataset.PARTITIONS)."""
@@ -109,7 +108,7 @@ class IngestLedger:
             f = self.files[mix.key_file(r["key"])]
             entry = {"key": r["key"], "source": name, "file": f["path"],
                      ("line" if f.get("line_based") else "index"):
-                         r["key"] & mix.LINE_MASK & ((1 << CHUNK_SHIFT) - 1)}
+                         mix.key_line(r["key"])}
             if part == "dropped":
                 entry["id"] = r["id"]
             entry["reason"] = r["reason"]
@@ -140,7 +139,7 @@ class IngestLedger:
         for si, name in enumerate(self.names):
             m = src == si
             n_rej = int((rejected_src == si).sum())
-            n_chunks = int((m & ((keys & mix.LINE_MASK) >> CHUNK_SHIFT > 0)).sum())
+            n_chunks = int((m & (mix.key_chunk(keys) > 0)).sum())
             stats[name] = {
                 "rows_read": int(m.sum()) + n_rej - n_chunks,
                 "rows_rejected": n_rej,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from ift.corpora.ie_synthetic import corpus_texts, name_pools, write_corpus
-from ift.data import ie
-from ift.data.ingest import CHUNK_SHIFT, RowOptions, clean_rows
+from ift.data import ie, mix
+from ift.data.ingest import RowOptions, clean_rows
 from ift.data.readers import detect_format, iter_raw, plan_reads
 from ift.data.record import ConvertError
 
@@ -227,7 +227,7 @@ def test_prepare_rows_of_schema_chunks_get_their_own_keys():
     rows = [(k, n) for k, n, rec, _r, _raw in clean_rows(tasks[0], opts) if rec is not None
             and n == 2]
     assert [n for _k, n in rows] == [2, 2]  # 3 relations in chunks of 2
-    assert [k for k, _n in rows] == [(7 << 36) | 2, (7 << 36) | 2 | (1 << CHUNK_SHIFT)]
+    assert [k for k, _n in rows] == [(7 << 36) | 2, (7 << 36) | 2 | (1 << mix.CHUNK_SHIFT)]
 
 
 def test_phrasings_per_task_and_language_chosen_by_seed():

@@ -269,3 +269,12 @@ def test_split_stats_describe_the_sample_lengths_as_the_pair_statistics_do():
     assert isinstance(stats["length"]["max"], int)
     empty = mix.split_stats({"rows": 0, "tokens": 0, "trainable": 0}, np.array([]), 32)
     assert empty["length"] == {"mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0}
+
+
+def test_a_row_key_holds_file_chunk_and_line():
+    key = int(mix.make_key(7, 2, 3))
+    assert key == (7 << 36) | (3 << 28) | 2
+    assert (mix.key_file(key), mix.key_line(key)) == (7, 2)
+    keys = np.array([mix.make_key(7, 2), key, mix.make_key(1, (1 << 28) - 1)], dtype=np.int64)
+    assert mix.key_chunk(keys).tolist() == [0, 3, 0]
+    assert mix.key_line(int(keys[2])) == (1 << 28) - 1

@@ -14,7 +14,6 @@ import pytest
 from ift.config import DataConfig, SourceConfig
 from ift.data import mix
 from ift.data.dataset import PAIR_SCHEMA, PREFERENCE, PrepareError, iter_split_rows
-from ift.data.ingest import CHUNK_SHIFT
 from ift.data.settle import (
     DROPPED,
     META_SCHEMA,
@@ -50,7 +49,7 @@ A = _batch([
     {"key": (0, 2), "src": 0, "split": VAL, "hash": _h("2"), "group": _h("g2"), "lang": "en",
      "num_tokens": 12},
     {"key": (0, 3), "src": 0, "split": REJECTED, "reason": "not JSON", "raw": "{oops"},
-    {"key": (0, 2 | (1 << CHUNK_SHIFT)), "src": 0, "split": TRAIN, "hash": _h("5"),
+    {"key": (0, 2 | (1 << mix.CHUNK_SHIFT)), "src": 0, "split": TRAIN, "hash": _h("5"),
      "group": _h("g2"), "lang": "en", "num_tokens": 13},
 ])
 B = _batch([
@@ -98,7 +97,7 @@ def test_the_first_source_in_config_order_keeps_a_duplicate(tmp_path):
          "num_tokens": 11},
         {"key": int(mix.make_key(0, 2)), "source": "a", "split": "val", "shard": "val",
          "num_tokens": 12},
-        {"key": int(mix.make_key(0, 2 | (1 << CHUNK_SHIFT))), "source": "a", "split": "train",
+        {"key": int(mix.make_key(0, 2 | (1 << mix.CHUNK_SHIFT))), "source": "a", "split": "train",
          "shard": "train", "num_tokens": 13},
         {"key": int(mix.make_key(1, 2)), "source": "b", "split": "train", "shard": "train",
          "num_tokens": 14},
