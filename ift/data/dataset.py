@@ -55,6 +55,41 @@ PAIR_SCHEMA = pa.schema([
 input_ids and labels are the chosen side, rejected_* the rejected one."""
 
 
+SIDE_DIRS = {"rejected": "rejects", "dropped": "dropped"}
+"""Where a prepare writes the rows it did not keep, one JSONL file per source:
+rejects/<source>.jsonl (rows that could not be read, converted or validated, with their
+raw text) and dropped/<source>.jsonl (records that kept no trainable token, by id)."""
+
+
+def side_entry(part: str, source: str, file: str, line_based: bool, line: int, reason: str,
+               *, raw: str = "", id: str = "") -> dict[str, Any]:
+    """One line of rejects/ (`part` "rejected") or dropped/ ("dropped"): the source, the
+    file and its line (or 0-based index, for files that are not line based) and why."""
+    entry: dict[str, Any] = {"source": source, "file": file,
+                             ("line" if line_based else "index"): line}
+    if part == "dropped":
+        entry["id"] = id
+    entry["reason"] = reason
+    if part == "rejected":
+        entry["raw"] = raw
+    return entry
+
+
+def write_side_file(out: str, part: str, source: str, entries: list[dict[str, Any]]) -> None:
+    """rejects/<source>.jsonl or dropped/<source>.jsonl under the prepared dir `out`."""
+    storage.write_bytes(storage.join(out, SIDE_DIRS[part], f"{source}.jsonl"), "".join(
+        json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8"))
+
+
+def side_manifest(totals: dict[str, int], written: dict[str, list[str]]) -> dict[str, Any]:
+    """The manifest's "rejects" and "dropped" sections: each part's row total and the
+    files written (relative to the prepared dir)."""
+    return {SIDE_DIRS[part]: {"total": int(totals[part]),
+                              "files": [f"{SIDE_DIRS[part]}/{n}.jsonl"
+                                        for n in sorted(written[part])]}
+            for part in ("rejected", "dropped")}
+
+
 class PrepareError(InputError):
     """Bad data-preparation input; the message names the file, source or key."""
 

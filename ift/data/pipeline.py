@@ -55,7 +55,7 @@ import ray
 from ift import storage
 from ift.artifacts import MANIFEST_FILE
 from ift.config import PAIR_FORMATS, Config, ConfigError, DataConfig, SourceConfig, load_config
-from ift.data import ie, mix
+from ift.data import dataset, ie, mix
 from ift.data.dataset import (
     MANIFEST_VERSION,
     SHARD_SCHEMA,
@@ -552,14 +552,9 @@ def prepare(cfg: Config, *, fresh: bool = False, address: str | None = None) -> 
             }
             for s in sources
         },
-        "rejects": {
-            "total": sum(s["rows_rejected"] for s in stats.values()),
-            "files": [f"rejects/{n}.jsonl" for n in sorted(reject_files["rejected"])],
-        },
-        "dropped": {
-            "total": sum(s["rows_dropped"] for s in stats.values()),
-            "files": [f"dropped/{n}.jsonl" for n in sorted(reject_files["dropped"])],
-        },
+        **dataset.side_manifest({"rejected": sum(s["rows_rejected"] for s in stats.values()),
+                                 "dropped": sum(s["rows_dropped"] for s in stats.values())},
+                                reject_files),
         "config": dataclasses.asdict(d),
     }
     storage.write_text(storage.join(out, MANIFEST_FILE), json.dumps(manifest, indent=2, ensure_ascii=False))

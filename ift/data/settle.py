@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from ift import storage
 from ift.config import DataConfig
-from ift.data import mix
+from ift.data import dataset, mix
 from ift.data.dataset import (
     INDEX_FILE,
     MANIFEST_VERSION,
@@ -106,14 +106,9 @@ class IngestLedger:
                     os.path.join(self.tmp, f"{part}-{len(self.spools)}.jsonl"), "w+",
                     encoding="utf-8")
             f = self.files[mix.key_file(r["key"])]
-            entry = {"key": r["key"], "source": name, "file": f["path"],
-                     ("line" if f.get("line_based") else "index"):
-                         mix.key_line(r["key"])}
-            if part == "dropped":
-                entry["id"] = r["id"]
-            entry["reason"] = r["reason"]
-            if part == "rejected":
-                entry["raw"] = r["raw"]
+            entry = {"key": r["key"], **dataset.side_entry(
+                part, name, f["path"], bool(f.get("line_based")), mix.key_line(r["key"]),
+                r["reason"], raw=r["raw"], id=r["id"])}
             fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     def _cat(self, name: str, dtype) -> np.ndarray:
@@ -173,9 +168,7 @@ class IngestLedger:
             for e in entries:
                 del e["key"]
             if entries:
-                folder = "rejects" if part == "rejected" else "dropped"
-                storage.write_bytes(storage.join(out, folder, f"{name}.jsonl"), "".join(
-                    json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8"))
+                dataset.write_side_file(out, part, name, entries)
                 written[part].append(name)
         return Settled(stats, langs, written)
 
@@ -277,23 +270,14 @@ def settle_pairs(rows: list[dict], sources, files: list[dict], d: DataConfig, ou
                                        f"{v['rows_dropped']} dropped" for k, v in stats.items()))
     for split, chosen in splits.items():
         _write_pair_shards(out, split, chosen, d.shard_rows)
-    reject_files = []
+    written: dict[str, list[str]] = {"rejected": [], "dropped": []}
     for (part, name), entries in sorted(notes.items()):
-        folder = "rejects" if part == "rejected" else "dropped"
-        path = storage.join(out, folder, f"{name}.jsonl")
-        lines = []
-        for e in entries:
-            file = path_of[mix.key_file(e["key"])]
-            where = "line" if line_based[file] else "index"
-            item = {"source": name, "file": file, where: e["line"], "reason": e["reason"]}
-            if part == "rejected":
-                item["raw"] = e["raw"]
-            else:
-                item["id"] = e["id"]
-            lines.append(json.dumps(item, ensure_ascii=False) + "\n")
-        storage.write_bytes(path, "".join(lines).encode("utf-8"))
-        if part == "rejected":
-            reject_files.append(path)
+        dataset.write_side_file(out, part, name, [
+            dataset.side_entry(part, name, path_of[mix.key_file(e["key"])],
+                               line_based[path_of[mix.key_file(e["key"])]], e["line"],
+                               e["reason"], raw=e.get("raw") or "", id=e.get("id") or "")
+            for e in entries])
+        written[part].append(name)
     return {
         "version": MANIFEST_VERSION,
         "kind": PREFERENCE,
@@ -311,8 +295,9 @@ def settle_pairs(rows: list[dict], sources, files: list[dict], d: DataConfig, ou
             [r[k] for r in splits["train"] for k in ("num_tokens", "rejected_num_tokens")],
             dtype=np.int64), d.max_seq_len),
                           "packed": 0.0 if d.pack else None},
-        "rejects": {"total": sum(s["rows_rejected"] for s in stats.values()),
-                    "files": reject_files},
+        **dataset.side_manifest({"rejected": sum(s["rows_rejected"] for s in stats.values()),
+                                 "dropped": sum(s["rows_dropped"] for s in stats.values())},
+                                written),
         "sources": {
             s.name: {
                 "path": s.path,

@@ -25,8 +25,11 @@ from ift.data.dataset import (
     iter_split_rows,
     load_index,
     read_manifest,
+    side_entry,
+    side_manifest,
     source_names,
     split_files,
+    write_side_file,
 )
 
 MANIFEST = {"version": 2, "hash": "abc123", "tokenizer": {"name_or_path": "tok"},
@@ -195,3 +198,22 @@ def test_iter_samples_unpacks_bins_and_names_the_key_on_errors(tmp_path):
     assert is_prepared(str(partial))  # a manifest, complete or not
     with pytest.raises(ConfigError, match=rf"^eval\.data={partial}: {partial} is partial"):
         list(iter_samples(str(partial)))
+
+
+def test_side_files_name_the_file_line_and_reason_of_each_row_not_kept(tmp_path):
+    rejected = side_entry("rejected", "a", "/in/a.jsonl", True, 7, "missing 'output'",
+                          raw='{"instruction": "x"}', id="ignored")
+    dropped = side_entry("dropped", "b", "/in/b.parquet", False, 0, "no trainable token left",
+                         raw="ignored", id="b-1-0")
+    assert rejected == {"source": "a", "file": "/in/a.jsonl", "line": 7,
+                        "reason": "missing 'output'", "raw": '{"instruction": "x"}'}
+    assert dropped == {"source": "b", "file": "/in/b.parquet", "index": 0, "id": "b-1-0",
+                       "reason": "no trainable token left"}
+    write_side_file(str(tmp_path), "rejected", "a", [rejected, rejected])
+    write_side_file(str(tmp_path), "dropped", "b", [dropped])
+    lines = (tmp_path / "rejects" / "a.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x) for x in lines] == [rejected, rejected]
+    assert json.loads((tmp_path / "dropped" / "b.jsonl").read_text()) == dropped
+    assert side_manifest({"rejected": 2, "dropped": 1}, {"rejected": ["a"], "dropped": ["b"]}) \
+        == {"rejects": {"total": 2, "files": ["rejects/a.jsonl"]},
+            "dropped": {"total": 1, "files": ["dropped/b.jsonl"]}}

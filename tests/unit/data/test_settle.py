@@ -204,7 +204,9 @@ def test_settle_pairs_dedupes_splits_draws_and_writes_the_dataset(tmp_path):
     assert len(shards) == -(-len(train) // 3)  # shard_rows=3
     assert pq.read_schema(out / "train" / shards[0]) == PAIR_SCHEMA
     assert m["splits"]["train"]["chosen_length"]["max"] <= 8
-    assert m["rejects"]["total"] == 1
+    # the same manifest sections as a conversation dataset: totals and relative files
+    assert m["rejects"] == {"total": 1, "files": ["rejects/q.jsonl"]}
+    assert m["dropped"] == {"total": 1, "files": ["dropped/q.jsonl"]}
     assert _jsonl(out / "rejects" / "q.jsonl") == [
         {"source": "q", "file": "/in/q.json", "index": 2, "reason": "missing 'chosen'",
          "raw": '{"rejected": "b"}'}]
