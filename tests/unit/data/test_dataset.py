@@ -13,6 +13,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from prepared_support import write_prepared
 
 from ift import storage
 from ift.config import ConfigError, InputError
@@ -164,12 +165,8 @@ PLAIN = {"id": "r9", "input_ids": [5, 6], "labels": [-100, 6], "seq_ids": None,
 
 
 def _with_val(tmp_path, name: str, val_rows: list[dict] | None) -> str:
-    d = str(tmp_path / name)
-    storage.write_text(os.path.join(d, "manifest.json"), json.dumps(MANIFEST))
-    storage.mark_complete(d)
-    if val_rows is not None:
-        _write(os.path.join(d, "val", "part-0.parquet"), pa.Table.from_pylist(val_rows))
-    return d
+    return write_prepared(tmp_path / name, None if val_rows is None else {"val": val_rows},
+                          **MANIFEST)
 
 
 def test_iter_split_rows_keeps_bins_whole_and_the_columns_asked_for(tmp_path):

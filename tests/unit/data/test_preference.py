@@ -164,17 +164,14 @@ def test_the_dpo_config_loads_and_names_the_bundled_pairs():
 
 
 def test_sweeps_train_on_preference_pairs_as_prepared(tmp_path):
-    import json
+    from prepared_support import write_prepared
 
-    from ift import storage
     from ift.config import ConfigError
     from ift.tune.trial import ensure_mixture
 
-    prepared = str(tmp_path / "prepared")
-    manifest = {"version": 2, "kind": "preference", "hash": "h", "tokenizer": {},
-                "splits": {"train": {"rows": 3}}, "sources": {"pairs": {"tags": ["x"]}}}
-    storage.write_text(f"{prepared}/manifest.json", json.dumps(manifest))
-    storage.mark_complete(prepared, "h")
+    prepared = write_prepared(tmp_path / "prepared", kind="preference", marker="h",
+                              splits={"train": {"rows": 3}},
+                              sources={"pairs": {"tags": ["x"]}})
     point = {"name": "t0", "seed": 42, "params": {"train.beta": 0.5}}
     assert ensure_mixture(prepared, str(tmp_path / "mix"), point)["kind"] == "preference"
     assert not (tmp_path / "mix").exists()

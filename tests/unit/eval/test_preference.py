@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from prepared_support import write_prepared
 
-from ift import storage
 from ift.config import ConfigError, DataConfig, load_config
 from ift.eval.preference import held_out_pairs
 
@@ -20,16 +17,9 @@ CFG = load_config(None, [])
 
 
 def _prepared(d, kind: str | None) -> str:
-    manifest = {"version": 2, "hash": "h", "tokenizer": {}, "splits": {}, "sources": {}}
-    if kind:
-        manifest["kind"] = kind
-    storage.write_text(os.path.join(d, "manifest.json"), json.dumps(manifest))
-    storage.mark_complete(str(d))
-    os.makedirs(os.path.join(d, "val"))
     rows = [{"id": "p1", "input_ids": [1, 2, 3], "labels": [-100, 2, 3],
              "rejected_input_ids": [1, 2, 4], "rejected_labels": [-100, 2, 4]}]
-    pq.write_table(pa.Table.from_pylist(rows), os.path.join(d, "val", "part-0.parquet"))
-    return str(d)
+    return write_prepared(d, {"val": rows}, **({"kind": kind} if kind else {}))
 
 
 def test_a_prepared_dataset_gives_its_val_pairs_only_when_it_holds_pairs(tmp_path, chatml_tok):

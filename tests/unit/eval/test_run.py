@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from prepared_support import write_prepared
 from train_support import make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from ift import storage
 from ift.artifacts import IGNORE_INDEX, write_prompt_format
 from ift.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from ift.data.templates import prompt_format
@@ -64,11 +64,7 @@ def _tok(path: str):
 
 
 def _prepared_with_template(d: Path, template: str) -> str:
-    manifest = {"version": 2, "hash": "h", "tokenizer": {}, "splits": {}, "sources": {},
-                "template": template}
-    storage.write_text(str(d / "manifest.json"), json.dumps(manifest))
-    storage.mark_complete(str(d))
-    return str(d)
+    return write_prepared(d, template=template)
 
 
 def test_training_prompt_format_is_the_manifests_else_the_data_sections(tiny_model, tmp_path):

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import os
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from prepared_support import write_prepared
 
 from ift import storage
 from ift.config import ConfigError
@@ -75,17 +74,10 @@ def test_raw_items_need_a_user_turn_and_data_is_required(tmp_path):
 
 
 def test_prepared_items_split_each_row_at_its_last_reply(tmp_path):
-    d = str(tmp_path / "prepared")
-    storage.write_text(os.path.join(d, "manifest.json"), json.dumps(
-        {"version": 2, "hash": "h", "tokenizer": {}, "splits": {}, "sources": {}}))
-    storage.mark_complete(d)
     rows = [{"id": "a", "input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, -100, 4, 5]},
             {"id": "b", "input_ids": [6, 7], "labels": [-100, -100]},
             {"id": "c", "input_ids": [8, 9], "labels": [-100, 9]}]
-    for split in ("val", "train"):
-        os.makedirs(os.path.join(d, split))
-        pq.write_table(pa.Table.from_pylist(rows if split == "val" else rows[:1]),
-                       os.path.join(d, split, "part-0.parquet"))
+    d = write_prepared(tmp_path / "prepared", {"val": rows, "train": rows[:1]})
     items = load_items(d, "val", max_rows=2)
     assert items == [
         {"id": "a", "prompt_ids": [1, 2, 3], "reference_ids": [4, 5], "messages": ""},
