@@ -272,11 +272,13 @@ def settle_pairs(rows: list[dict], sources, files: list[dict], d: DataConfig, ou
         _write_pair_shards(out, split, chosen, d.shard_rows)
     written: dict[str, list[str]] = {"rejected": [], "dropped": []}
     for (part, name), entries in sorted(notes.items()):
-        dataset.write_side_file(out, part, name, [
-            dataset.side_entry(part, name, path_of[mix.key_file(e["key"])],
-                               line_based[path_of[mix.key_file(e["key"])]], e["line"],
-                               e["reason"], raw=e.get("raw") or "", id=e.get("id") or "")
-            for e in entries])
+        lines = []
+        for e in entries:
+            file = path_of[mix.key_file(e["key"])]
+            lines.append(dataset.side_entry(part, name, file, line_based[file], e["line"],
+                                            e["reason"], raw=e.get("raw") or "",
+                                            id=e.get("id") or ""))
+        dataset.write_side_file(out, part, name, lines)
         written[part].append(name)
     return {
         "version": MANIFEST_VERSION,
